@@ -1,0 +1,33 @@
+"""Backends turn a step GraphModule into a callable.
+
+``eager`` runs the graph op by op (plain torch ops, easy to debug and step through);
+``compiled`` hands it to ``torch.compile(fullgraph=True)`` so Inductor fuses the elementwise
+phase into one kernel per bucket. Hyperparameters are tensor inputs, so neither backend
+specialises on their values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+BACKENDS = ("eager", "compiled")
+
+
+def make(graph: fx.GraphModule, backend: str):
+    if backend == "eager":
+        return graph
+    if backend == "compiled":
+        return torch.compile(graph, fullgraph=True, dynamic=False)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+_CACHE: dict = {}
+
+
+def cached(graph: fx.GraphModule, shapes, backend: str):
+    """``make``, shared by every optimizer whose step graph has the same code and bucket
+    shapes: a second optimizer with the same spec and layout does not compile again."""
+    key = (graph.code, tuple(shapes), backend)
+    if key not in _CACHE:
+        _CACHE[key] = make(graph, backend)
+    return _CACHE[key]

@@ -1,0 +1,459 @@
+"""Typed IR: a spec specialised to its compile-time switches, as a DAG of interned nodes.
+
+Each node knows its **type** (``real`` or ``bool``) and its **scope**, which decides cost and
+how it is computed over flat buffers:
+
+* ``SCALAR``: hyperparameters, the step and the loss, and arithmetic on them (0-d tensors);
+* ``GLOBAL``: one value per parameter group, from a ``global.*`` reduction;
+* ``TENSOR``: one value per parameter tensor, from a ``tensor.*`` reduction;
+* ``ELEMENT``: shaped like the parameter (gradient, parameter, states).
+
+Nodes are interned by the :class:`Builder`, so equal subexpressions are one node (common
+subexpressions are shared for free) and constant subtrees are folded as they are built.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import operator
+from dataclasses import dataclass, field
+
+from ..dsl import ast
+from ..dsl.errors import Collector, Source, SpecError, did_you_mean
+from ..dsl.resolve import INPUTS, Spec
+
+
+class Scope(enum.IntEnum):
+    SCALAR = 0
+    GLOBAL = 1
+    TENSOR = 2
+    ELEMENT = 3
+
+
+# name -> (arity, result type, argument type); "real" args are numbers, "bool" conditions
+FUNCTIONS = {
+    "sqrt": 1, "rsqrt": 1, "exp": 1, "log": 1, "abs": 1, "sign": 1,
+    "min": 2, "max": 2, "clamp": 3, "lerp": 3, "where": 3,
+}
+REDUCTIONS = {"sum": 1, "mean": 1, "norm": 1, "dot": 2, "max": 1, "min": 1}
+ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow"}
+COMPARE = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+LOGIC = {"and": "and", "or": "or"}
+
+_FOLD = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "mod": math.fmod,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge, "and": lambda a, b: a and b, "or": lambda a, b: a or b,
+    "neg": operator.neg, "not": operator.not_, "abs": abs, "min": min, "max": max,
+    "exp": math.exp, "sign": lambda x: float((x > 0) - (x < 0)),
+}
+
+
+@dataclass(eq=False)
+class Node:
+    """One operation. ``attr`` holds a constant's value, an input's, hyperparameter's or state's
+    name, or a reduction's ``(scope, function)``."""
+
+    op: str
+    args: tuple = ()
+    attr: object = None
+    type: str = "real"
+    scope: Scope = Scope.SCALAR
+    uses_step: bool = False  # depends on the step, so it differs between buckets
+    name: str | None = field(default=None, compare=False)  # the spec's name for it, for display
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(a) for a in self.args)
+        attr = "" if self.attr is None else repr(self.attr) + (", " if inner else "")
+        return f"{self.op}({attr}{inner})"
+
+    @property
+    def is_const(self) -> bool:
+        return self.op == "const"
+
+
+@dataclass
+class Program:
+    """A spec specialised to one setting of its switches.
+
+    ``next`` maps each state (and ``param``) to its next value; ``init`` maps each state to
+    its initial value, computed when a parameter first gets a gradient.
+    """
+
+    spec: Spec
+    next: dict
+    init: dict
+    state_names: tuple
+    hypers_used: tuple  # names of numeric hyperparameters read at run time
+    uses_loss: bool
+    switches: tuple  # the values of every compile-time condition, in order
+
+    def nodes(self):
+        """Every node reachable from the outputs, each once, arguments before users."""
+        seen, order = set(), []
+
+        def visit(node):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for a in node.args:
+                visit(a)
+            order.append(node)
+
+        for root in list(self.next.values()) + list(self.init.values()):
+            visit(root)
+        return order
+
+    @property
+    def has_reduction(self) -> set:
+        return {n.attr[0] for n in self.nodes() if n.op == "reduce"}
+
+
+class Builder:
+    """Builds and interns nodes, folding constants; knows the typing and scoping rules."""
+
+    def __init__(self):
+        self._interned: dict = {}
+
+    def node(self, op, args=(), attr=None, type_="real", scope=None) -> Node:
+        # the type is part of the key: False == 0.0 in Python, but not here
+        key = (op, tuple(id(a) for a in args), type(attr), repr(attr) if isinstance(attr, float) else attr)
+        found = self._interned.get(key)
+        if found is not None:
+            return found
+        if scope is None:
+            scope = max((a.scope for a in args), default=Scope.SCALAR)
+        uses_step = (op == "input" and attr == "step") or any(a.uses_step for a in args)
+        made = Node(op, tuple(args), attr, type_, scope, uses_step)
+        self._interned[key] = made
+        return made
+
+    def const(self, value) -> Node:
+        if isinstance(value, bool):
+            return self.node("const", (), value, "bool")
+        return self.node("const", (), float(value))
+
+    def op(self, op, *args) -> Node:
+        """An operation on real or bool nodes, constant-folded when every argument is constant."""
+        type_ = "bool" if op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not") else "real"
+        if op == "where":
+            type_ = args[1].type
+        if all(a.is_const for a in args):
+            folded = _fold(op, [a.attr for a in args])
+            if folded is not None:
+                return self.const(folded)
+        if op == "where" and args[0].is_const:
+            return args[1] if args[0].attr else args[2]
+        if op in ("and", "or") and any(a.is_const for a in args):
+            const, other = (args[0], args[1]) if args[0].is_const else (args[1], args[0])
+            if const.attr == (op == "and"):  # true and x, false or x
+                return other
+            return const
+        return self.node(op, args, None, type_)
+
+
+def _fold(op, values):
+    try:
+        if op in _FOLD:
+            return _FOLD[op](*values)
+        if op == "div":
+            return values[0] / values[1]
+        if op == "pow":
+            return float(values[0]) ** float(values[1])
+        if op == "sqrt" and values[0] >= 0:
+            return math.sqrt(values[0])
+        if op == "log" and values[0] > 0:
+            return math.log(values[0])
+    except (ArithmeticError, ValueError):
+        return None
+    return None
+
+
+def build(spec: Spec, hyper_values: dict | None = None) -> Program:
+    """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
+
+    Raises SpecError with every problem found: unknown names, type and scope errors, cycles
+    between next values, states without a next value, a missing update.
+    """
+    if spec.kind == "adaptor":
+        raise SpecError(Collector(spec.source).diagnostics + [_adaptor_alone(spec)])
+    values = {**spec.hyper_defaults, **(hyper_values or {})}
+    return _ProgramBuilder(spec, values).run()
+
+
+def _adaptor_alone(spec):
+    from ..dsl.errors import Diagnostic
+    return Diagnostic("GS031", f"'{spec.name}' is an adaptor: it needs a base optimizer", spec.source,
+                      None, f"use it as {spec.name}(adam) or with another base")
+
+
+class _ProgramBuilder:
+    def __init__(self, spec: Spec, values: dict):
+        self.spec = spec
+        self.values = values
+        self.b = Builder()
+        self.errors = Collector(spec.source)
+        self.locals: dict = {}  # name -> (source, Define)
+        self.states: dict = {}  # name -> (source, State)
+        self.nexts: dict = {}  # name -> (source, Define)
+        self.switches: list = []
+        self._memo: dict = {}
+        self._building: list = []
+        self.uses_loss = False
+        self.hypers_used: set = set()
+
+    # ---- collecting the active statements
+    def run(self) -> Program:
+        self._collect(self.spec.items)
+        for name, (src, state) in self.states.items():
+            if name not in self.nexts:
+                self.errors.error("GS040", f"state '{name}' has no next value", state.span,
+                                  f"add {name}' = ... (write {name}' = {name} to keep it constant)", src)
+        for name, (src, define) in self.nexts.items():
+            if name != "param" and name not in self.states:
+                hint = f"declare it with 'state {name} = 0'" if name not in self.locals else \
+                    f"'{name}' is a definition; only states have next values"
+                self.errors.error("GS041", f"'{name}' is not a state", define.span, hint, src)
+        if "param" not in self.nexts:
+            self.errors.error("GS042", f"'{self.spec.name}' defines no update",
+                              None, "add param' = param - lr * ...")
+        self.errors.raise_if_any()
+
+        nexts = {"param": self._next("param")}
+        for name in self.states:
+            nexts[name] = self._next(name)
+        inits = {name: self._init(name) for name in self.states}
+        self.errors.raise_if_any()
+        return Program(self.spec, nexts, inits, tuple(self.states), tuple(sorted(self.hypers_used)),
+                       self.uses_loss, tuple(self.switches))
+
+    def _collect(self, items):
+        for src, item in items:
+            if isinstance(item, ast.If):
+                taken = self._condition(src, item.cond)
+                self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
+            elif isinstance(item, ast.State):
+                self._declare(self.states, item.name, src, item, "state")
+            elif isinstance(item, ast.Define):
+                self._declare(self.nexts if item.primed else self.locals, item.name, src, item,
+                              "next value" if item.primed else "definition")
+            elif isinstance(item, ast.Require):
+                if not self._condition(src, item.cond, record=False):
+                    self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
+                                      item.span, _describe_values(item.cond, self.values), src)
+
+    def _declare(self, table, name, src, item, what):
+        if name in table:
+            self.errors.error("GS044", f"{what} '{name}' is defined twice", item.span,
+                              "each name has one definition; use where(...) to choose between values", src)
+        elif what == "definition" and (name in INPUTS or name in self.spec.hypers):
+            self.errors.error("GS045", f"'{name}' is already {'an input' if name in INPUTS else 'a hyperparameter'}",
+                              item.span, "choose another name", src)
+        else:
+            table[name] = (src, item)
+
+    def _condition(self, src, expr, record=True) -> bool:
+        node = self._expr(src, expr, static=True)
+        if node is None:
+            return False
+        if node.type != "bool":
+            self.errors.error("GS046", "a condition must be true or false", expr.span,
+                              "compare it, as in momentum > 0", src)
+            return False
+        if not node.is_const:
+            self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
+                              expr.span, "use where(cond, a, b) for a condition on tensors or the step", src)
+            return False
+        if record:
+            self.switches.append(bool(node.attr))
+        return bool(node.attr)
+
+    # ---- building expressions
+    def _next(self, name):
+        return self._definition(("next", name), self.nexts[name])
+
+    def _init(self, name):
+        src, state = self.states[name]
+        node = self._expr(src, state.init, in_init=True)
+        return node
+
+    def _definition(self, key, located, in_init=False):
+        if key in self._memo:
+            return self._memo[key]
+        src, define = located
+        if key in self._building:
+            cycle = " -> ".join(_show_key(k) for k in self._building[self._building.index(key):] + [key])
+            self.errors.error("GS048", f"circular definition: {cycle}", define.span,
+                              "a next value may use old values (m) and other next values (v'), but not itself",
+                              src)
+            return None
+        self._building.append(key)
+        node = self._expr(src, define.expr, in_init=in_init)
+        self._building.pop()
+        if node is not None and node.name is None and node.op not in ("const", "input", "hyper", "state"):
+            node.name = _show_key(key)
+        self._memo[key] = node
+        return node
+
+    def _expr(self, src, expr, static=False, in_init=False):
+        """``expr`` as a node, or None after recording an error."""
+        b = self.b
+        recurse = lambda e: self._expr(src, e, static, in_init)  # noqa: E731
+        if isinstance(expr, ast.Num):
+            return b.const(expr.value)
+        if isinstance(expr, ast.Bool):
+            return b.const(expr.value)
+        if isinstance(expr, ast.Name):
+            return self._name(src, expr, static, in_init)
+        if isinstance(expr, ast.UnOp):
+            arg = recurse(expr.operand)
+            if arg is None:
+                return None
+            if expr.op == "-":
+                return self._typed(src, expr, "neg", [arg], "real")
+            return self._typed(src, expr, "not", [arg], "bool")
+        if isinstance(expr, ast.BinOp):
+            left, right = recurse(expr.left), recurse(expr.right)
+            if left is None or right is None:
+                return None
+            if expr.op in ARITH:
+                return self._typed(src, expr, ARITH[expr.op], [left, right], "real")
+            if expr.op in COMPARE:
+                return self._typed(src, expr, COMPARE[expr.op], [left, right], "real")
+            return self._typed(src, expr, LOGIC[expr.op], [left, right], "bool")
+        if isinstance(expr, ast.Call):
+            return self._call(src, expr, recurse)
+        if isinstance(expr, ast.Reduce):
+            return self._reduce(src, expr, recurse, static)
+        raise TypeError(f"unknown expression {expr!r}")  # pragma: no cover - parser guarantees
+
+    def _typed(self, src, expr, op, args, want):
+        for a in args:
+            if a.type != want:
+                if want == "real":
+                    hint = "a condition is not a number; use where(cond, 1, 0)"
+                else:
+                    hint = "compare numbers to get a condition, as in x > 0"
+                self.errors.error("GS050", f"'{_op_text(expr)}' needs {'numbers' if want == 'real' else 'conditions'}",
+                                  expr.span, hint, src)
+                return None
+        return self.b.op(op, *args)
+
+    def _call(self, src, expr, recurse):
+        if expr.func not in FUNCTIONS:
+            hint = did_you_mean(expr.func, FUNCTIONS)
+            if expr.func in REDUCTIONS:
+                hint = f"reductions need a scope: tensor.{expr.func}(...) or global.{expr.func}(...)"
+            self.errors.error("GS051", f"unknown function '{expr.func}'", expr.span, hint, src)
+            return None
+        arity = FUNCTIONS[expr.func]
+        if len(expr.args) != arity:
+            self.errors.error("GS052", f"{expr.func} takes {arity} argument{'s' if arity > 1 else ''}, "
+                                       f"got {len(expr.args)}", expr.span, None, src)
+            return None
+        args = [recurse(a) for a in expr.args]
+        if any(a is None for a in args):
+            return None
+        if expr.func == "where":
+            if args[0].type != "bool":
+                self.errors.error("GS053", "where's first argument must be a condition", expr.args[0].span,
+                                  "compare, as in where(x > 0, a, b)", src)
+                return None
+            if args[1].type != args[2].type:
+                self.errors.error("GS054", "where's two branches must both be numbers or both conditions",
+                                  expr.span, None, src)
+                return None
+            return self.b.op("where", *args)
+        return self._typed(src, expr, expr.func, args, "real")
+
+    def _reduce(self, src, expr, recurse, static):
+        if static:
+            self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
+                              expr.span, None, src)
+            return None
+        if expr.func not in REDUCTIONS:
+            self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
+                              did_you_mean(expr.func, REDUCTIONS) or f"reductions: {', '.join(REDUCTIONS)}", src)
+            return None
+        arity = REDUCTIONS[expr.func]
+        if len(expr.args) != arity:
+            self.errors.error("GS052", f"{expr.scope}.{expr.func} takes {arity} argument"
+                                       f"{'s' if arity > 1 else ''}, got {len(expr.args)}", expr.span, None, src)
+            return None
+        args = [recurse(a) for a in expr.args]
+        if any(a is None for a in args):
+            return None
+        for a, text in zip(args, expr.args):
+            if a.type != "real":
+                self.errors.error("GS050", "a reduction needs numbers", text.span, None, src)
+                return None
+            if a.scope != Scope.ELEMENT:
+                self.errors.error("GS056", f"{expr.scope}.{expr.func} reduces over a tensor's elements, but "
+                                           f"this argument has one value per {_scope_word(a.scope)}",
+                                  text.span, "reduce an elementwise expression such as grad or m'", src)
+                return None
+        scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
+        return self.b.node("reduce", tuple(args), (expr.scope, expr.func), "real", scope)
+
+    def _name(self, src, expr: ast.Name, static, in_init):
+        name = expr.name
+        if expr.qualifier is not None:
+            self.errors.error("GS057", f"'{expr}' reads a base spec, but this is not an adaptor", expr.span,
+                              None, src)
+            return None
+        if static and (name in INPUTS or name in self.states or name in self.locals or expr.primed):
+            self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
+                              expr.span, f"'{name}' changes during training; use where(...) instead", src)
+            return None
+        if in_init and (expr.primed or name in self.states or name in ("step", "loss")):
+            self.errors.error("GS058", f"an initial value cannot use '{expr}'", expr.span,
+                              "initial values may use grad, param, hyperparameters and definitions of them",
+                              src)
+            return None
+        if expr.primed:
+            if name in self.nexts:
+                return self._definition(("next", name), self.nexts[name], in_init)
+            hint = f"'{name}' is not a state" if name not in self.states else f"define {name}' = ..."
+            self.errors.error("GS059", f"'{name}' has no next value", expr.span, hint, src)
+            return None
+        if name in self.locals:
+            return self._definition(("local", name), self.locals[name], in_init)
+        if name in self.states:
+            return self.b.node("state", (), name, "real", Scope.ELEMENT)
+        if name in self.spec.hypers:
+            hyper = self.spec.hypers[name]
+            if hyper.kind == "bool" or static:
+                return self.b.const(self.values[name])
+            self.hypers_used.add(name)
+            return self.b.node("hyper", (), name, "real", Scope.SCALAR)
+        if name in INPUTS:
+            if name == "loss":
+                self.uses_loss = True
+            scope = Scope.ELEMENT if name in ("grad", "param") else Scope.SCALAR
+            return self.b.node("input", (), name, "real", scope)
+        visible = set(self.locals) | set(self.states) | set(self.spec.hypers) | set(INPUTS)
+        self.errors.error("GS030", f"unknown name '{name}'", expr.span,
+                          did_you_mean(name, visible) or "declare it as a hyperparameter, state or definition", src)
+        return None
+
+
+def _show_key(key) -> str:
+    kind, name = key
+    return f"{name}'" if kind == "next" else name
+
+
+def _scope_word(scope: Scope) -> str:
+    return {Scope.SCALAR: "step (it is a scalar)", Scope.GLOBAL: "group", Scope.TENSOR: "tensor"}.get(scope, "element")
+
+
+def _op_text(expr) -> str:
+    if isinstance(expr, ast.BinOp):
+        return expr.op
+    if isinstance(expr, ast.UnOp):
+        return expr.op
+    return getattr(expr, "func", "?")
+
+
+def _describe_values(expr, values) -> str | None:
+    names = sorted({n.name for n in ast.names_in(expr) if n.name in values})
+    return ("with " + ", ".join(f"{n} = {values[n]}" for n in names)) if names else None

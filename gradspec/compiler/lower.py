@@ -1,0 +1,266 @@
+"""IR to a ``torch.fx.GraphModule`` that performs one optimizer step over flat buffers.
+
+The graph takes, in this order: the numeric hyperparameters as 0-d tensors (so changing one
+never recompiles), the loss if the spec reads it, the skipped-step counter under
+``nonfinite="skip"``, then for every bucket its step counter, parameter, gradient and states
+(flat 1-D buffers) and, for specs with ``tensor.*`` reductions, the bucket's segment ids.
+It writes every next value into its buffer with ``copy_`` after computing all of them, so
+the step is the pure function the spec describes, and returns nothing.
+
+A bucket is one (device, dtype, step) slice of a parameter group. ``tensor.*`` reductions
+become segment reductions (``index_add``) over the bucket's segment ids, so no Python loop
+over tensors is traced; ``global.*`` reductions sum the buckets' partial results.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .ir import Node, Program, Scope
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BucketShape:
+    """What the graph needs to know about a bucket: sizes are baked into the graph."""
+
+    numel: int
+    ntensors: int
+    dtype: torch.dtype
+
+
+def input_names(program: Program, buckets: list[BucketShape], nonfinite: str) -> list[str]:
+    """The graph's placeholders, in call order."""
+    names = [f"hyper_{h}" for h in program.hypers_used]
+    if program.uses_loss:
+        names.append("loss")
+    if nonfinite == "skip":
+        names.append("skipped")
+    for i in range(len(buckets)):
+        names += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"] + [f"b{i}_state_{_ident(s)}" for s in program.state_names]
+        if Scope.TENSOR in _scopes(program):
+            names.append(f"b{i}_segments")
+    return names
+
+
+def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate") -> fx.GraphModule:
+    """The step graph (see the module docstring)."""
+    graph = fx.Graph()
+    placeholders = {name: graph.placeholder(name) for name in input_names(program, buckets, nonfinite)}
+    lowerer = _Lowerer(graph, placeholders, buckets)
+    if nonfinite == "skip":
+        lowerer.ok = lowerer.all_finite()
+    writes = []
+    for i in range(len(buckets)):
+        t = lowerer.step(i)
+        for name in ("param",) + program.state_names:
+            old = placeholders[f"b{i}_param" if name == "param" else f"b{i}_state_{_ident(name)}"]
+            node = program.next[name]
+            if node.op == "state" and node.attr == name:
+                continue  # m' = m: nothing to write
+            new = lowerer.value(node, i, broadcast_to=Scope.ELEMENT)
+            if lowerer.ok is not None:
+                new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i))
+            writes.append((old, new))
+        writes.append((placeholders[f"b{i}_step"], t))
+    if lowerer.ok is not None:
+        skipped = placeholders["skipped"]
+        writes.append((skipped, lowerer.call(operator.add, skipped, lowerer.call(torch.logical_not, lowerer.ok))))
+    # Counters (step, skipped) are 1-element buffers, not 0-d tensors: torch 2.13's compiled
+    # graphs silently drop every input mutation when one mutated input is a 0-d CPU tensor.
+    for target, value in writes:  # all reads happen before the first write
+        graph.call_method("copy_", (target, value))
+    graph.output(None)
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_step")
+
+
+def lower_init(program: Program, bucket: BucketShape) -> fx.GraphModule:
+    """A graph from (hyperparameters, param, grad) of one bucket to each state's initial value."""
+    graph = fx.Graph()
+    names = [f"hyper_{h}" for h in program.hypers_used] + ["b0_param", "b0_grad"]
+    if Scope.TENSOR in _scopes(program):
+        names.append("b0_segments")
+    placeholders = {name: graph.placeholder(name) for name in names}
+    lowerer = _Lowerer(graph, placeholders, [bucket])
+    outputs = [lowerer.value(program.init[name], 0, broadcast_to=Scope.ELEMENT) for name in program.state_names]
+    graph.output(tuple(outputs))  # scalars are broadcast when copied into the state buffers
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_init")
+
+
+def _scopes(program: Program) -> set:
+    return {n.scope for n in program.nodes()}
+
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _is_python(value) -> bool:
+    return isinstance(value, (bool, int, float))
+
+
+class _Lowerer:
+    """Emits FX nodes for IR nodes, once per (node, bucket) — or once per group for nodes that
+    do not depend on a bucket (hyperparameter arithmetic, global reductions)."""
+
+    def __init__(self, graph: fx.Graph, placeholders: dict, buckets: list[BucketShape]):
+        self.graph = graph
+        self.ph = placeholders
+        self.buckets = buckets
+        self.memo: dict = {}
+        self.ok = None  # all gradients finite, under nonfinite="skip"
+        self._steps: dict = {}
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def load(self, placeholder, bucket: int):
+        """A buffer in its compute dtype: half-precision buffers are computed in float32."""
+        if self.buckets[bucket].dtype in LOW_PRECISION:
+            key = ("upcast", placeholder.name)
+            if key not in self.memo:
+                self.memo[key] = self.graph.call_method("float", (placeholder,))
+            return self.memo[key]
+        return placeholder
+
+    def step(self, bucket: int):
+        """This step's t for a bucket: the stored count plus one (plus zero on a skipped step)."""
+        if bucket not in self._steps:
+            stored = self.graph.call_method("reshape", (self.ph[f"b{bucket}_step"], ()))
+            increment = 1 if self.ok is None else self.ok
+            self._steps[bucket] = self.call(operator.add, stored, increment)
+        return self._steps[bucket]
+
+    def all_finite(self):
+        flags = [self.call(torch.all, self.call(torch.isfinite, self.ph[f"b{i}_grad"]))
+                 for i in range(len(self.buckets))]
+        result = flags[0]
+        for flag in flags[1:]:
+            result = self.call(torch.logical_and, result, flag)
+        return result
+
+    def value(self, node: Node, bucket: int, broadcast_to: Scope | None = None):
+        """The FX value (or Python constant) of ``node`` in ``bucket``."""
+        key = (id(node), bucket if (node.scope >= Scope.TENSOR or node.uses_step) else None)
+        if key not in self.memo:
+            self.memo[key] = self._emit(node, bucket)
+        result = self.memo[key]
+        if broadcast_to == Scope.ELEMENT and node.scope == Scope.TENSOR:
+            result = self._per_element(result, bucket)
+        return result
+
+    def _per_element(self, per_tensor, bucket):
+        key = ("gather", id(per_tensor), bucket)
+        if key not in self.memo:
+            self.memo[key] = self.call(torch.index_select, per_tensor, 0, self.ph[f"b{bucket}_segments"])
+        return self.memo[key]
+
+    def _args(self, node: Node, bucket: int):
+        """Arguments lowered and broadcast to the node's scope."""
+        target = Scope.ELEMENT if node.scope == Scope.ELEMENT else None
+        return [self.value(a, bucket, broadcast_to=target) for a in node.args]
+
+    def _emit(self, node: Node, bucket: int):
+        op = node.op
+        if op == "const":
+            return node.attr
+        if op == "hyper":
+            return self.ph[f"hyper_{node.attr}"]
+        if op == "input":
+            if node.attr == "step":
+                return self.step(bucket)
+            if node.attr == "loss":
+                return self.ph["loss"]
+            return self.load(self.ph[f"b{bucket}_{node.attr}"], bucket)
+        if op == "state":
+            return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket)
+        if op == "reduce":
+            return self._reduce(node, bucket)
+        args = self._args(node, bucket)
+        if op in _BINARY:
+            return self.call(_BINARY[op], *args)
+        if op in _UNARY:
+            return self.call(_UNARY[op], *args)
+        if op in ("min", "max"):
+            return self._minmax(op, *args)
+        if op == "clamp":
+            x, lo, hi = args
+            return self._minmax("min", self._minmax("max", x, lo), hi)
+        if op == "lerp":
+            a, b, w = args
+            return self.call(operator.add, a, self.call(operator.mul, w, self.call(operator.sub, b, a)))
+        if op == "where":
+            return self.call(torch.where, *args)
+        raise NotImplementedError(f"no lowering for {op}")  # pragma: no cover - IR is closed
+
+    def _minmax(self, op, a, b):
+        if _is_python(a):
+            a, b = b, a
+        if _is_python(b):
+            return self.call(torch.clamp, a, **({"max": b} if op == "min" else {"min": b}))
+        return self.call(torch.minimum if op == "min" else torch.maximum, a, b)
+
+    def _reduce(self, node: Node, bucket: int):
+        scope, func = node.attr
+        if scope == "global":
+            partials = [self._segment_or_total(func, node, i, per_tensor=False) for i in range(len(self.buckets))]
+            total = partials[0]
+            combine = {"max": torch.maximum, "min": torch.minimum}.get(func, operator.add)
+            for p in partials[1:]:
+                total = self.call(combine, total, p)
+            if func == "norm":
+                total = self.call(torch.sqrt, total)
+            if func == "mean":
+                total = self.call(operator.truediv, total, float(sum(b.numel for b in self.buckets)))
+            return total
+        result = self._segment_or_total(func, node, bucket, per_tensor=True)
+        if func == "norm":
+            result = self.call(torch.sqrt, result)
+        return result
+
+    def _segment_or_total(self, func, node, bucket, per_tensor):
+        """sum, sum of squares (norm), dot, max or min over a bucket, whole or per segment."""
+        args = [self.value(a, bucket, broadcast_to=Scope.ELEMENT) for a in node.args]
+        x = args[0]
+        if func == "norm":
+            x = self.call(operator.mul, x, x)
+        elif func == "dot":
+            x = self.call(operator.mul, x, args[1])
+        if not per_tensor:
+            return self.call({"max": torch.amax, "min": torch.amin}.get(func, torch.sum), x)
+        shape = self.buckets[bucket]
+        segments = self.ph[f"b{bucket}_segments"]
+        if func in ("max", "min"):
+            fill = float("-inf") if func == "max" else float("inf")
+            empty = self.call(torch.full, (shape.ntensors,), fill, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
+            return self.call(torch.scatter_reduce, empty, 0, segments, x, "amax" if func == "max" else "amin")
+        zeros = self.call(torch.zeros, (shape.ntensors,), dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
+        total = self.call(torch.index_add, zeros, 0, segments, x)
+        if func == "mean":
+            counts = self.call(torch.index_add, self.call(torch.zeros_like, zeros), 0, segments,
+                               self.call(torch.ones_like, x))
+            total = self.call(operator.truediv, total, counts)
+        return total
+
+    def graph_device(self, like):
+        return self.graph.call_function(getattr, (like, "device"))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+_BINARY = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+    "pow": torch.pow, "mod": torch.remainder,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+    "ge": operator.ge, "and": torch.logical_and, "or": torch.logical_or,
+}
+_UNARY = {
+    "neg": operator.neg, "not": torch.logical_not, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "exp": torch.exp, "log": torch.log, "abs": torch.abs, "sign": torch.sign,
+}

@@ -1,0 +1,273 @@
+"""The syntax tree of a spec: what the user wrote, with source spans, before names are resolved.
+
+Nodes are plain frozen dataclasses. Expressions keep their span so that every later pass
+(name resolution, type and scope inference, constraint checks) can point back at the text.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import Source, Span
+
+# ---- expressions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float | int
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Bool:
+    value: bool
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Name:
+    """``m`` (old value), ``m'`` (next value), ``base.m`` / ``base.m'`` inside an adaptor."""
+
+    name: str
+    primed: bool = False
+    qualifier: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        q = f"{self.qualifier}." if self.qualifier else ""
+        prime = "'" if self.primed else ""
+        return f"{q}{self.name}{prime}"
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+    args: tuple
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """``tensor.norm(x)`` (one value per parameter tensor) or ``global.sum(x)`` (one per group)."""
+
+    scope: str
+    func: str
+    args: tuple
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class UnOp:
+    op: str  # "-" or "not"
+    operand: "Expr"
+    span: Span | None = field(default=None, compare=False)
+
+
+Expr = Union[Num, Bool, Name, Call, Reduce, BinOp, UnOp]
+
+
+def names_in(expr):
+    """Every Name in an expression, depth first."""
+    if isinstance(expr, Name):
+        yield expr
+    for child in (getattr(expr, "left", None), getattr(expr, "right", None), getattr(expr, "operand", None)):
+        if child is not None:
+            yield from names_in(child)
+    for child in getattr(expr, "args", ()):
+        yield from names_in(child)
+
+# ---- hyperparameter constraints ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``> 0``, ``>= 0``, ``!= 0`` ..."""
+
+    op: str
+    value: float
+
+    def holds(self, x: float) -> bool:
+        return {
+            ">": x > self.value, ">=": x >= self.value, "<": x < self.value,
+            "<=": x <= self.value, "==": x == self.value, "!=": x != self.value,
+        }[self.op]
+
+    def describe(self, name: str) -> str:
+        return f"{name} {self.op} {_fmt(self.value)}"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """``in [0, 1)``: closed or open at either end."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    def holds(self, x: float) -> bool:
+        above = x >= self.low if self.low_closed else x > self.low
+        below = x <= self.high if self.high_closed else x < self.high
+        return above and below
+
+    def describe(self, name: str) -> str:
+        lo = "[" if self.low_closed else "("
+        hi = "]" if self.high_closed else ")"
+        return f"{name} in {lo}{_fmt(self.low)}, {_fmt(self.high)}{hi}"
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x)
+
+
+Constraint = Union[Bound, Interval]
+
+# ---- statements --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hyper:
+    name: str
+    default: bool | int | float
+    constraint: Constraint | None = None
+    doc: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``bool``, ``int`` or ``real``: booleans are compile-time switches, numbers are data."""
+        if isinstance(self.default, bool):
+            return "bool"
+        return "int" if isinstance(self.default, int) else "real"
+
+    def check(self, value) -> str | None:
+        """Why ``value`` is not allowed for this hyperparameter, or None if it is."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"{self.name} must be true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:  # tensors (a 0-d lr) and numpy scalars
+                value = float(value)
+            except (TypeError, ValueError):
+                return f"{self.name} must be a number, got {type(value).__name__}"
+        if self.kind == "int" and float(value) != int(value):
+            return f"{self.name} must be an integer, got {value}"
+        if math.isnan(value):
+            return f"{self.name} must not be NaN"
+        if self.constraint is not None and not self.constraint.holds(value):
+            return f"{self.name} = {value} breaks the constraint {self.constraint.describe(self.name)}"
+        return None
+
+
+@dataclass(frozen=True)
+class State:
+    """``state m = 0``: a moment carried between steps, shaped like its parameter."""
+
+    name: str
+    init: Expr
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Define:
+    """``d = expr`` (a local definition) or, with ``primed``, ``m' = expr`` (a next value)."""
+
+    name: str
+    expr: Expr
+    primed: bool = False
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Override:
+    """``base.grad = expr`` inside an adaptor: replace what the base spec sees as ``grad``."""
+
+    qualifier: str
+    name: str
+    expr: Expr
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Require:
+    """``require not nesterov or momentum > 0 "message"``: a constraint across hyperparameters."""
+
+    cond: Expr
+    message: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class If:
+    """``if cond { ... } else { ... }`` with a condition on hyperparameters, fixed at compile time."""
+
+    cond: Expr
+    then: tuple
+    otherwise: tuple = ()
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Import:
+    path: str
+    alias: str
+    span: Span | None = field(default=None, compare=False)
+
+
+Item = Union[Hyper, State, Define, Override, Require, If, Import]
+
+# ---- specs and spec expressions -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecCall:
+    """``adam``, ``adam(beta2 = 0.95)``, ``clip_grad_norm(adam, max_norm = 1)``."""
+
+    name: str
+    args: tuple = ()  # SpecCall
+    overrides: tuple = ()  # (name, value, span)
+    span: Span | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        parts = [str(a) for a in self.args]
+        parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v, _ in self.overrides]
+        return self.name + (f"({', '.join(parts)})" if parts else "")
+
+
+@dataclass(frozen=True)
+class SpecAST:
+    """One parsed spec file.
+
+    ``kind`` is ``optimizer`` (a full method), ``adaptor`` (a method that takes a base method,
+    named ``base_param`` in its body) or ``variant`` (``optimizer nadam = adam(...)``).
+    """
+
+    kind: str
+    name: str
+    items: tuple
+    source: Source
+    doc: str | None = None
+    base_param: str | None = None
+    variant: SpecCall | None = None
+    span: Span | None = field(default=None, compare=False)
+
+    def walk(self):
+        """Every item, descending into both branches of ``if`` blocks."""
+        def go(items):
+            for item in items:
+                yield item
+                if isinstance(item, If):
+                    yield from go(item.then)
+                    yield from go(item.otherwise)
+        yield from go(self.items)

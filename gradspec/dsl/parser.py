@@ -1,0 +1,309 @@
+"""Text to :class:`~gradspec.dsl.ast.SpecAST`, with Lark and the grammar in ``gradspec.lark``.
+
+Syntax errors become a :class:`SpecError` that names what was found, what could come
+there instead, and the most likely fix.
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from . import ast
+from .errors import Diagnostic, Source, Span, SpecError
+
+RESERVED = {"optimizer", "adaptor", "hyper", "state", "require", "import", "as", "if", "else",
+            "and", "or", "not", "true", "false", "tensor", "global"}
+
+_READABLE = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "CMP": "a comparison",
+    "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '%'", "SCOPE": "'tensor' or 'global'",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
+    "RBRACE": "'}'", "EQUAL": "'='", "COMMA": "','", "DOT": "'.'", "QUOTE": "\"'\"",
+    "CIRCUMFLEX": "'^'", "MINUS": "'-'", "$END": "the end of the spec",
+}
+
+
+@functools.cache
+def _lark() -> lark.Lark:
+    grammar = resources.files("gradspec.dsl").joinpath("gradspec.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
+    """Parse one spec; raise :class:`SpecError` with a located message on bad syntax."""
+    source = Source(text, filename)
+    try:
+        tree = _lark().parse(text)
+    except lark.exceptions.UnexpectedInput as error:
+        raise SpecError(_syntax_diagnostic(error, source)) from None
+    return _ToAst(source).transform(tree)
+
+
+def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -> Diagnostic:
+    line, column = error.line, error.column
+    if line is None or line < 1:  # at the end of input Lark may not know the position
+        lines = source.text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    span = Span(line, column, line, column + 1)
+    text_line = source.line(line)
+    if isinstance(error, lark.exceptions.UnexpectedCharacters):
+        char = text_line[column - 1:column] or "?"
+        hint = None
+        if char == "*" and text_line[column:column + 1] == "*":
+            hint = "powers are written with '^', as in beta2^step"
+        elif char == "'":
+            hint = "a prime marks the next value of a state, as in m' (no space before it)"
+        elif char in "&|!":
+            hint = "boolean operators are the words 'and', 'or' and 'not'"
+        return Diagnostic("GS001", f"unexpected character {char!r}", source, span, hint)
+
+    token = getattr(error, "token", None)
+    expected = sorted(getattr(error, "expected", None) or getattr(error, "allowed", None) or [])
+    readable = sorted({_READABLE.get(e, repr(e.strip('"').lower()) if e.startswith('"') else e.lower())
+                       for e in expected})
+    found = "end of the spec" if token is None or token.type == "$END" else repr(str(token))
+    if token is not None and token.type != "$END":
+        span = Span(token.line, token.column, token.end_line or token.line,
+                    token.end_column or token.column + len(str(token)))
+    hint = None
+    if token is not None and str(token) == "*" and text_line[token.column - 2:token.column - 1] == "*":
+        hint = "powers are written with '^', as in beta2^step"
+    elif token is not None and str(token) in RESERVED and "NAME" in expected:
+        hint = f"'{token}' is a reserved word; choose another name"
+    elif token is not None and token.type == "$END" and "RBRACE" in expected:
+        hint = "an 'if' block is missing its closing '}'"
+    elif token is not None and token.type == "EQUAL":
+        hint = "a statement is 'name = expr', 'name' = expr' or 'state name = expr'"
+    elif readable:
+        hint = "expected " + (readable[0] if len(readable) == 1 else
+                              "one of " + ", ".join(readable[:8]) + (" ..." if len(readable) > 8 else ""))
+    return Diagnostic("GS002", f"unexpected {found}", source, span, hint)
+
+
+def _span(meta) -> Span | None:
+    return Span.of(meta)
+
+
+def _number(token: Token) -> int | float:
+    text = str(token)
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Builds AST nodes bottom-up; every node keeps the span Lark recorded for it."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    # ---- file level
+    def start(self, meta, children):
+        doc = None
+        if children and isinstance(children[0], _Doc):
+            doc = children.pop(0).text
+        kind, name, extra, header_span = children[0]
+        items = tuple(children[1:])
+        doc_comments = _hyper_comments(self.source)
+        items = tuple(_attach_doc(i, doc_comments) for i in items)
+        return ast.SpecAST(kind=kind, name=name, items=items, source=self.source, doc=doc,
+                           base_param=extra if kind == "adaptor" else None,
+                           variant=extra if kind == "variant" else None, span=header_span)
+
+    def docstring(self, meta, children):
+        return _Doc(_unquote(children[0]))
+
+    def optimizer_header(self, meta, children):
+        return ("optimizer", str(children[0]), None, _span(meta))
+
+    def variant_header(self, meta, children):
+        return ("variant", str(children[0]), children[1], _span(meta))
+
+    def adaptor_header(self, meta, children):
+        return ("adaptor", str(children[0]), str(children[1]), _span(meta))
+
+    def import_(self, meta, children):
+        return ast.Import(_unquote(children[0]), str(children[1]), _span(meta))
+
+    # ---- hyperparameters
+    def hyper(self, meta, children):
+        name, declared, value, constraint = children
+        value = _literal(value)
+        if declared is None or str(declared) == "real":
+            value = float(value) if not isinstance(value, bool) else value
+        elif str(declared) == "int" and isinstance(value, (int, float)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise SpecError(Diagnostic("GS003", f"unknown or mismatched type '{declared}' for hyperparameter '{name}'",
+                                       self.source, Span.of(declared), "numeric types are 'int' and 'real'"))
+        return ast.Hyper(str(name), value, constraint, None, _span(meta))
+
+    def bound(self, meta, children):
+        return ast.Bound(str(children[0]), float(_literal(children[1])))
+
+    def interval(self, meta, children):
+        lo_closed, lo, hi, hi_closed = children
+        return ast.Interval(float(_literal(lo)), float(_literal(hi)), lo_closed, hi_closed)
+
+    def closed_end(self, meta, children):
+        return True
+
+    def open_end(self, meta, children):
+        return False
+
+    def neg_number(self, meta, children):
+        return ast.Num(-_number(children[0]), _span(meta))
+
+    # ---- statements
+    def require(self, meta, children):
+        cond, message = children
+        return ast.Require(cond, _unquote(message) if message is not None else None, _span(meta))
+
+    def state(self, meta, children):
+        return ast.State(str(children[0]), children[1], _span(meta))
+
+    def define(self, meta, children):
+        return ast.Define(str(children[0]), children[1], False, _span(meta))
+
+    def define_next(self, meta, children):
+        return ast.Define(str(children[0]), children[1], True, _span(meta))
+
+    def override(self, meta, children):
+        return ast.Override(str(children[0]), str(children[1]), children[2], _span(meta))
+
+    def if_block(self, meta, children):
+        cond, *body = children
+        otherwise = ()
+        if body and isinstance(body[-1], _Else):
+            otherwise = body.pop().items
+        return ast.If(cond, tuple(body), otherwise, _span(meta))
+
+    def else_block(self, meta, children):
+        return _Else(tuple(children))
+
+    # ---- expressions
+    def number(self, meta, children):
+        return ast.Num(_number(children[0]), _span(meta))
+
+    def true(self, meta, children):
+        return ast.Bool(True, _span(meta))
+
+    def false(self, meta, children):
+        return ast.Bool(False, _span(meta))
+
+    def name(self, meta, children):
+        return ast.Name(str(children[0]), span=_span(meta))
+
+    def next_name(self, meta, children):
+        return ast.Name(str(children[0]), primed=True, span=_span(meta))
+
+    def qualified(self, meta, children):
+        return ast.Name(str(children[1]), qualifier=str(children[0]), span=_span(meta))
+
+    def qualified_next(self, meta, children):
+        return ast.Name(str(children[1]), primed=True, qualifier=str(children[0]), span=_span(meta))
+
+    def call(self, meta, children):
+        func, *args = children
+        return ast.Call(str(func), tuple(a for a in args if a is not None), _span(meta))
+
+    def reduce(self, meta, children):
+        scope, func, *args = children
+        return ast.Reduce(str(scope), str(func), tuple(a for a in args if a is not None), _span(meta))
+
+    def neg(self, meta, children):
+        return ast.UnOp("-", children[0], _span(meta))
+
+    def not_(self, meta, children):
+        return ast.UnOp("not", children[0], _span(meta))
+
+    def power(self, meta, children):
+        return ast.BinOp("^", children[0], children[1], _span(meta))
+
+    def _left_assoc(self, meta, children, fixed_op=None):
+        result = children[0]
+        rest = children[1:]
+        step = 1 if fixed_op else 2
+        for i in range(0, len(rest), step):
+            op = fixed_op or str(rest[i])
+            right = rest[i] if fixed_op else rest[i + 1]
+            result = ast.BinOp(op, result, right, _join(result, right))
+        return result
+
+    def sum(self, meta, children):
+        return self._left_assoc(meta, children)
+
+    def product(self, meta, children):
+        return self._left_assoc(meta, children)
+
+    def comparison(self, meta, children):
+        return self._left_assoc(meta, children)
+
+    def and_expr(self, meta, children):
+        return self._left_assoc(meta, children, "and")
+
+    def or_expr(self, meta, children):
+        return self._left_assoc(meta, children, "or")
+
+    # ---- spec expressions
+    def spec_expr(self, meta, children):
+        name, *args = children
+        specs = tuple(a for a in args if isinstance(a, ast.SpecCall))
+        overrides = tuple(a for a in args if isinstance(a, tuple))
+        return ast.SpecCall(str(name), specs, overrides, _span(meta))
+
+    def override_arg(self, meta, children):
+        return (str(children[0]), _literal(children[1]), _span(meta))
+
+
+class _Doc:
+    def __init__(self, text):
+        self.text = text
+
+
+class _Else:
+    def __init__(self, items):
+        self.items = items
+
+
+def _literal(node) -> bool | int | float:
+    """The Python value of a literal written where only constants may stand."""
+    return node.value
+
+
+def _unquote(token) -> str:
+    text = str(token)
+    if text.startswith('"""'):
+        import textwrap
+        return textwrap.dedent(text[3:-3]).strip()
+    return text[1:-1]
+
+
+def _join(left, right) -> Span | None:
+    a, b = getattr(left, "span", None), getattr(right, "span", None)
+    if a is None or b is None:
+        return a or b
+    return Span(a.line, a.column, b.end_line, b.end_column)
+
+
+def _hyper_comments(source: Source) -> dict[int, str]:
+    """Trailing ``# comments`` by line: a hyperparameter's comment is its description."""
+    out = {}
+    for number, line in enumerate(source.text.splitlines(), 1):
+        if line.lstrip().startswith("hyper") and "#" in line:
+            out[number] = line.split("#", 1)[1].strip()
+    return out
+
+
+def _attach_doc(item, comments: dict[int, str]):
+    if isinstance(item, ast.Hyper) and item.span and item.span.line in comments:
+        return ast.Hyper(item.name, item.default, item.constraint, comments[item.span.line], item.span)
+    if isinstance(item, ast.If):
+        return ast.If(item.cond, tuple(_attach_doc(i, comments) for i in item.then),
+                      tuple(_attach_doc(i, comments) for i in item.otherwise), item.span)
+    return item

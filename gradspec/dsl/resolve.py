@@ -1,0 +1,314 @@
+"""From spec text or a spec expression to one flat :class:`Spec`.
+
+Resolution looks names up (stdlib, imports), applies variants (``adam(beta2 = 0.95)``) and
+expands adaptors (``lookahead(adam)``) into a single body of definitions. An adaptor's own
+locals and states are namespaced with its name (``lookahead.slow``) so they never clash with
+the base's; ``base.X = expr`` replaces what the base sees as ``X`` (its gradient input, a
+local such as its direction) and the base's ``param'`` becomes ``<adaptor>.base_update``
+when the adaptor defines its own ``param'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from .. import stdlib
+from . import ast
+from .errors import Collector, Diagnostic, Source, SpecError, did_you_mean
+from .parser import RESERVED, parse
+
+INPUTS = ("grad", "param", "step", "loss")
+"""What the runtime feeds every spec: the gradient, the parameter, the step t (from 1) and the
+closure's loss. The learning rate is the hyperparameter ``lr``, which schedulers change."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A resolved spec: hyperparameters and a flat body, ready to be compiled.
+
+    ``items`` pairs each statement with the source it came from, so that errors found later
+    (unknown names, scopes, cycles) still point into the right file.
+    """
+
+    name: str
+    kind: str  # "optimizer" or "adaptor"
+    hypers: dict = field(hash=False)
+    items: tuple = ()
+    doc: str | None = None
+    source: Source | None = None
+    adaptor_ast: ast.SpecAST | None = field(default=None, compare=False, repr=False)
+
+    def with_hyper(self, **values) -> "Spec":
+        """A variant with other defaults; raises SpecError for unknown names or bad values."""
+        return _override(self, [(k, v, None) for k, v in values.items()], None)
+
+    @property
+    def hyper_defaults(self) -> dict:
+        return {name: h.default for name, h in self.hypers.items()}
+
+    def __repr__(self) -> str:
+        return f"<gradspec.Spec {self.name}>"
+
+
+def load(name_or_path: str) -> Spec:
+    """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
+    path to a ``.opt`` file."""
+    if name_or_path.endswith(".opt") or os.path.sep in name_or_path:
+        with open(name_or_path) as handle:
+            return resolve(parse(handle.read(), name_or_path), os.path.dirname(name_or_path))
+    text = stdlib.source(name_or_path)
+    if text is not None:
+        return resolve(parse(text, f"<stdlib>/{name_or_path}.opt"))
+    expr = parse(f"optimizer _ = {name_or_path}", "<expression>")
+    return _Resolver(Source(name_or_path, "<expression>"), ".").call(expr.variant)
+
+
+def parse_spec(text: str, filename: str = "<string>") -> Spec:
+    """Parse and resolve spec text (the public ``gradspec.parse``)."""
+    return resolve(parse(text, filename), os.path.dirname(filename) if os.path.sep in filename else ".")
+
+
+def resolve(tree: ast.SpecAST, directory: str = ".") -> Spec:
+    return _Resolver(tree.source, directory, tree).spec_of(tree)
+
+
+class _Resolver:
+    """Resolves one file: its imports are visible to its spec expressions."""
+
+    def __init__(self, source: Source, directory: str, tree: ast.SpecAST | None = None):
+        self.source = source
+        self.directory = directory
+        self.imports: dict[str, ast.SpecAST] = {}
+        errors = Collector(source)
+        for item in (tree.items if tree else ()):
+            if isinstance(item, ast.Import):
+                path = os.path.join(directory, item.path)
+                try:
+                    with open(path) as handle:
+                        self.imports[item.alias] = parse(handle.read(), path)
+                except OSError as error:
+                    errors.error("GS020", f"cannot import '{item.path}': {error.strerror}", item.span,
+                                 "paths are relative to the importing file")
+        errors.raise_if_any()
+
+    def lookup(self, name: str, span) -> ast.SpecAST:
+        if name in self.imports:
+            return self.imports[name]
+        text = stdlib.source(name)
+        if text is None:
+            hint = did_you_mean(name, list(self.imports) + stdlib.names())
+            raise SpecError(Diagnostic("GS021", f"unknown spec '{name}'", self.source, span,
+                                       hint or "see `gradspec list` for the stdlib"))
+        return parse(text, f"<stdlib>/{name}.opt")
+
+    def spec_of(self, tree: ast.SpecAST) -> Spec:
+        if tree.kind == "variant":
+            spec = _Resolver(tree.source, self.directory, tree).call(tree.variant)
+            return dataclasses.replace(spec, name=tree.name, doc=tree.doc or spec.doc)
+        return _body_spec(tree)
+
+    def call(self, call: ast.SpecCall) -> Spec:
+        tree = self.lookup(call.name, call.span)
+        if tree is not None and tree.source.filename.startswith("<stdlib>"):
+            resolver = self
+        else:
+            resolver = _Resolver(tree.source, os.path.dirname(tree.source.filename), tree)
+        spec = resolver.spec_of(tree)
+        if spec.kind == "adaptor":
+            if len(call.args) != 1:
+                raise SpecError(Diagnostic(
+                    "GS022", f"adaptor '{call.name}' takes one base spec, got {len(call.args)}",
+                    self.source, call.span, f"write {call.name}(adam) or another base"))
+            spec = apply_adaptor(spec, self.call(call.args[0]))
+        elif call.args:
+            raise SpecError(Diagnostic(
+                "GS023", f"'{call.name}' is an optimizer, not an adaptor: it takes no base spec",
+                self.source, call.span, "override hyperparameters with name = value"))
+        return _override(spec, list(call.overrides), self.source) if call.overrides else spec
+
+
+def _body_spec(tree: ast.SpecAST) -> Spec:
+    """An ``optimizer`` or ``adaptor`` file as a Spec (hyperparameters split from the body)."""
+    errors = Collector(tree.source)
+    hypers: dict[str, ast.Hyper] = {}
+    items = []
+    for item in tree.items:
+        if isinstance(item, ast.Hyper):
+            if item.name in hypers:
+                errors.error("GS010", f"hyperparameter '{item.name}' is declared twice", item.span)
+            elif item.name in INPUTS:
+                errors.error("GS011", f"'{item.name}' is an input and cannot be a hyperparameter", item.span)
+            hypers[item.name] = item
+            _check_default(item, errors)
+        elif not isinstance(item, ast.Import):
+            items.append((tree.source, item))
+    for item in tree.walk():
+        if isinstance(item, ast.If):
+            for inner in item.then + item.otherwise:
+                if isinstance(inner, ast.Hyper):
+                    errors.error("GS012", "hyperparameters are declared at the top level, not inside 'if'",
+                                 inner.span, "move the declaration above the 'if'")
+        name = getattr(item, "name", None)
+        if name in RESERVED and not isinstance(item, ast.Override):
+            errors.error("GS013", f"'{name}' is a reserved word", item.span, "choose another name")
+    errors.raise_if_any()
+    return Spec(tree.name, tree.kind, hypers, tuple(items), tree.doc, tree.source,
+                tree if tree.kind == "adaptor" else None)
+
+
+def _check_default(hyper: ast.Hyper, errors: Collector) -> None:
+    problem = hyper.check(hyper.default)
+    if problem:
+        errors.error("GS014", f"the default {problem}", hyper.span, "change the default or the constraint")
+
+
+def _override(spec: Spec, overrides, source: Source | None) -> Spec:
+    errors = Collector(source or spec.source)
+    hypers = dict(spec.hypers)
+    for name, value, span in overrides:
+        if name not in hypers:
+            errors.error("GS015", f"'{spec.name}' has no hyperparameter '{name}'", span,
+                         did_you_mean(name, hypers) or f"its hyperparameters: {', '.join(hypers)}")
+            continue
+        old = hypers[name]
+        if old.kind == "real" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old.kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        problem = old.check(value)
+        if problem is None and (old.kind == "bool") != isinstance(value, bool):
+            problem = f"{name} must be {'true or false' if old.kind == 'bool' else 'a number'}"
+        if problem:
+            errors.error("GS016", problem, span)
+            continue
+        hypers[name] = dataclasses.replace(old, default=value)
+    errors.raise_if_any()
+    return dataclasses.replace(spec, hypers=hypers)
+
+
+# ---- adaptors ------------------------------------------------------------------------------
+
+
+def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
+    """Expand ``adaptor(base)`` into one flat spec (see the module docstring for the rules)."""
+    if base.kind == "adaptor":
+        raise SpecError(Diagnostic("GS024", f"'{base.name}' is an adaptor and needs a base itself",
+                                   adaptor.source, None, f"write {adaptor.name}({base.name}(adam))"))
+    tree = adaptor.adaptor_ast
+    prefix = adaptor.name + "."
+    errors = Collector(adaptor.source)
+    own = _defined_names(adaptor.items)
+    base_names = _defined_names(base.items) | set(INPUTS)
+    overrides = {i.name for _, i in _walk(adaptor.items) if isinstance(i, ast.Override)}
+    replaces_update = "param'" in own
+    update_name = prefix + "base_update"
+
+    for name, hyper in adaptor.hypers.items():
+        if name in base.hypers:
+            errors.error("GS025", f"adaptor '{adaptor.name}' and '{base.name}' both declare '{name}'",
+                         hyper.span, "rename the adaptor's hyperparameter")
+    for _, item in _walk(adaptor.items):
+        if isinstance(item, ast.Override):
+            if item.qualifier != tree.base_param:
+                errors.error("GS026", f"'{item.qualifier}' is not this adaptor's base", item.span,
+                             f"the base is called '{tree.base_param}'")
+            elif item.name not in base_names or item.name in _state_names(base.items):
+                errors.error("GS027", f"'{base.name}' has no input or definition '{item.name}' to replace",
+                             item.span, did_you_mean(item.name, base_names - _state_names(base.items)))
+
+    visible = own | set(INPUTS) | set(adaptor.hypers) | set(base.hypers)
+
+    def rename_adaptor(node: ast.Name) -> ast.Name:
+        if node.qualifier is not None:
+            if node.qualifier != tree.base_param:
+                errors.error("GS026", f"'{node.qualifier}' is not this adaptor's base", node.span,
+                             f"the base is called '{tree.base_param}'")
+                return node
+            if node.name == "param" and node.primed:
+                return ast.Name(update_name if replaces_update else "param", not replaces_update, span=node.span)
+            if node.name not in base_names:
+                errors.error("GS028", f"'{base.name}' defines no '{node.name}'", node.span,
+                             did_you_mean(node.name, base_names))
+            return ast.Name(node.name, node.primed, span=node.span)
+        if node.name in own and node.name not in INPUTS:
+            return ast.Name(prefix + node.name, node.primed, span=node.span)
+        if node.name not in visible:
+            hint = (f"the base's definitions are read as {tree.base_param}.{node.name}"
+                    if node.name in base_names else did_you_mean(node.name, visible))
+            errors.error("GS030", f"unknown name '{node.name}'", node.span, hint)
+        return node
+
+    def rename_base(node: ast.Name) -> ast.Name:
+        if node.qualifier is None and node.name in overrides and not node.primed:
+            return ast.Name(prefix + node.name, span=node.span)
+        if replaces_update and node.name == "param" and node.primed:
+            return ast.Name(update_name, span=node.span)
+        return node
+
+    def adaptor_item(item):
+        if isinstance(item, ast.Override):
+            return ast.Define(prefix + item.name, _map_names(item.expr, rename_adaptor), False, item.span)
+        if isinstance(item, (ast.Define, ast.State)) and not (item.name == "param" and getattr(item, "primed", False)):
+            item = dataclasses.replace(item, name=prefix + item.name)
+        return _map_item(item, rename_adaptor, adaptor_item)
+
+    def base_item(item):
+        if replaces_update and isinstance(item, ast.Define) and item.name == "param" and item.primed:
+            item = ast.Define(update_name, item.expr, False, item.span)
+        return _map_item(item, rename_base, base_item)
+
+    items = tuple((src, base_item(i)) for src, i in base.items)
+    items += tuple((src, adaptor_item(i)) for src, i in adaptor.items)
+    errors.raise_if_any()
+    doc = adaptor.doc
+    return Spec(f"{adaptor.name}({base.name})", "optimizer", {**base.hypers, **adaptor.hypers},
+                items, doc, adaptor.source)
+
+
+def _walk(items):
+    for src, item in items:
+        yield src, item
+        if isinstance(item, ast.If):
+            yield from _walk([(src, i) for i in item.then + item.otherwise])
+
+
+def _defined_names(items) -> set[str]:
+    """Locals and states defined anywhere in a body; ``param'`` when the body defines the update."""
+    out = set()
+    for _, item in _walk(items):
+        if isinstance(item, ast.State) or (isinstance(item, ast.Define) and not item.primed):
+            out.add(item.name)
+        elif isinstance(item, ast.Define) and item.name == "param":
+            out.add("param'")
+    return out
+
+
+def _state_names(items) -> set[str]:
+    return {i.name for _, i in _walk(items) if isinstance(i, ast.State)}
+
+
+def _map_names(expr, fn):
+    """``expr`` with every Name replaced by ``fn(name)``."""
+    if isinstance(expr, ast.Name):
+        return fn(expr)
+    if isinstance(expr, ast.BinOp):
+        return ast.BinOp(expr.op, _map_names(expr.left, fn), _map_names(expr.right, fn), expr.span)
+    if isinstance(expr, ast.UnOp):
+        return ast.UnOp(expr.op, _map_names(expr.operand, fn), expr.span)
+    if isinstance(expr, (ast.Call, ast.Reduce)):
+        return dataclasses.replace(expr, args=tuple(_map_names(a, fn) for a in expr.args))
+    return expr
+
+
+def _map_item(item, rename, recurse):
+    if isinstance(item, ast.State):
+        return dataclasses.replace(item, init=_map_names(item.init, rename))
+    if isinstance(item, (ast.Define, ast.Override)):
+        return dataclasses.replace(item, expr=_map_names(item.expr, rename))
+    if isinstance(item, ast.Require):
+        return dataclasses.replace(item, cond=_map_names(item.cond, rename))
+    if isinstance(item, ast.If):
+        return ast.If(_map_names(item.cond, rename), tuple(recurse(i) for i in item.then),
+                      tuple(recurse(i) for i in item.otherwise), item.span)
+    return item

@@ -1,0 +1,112 @@
+"""Flat buffers: one contiguous parameter, gradient and state buffer per bucket.
+
+A bucket is the slice of a parameter group that shares a device, a dtype and a step count.
+Its parameters are re-pointed at views of the flat parameter buffer (``p.data = view``) and
+their states in ``optimizer.state[p]`` are views of the flat state buffers, so a step is one
+fused kernel over the bucket and ``state_dict()`` still shows per-parameter tensors.
+
+Gradients are given the same treatment: ``p.grad`` is set to a view of the flat gradient
+buffer, which backward accumulates into in place. ``zero_grad(set_to_none=True)`` (torch's
+default) drops those views; the next step then copies the fresh gradients in (about 8 more
+bytes moved per parameter) and restores the views. ``zero_grad(set_to_none=False)`` keeps
+them and the copy never happens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compiler.lower import BucketShape
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """Step counts and hyperparameters are float64 0-d tensors, except where unsupported."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class Bucket:
+    """Parameters of one (device, dtype, step) with their flat buffers."""
+
+    def __init__(self, params: list, state: dict, state_names: tuple, step: float, needs_segments: bool):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.offsets = [0]
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        first = params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.numel = self.offsets[-1]
+        self.shape = BucketShape(self.numel, len(params), self.dtype)
+
+        self.param = _flatten([p.detach() for p in params])
+        self.grad = _flatten([p.grad.detach() for p in params])
+        for p, view in zip(params, self.views(self.param)):
+            p.data = view
+        self.grad_views = self.views(self.grad)
+        for p, view in zip(params, self.grad_views):
+            p.grad = view
+        # a 1-element buffer (see lower.py on 0-d inputs); state[p]["step"] is a 0-d view of it
+        self.step = torch.full((1,), step, dtype=scalar_dtype(self.device), device=self.device)
+        self.segments = None
+        if needs_segments:
+            self.segments = torch.repeat_interleave(
+                torch.arange(len(params), device=self.device),
+                torch.tensor(self.sizes, device=self.device))
+
+        self.states = {}
+        self.missing = []  # states to initialise from the spec's initial values
+        for name in state_names:
+            buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            known = [name in state.get(p, {}) for p in params]
+            if not all(known):
+                self.missing.append(name)
+            for p, view, has in zip(params, self.views(buffer), known):
+                if has:
+                    view.copy_(state[p][name].reshape(-1))
+            self.states[name] = buffer
+
+    def views(self, flat: torch.Tensor) -> list:
+        return [flat[a:b].view_as(p) for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+
+    def initialise(self, init_values, state: dict) -> None:
+        """Fill states no parameter had yet, then point ``state[p]`` at views of the buffers."""
+        for name, value in zip(self.states, init_values):
+            if name not in self.missing:
+                continue
+            fresh = [name not in state.get(p, {}) for p in self.params]
+            for has_none, view, v in zip(fresh, self.views(self.states[name]), _split(value, self)):
+                if has_none:
+                    view.copy_(v)
+        self.missing = []
+        for i, p in enumerate(self.params):
+            entry = state.setdefault(p, {})
+            entry["step"] = self.step.view(())
+            for name, buffer in self.states.items():
+                entry[name] = buffer[self.offsets[i]:self.offsets[i + 1]].view_as(p)
+
+    def gather_grads(self) -> None:
+        """Make the flat gradient buffer current: copy in gradients that are not our views."""
+        for p, view in zip(self.params, self.grad_views):
+            grad = p.grad
+            if grad is not view:
+                view.copy_(grad)
+                p.grad = view
+
+    def detach(self, state: dict) -> None:
+        """Give parameters and states their own storage again, before this bucket is dropped."""
+        for p in self.params:
+            p.data = p.data.clone()
+            entry = state.get(p, {})
+            for name, value in list(entry.items()):
+                if isinstance(value, torch.Tensor):
+                    entry[name] = value.clone()
+
+
+def _flatten(tensors: list) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split(value, bucket: Bucket):
+    """Per-parameter slices of an initial value: a flat tensor, a 0-d tensor or a number."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == bucket.numel:
+        return [value[a:b].view_as(p) for a, b, p in zip(bucket.offsets, bucket.offsets[1:], bucket.params)]
+    return [value] * len(bucket.params)

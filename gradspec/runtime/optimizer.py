@@ -1,0 +1,223 @@
+"""``gradspec.Optimizer``: a compiled spec as a drop-in ``torch.optim.Optimizer``.
+
+Per parameter group the optimizer keeps a *plan*: the spec specialised to the group's
+compile-time switches, the group's parameters laid out in flat buckets, and the compiled
+step. The plan is rebuilt only when something structural changes: which parameters have
+gradients, a switch such as ``nesterov``, or a ``load_state_dict``. Numeric hyperparameters
+(``lr`` under a scheduler, ``beta2`` changed by hand) are copied into 0-d tensors before each
+step and never cause a rebuild or a recompile.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compiler import backends
+from ..compiler.ir import Program, Scope, build
+from ..compiler.lower import lower_init, lower_step
+from ..dsl import ast
+from ..dsl.errors import SpecError, did_you_mean
+from ..dsl.resolve import Spec, load
+from .buckets import Bucket, scalar_dtype
+
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Run ``spec`` (a stdlib name, spec expression, ``.opt`` path or :class:`Spec`) on ``params``.
+
+    ``backend`` is ``"compiled"`` (torch.compile, one fused kernel per bucket) or ``"eager"``.
+    ``nonfinite`` says what a NaN or infinite gradient does: ``"propagate"`` it into the
+    parameters as torch.optim does, ``"skip"`` the whole step for the group (parameters,
+    states and step count stay as they were; ``skipped_steps`` counts them), or ``"raise"``
+    FloatingPointError before anything changes. Other keyword arguments set the spec's
+    hyperparameters for every group; param-group dicts may override them per group.
+    """
+
+    def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
+                 nonfinite: str = "propagate", **hyper):
+        self.spec = load(spec) if isinstance(spec, str) else spec
+        if self.spec.kind == "adaptor":
+            raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
+        for name in hyper:
+            if name not in self.spec.hypers:
+                hint = did_you_mean(name, self.spec.hypers)
+                raise TypeError(f"{self.spec.name} has no hyperparameter {name!r}" + (f"; {hint}" if hint else "")
+                                + f" (it has: {', '.join(self.spec.hypers)})")
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self._static_names = _static_hypers(self.spec)
+        self._plans: dict = {}
+        self._programs: dict = {}
+        super().__init__(params, {**self.spec.hyper_defaults, **hyper})
+
+    # ---- torch.optim.Optimizer protocol
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for param in group["params"]:
+            if param.is_sparse:
+                raise ValueError("gradspec does not support sparse parameters")
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"a parameter group must be on one device, got {sorted(map(str, devices))}; "
+                             "give each device its own group")
+        self._validate(group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for plan in self._plans.values():
+            plan.detach(self.state)
+        self._plans.clear()
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None):
+        """One step for every group; calls ``closure`` (with grad enabled) first if given and
+        returns its loss. Specs that read ``loss`` take it from the closure or from ``loss=``."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, loss)
+        return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (``nonfinite="skip"``), summed over groups."""
+        return int(sum(int(plan.skipped.item()) for plan in self._plans.values() if plan.skipped is not None))
+
+    def program(self, group_index: int = 0) -> Program:
+        """The IR the given group runs, specialised to its switches."""
+        return self._program(self.param_groups[group_index])
+
+    # ---- internals
+    def _validate(self, group: dict) -> None:
+        for name, hyper in self.spec.hypers.items():
+            problem = hyper.check(group[name])
+            if problem:
+                raise ValueError(f"{self.spec.name}: {problem}")
+        try:
+            self._program(group)
+        except SpecError as error:
+            raise ValueError(f"{self.spec.name}: {error.message}") from None
+
+    def _program(self, group: dict) -> Program:
+        key = tuple(group[name] for name in self._static_names)
+        if key not in self._programs:
+            self._programs[key] = build(self.spec, {n: group[n] for n in self.spec.hypers})
+        return self._programs[key]
+
+    def _step_group(self, index: int, group: dict, loss) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        program = self._program(group)
+        layout = (program.switches, tuple(map(id, params)))
+        plan = self._plans.get(index)
+        if plan is None or plan.layout != layout:
+            if plan is not None:
+                plan.detach(self.state)
+            plan = _Plan(self, program, params, layout, group)
+            self._plans[index] = plan
+        plan.run(group, loss)
+
+
+class _Plan:
+    """One group's buckets, hyperparameter tensors and compiled step."""
+
+    def __init__(self, optimizer: Optimizer, program: Program, params: list, layout, group: dict):
+        self.program = program
+        self.layout = layout
+        self.nonfinite = optimizer.nonfinite
+        state = optimizer.state
+        needs_segments = Scope.TENSOR in {n.scope for n in program.nodes()}
+        groups: dict = {}
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("gradspec does not support sparse gradients")
+            step = state.get(p, {}).get("step", 0)
+            step = float(step.item() if isinstance(step, torch.Tensor) else step)
+            groups.setdefault((p.device, p.dtype, step), []).append(p)
+        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments)
+                        for (_, _, step), ps in groups.items()]
+        self.device = self.buckets[0].device
+        dtype = scalar_dtype(self.device)
+        self.hypers = {name: torch.zeros((), dtype=dtype, device=self.device) for name in program.hypers_used}
+        self._hyper_values: dict = {}
+        self.skipped = torch.zeros(1, dtype=dtype, device=self.device) if self.nonfinite == "skip" else None
+
+        self.graph = lower_step(program, [b.shape for b in self.buckets], optimizer.nonfinite)
+        self.step_fn = backends.cached(self.graph, [b.shape for b in self.buckets], optimizer.backend)
+        self.refresh_hypers(group)
+        for bucket in self.buckets:
+            bucket.initialise(self._initial_values(bucket) if bucket.missing else (), state)
+
+    def _initial_values(self, bucket: Bucket):
+        """The spec's initial state values for a bucket, computed eagerly once."""
+        args = [self.hypers[h] for h in self.program.hypers_used] + [bucket.param, bucket.grad]
+        if bucket.segments is not None:
+            args.append(bucket.segments)
+        return lower_init(self.program, bucket.shape)(*args)
+
+    def refresh_hypers(self, group: dict) -> None:
+        """Copy the group's numeric hyperparameters into their 0-d tensors, where they changed."""
+        for name, tensor in self.hypers.items():
+            value = group[name]
+            if isinstance(value, torch.Tensor):
+                tensor.copy_(value)
+            elif self._hyper_values.get(name) != value:
+                tensor.fill_(value)
+                self._hyper_values[name] = value
+
+    def run(self, group: dict, loss) -> None:
+        self.refresh_hypers(group)
+        args = [self.hypers[h] for h in self.program.hypers_used]
+        if self.program.uses_loss:
+            if loss is None:
+                raise RuntimeError(f"{self.program.spec.name} reads the loss: call step(closure) or step(loss=...)")
+            args.append(torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device)))
+        if self.skipped is not None:
+            args.append(self.skipped)
+        for bucket in self.buckets:
+            bucket.gather_grads()
+        if self.nonfinite == "raise":
+            self._raise_if_nonfinite()
+        for bucket in self.buckets:
+            args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
+            if bucket.segments is not None:
+                args.append(bucket.segments)
+        self.step_fn(*args)
+
+    def _raise_if_nonfinite(self):
+        for bucket in self.buckets:
+            if not bool(torch.isfinite(bucket.grad).all()):
+                for i, view in enumerate(bucket.grad_views):
+                    if not bool(torch.isfinite(view).all()):
+                        raise FloatingPointError(
+                            f"non-finite gradient in a parameter of shape {tuple(view.shape)} "
+                            f"(nonfinite='raise'); nothing was updated")
+
+    def detach(self, state: dict) -> None:
+        for bucket in self.buckets:
+            bucket.detach(state)
+
+
+def _static_hypers(spec: Spec) -> tuple:
+    """Hyperparameters that decide the compiled program: booleans, and those read by an
+    ``if`` or ``require`` condition. Their values key the program cache."""
+    names = {n for n, h in spec.hypers.items() if h.kind == "bool"}
+    for _, item in spec.items:
+        for node in _walk_items(item):
+            if isinstance(node, (ast.If, ast.Require)):
+                names |= {n.name for n in ast.names_in(node.cond) if n.name in spec.hypers}
+    return tuple(sorted(names))
+
+
+def _walk_items(item):
+    yield item
+    if isinstance(item, ast.If):
+        for inner in item.then + item.otherwise:
+            yield from _walk_items(inner)
