@@ -217,12 +217,11 @@ class _ProgramBuilder:
         if "param" not in self.nexts:
             self.errors.error("GS042", f"'{self.spec.name}' defines no update",
                               None, "add param' = param - lr * ...")
-        self.errors.raise_if_any()
-
-        nexts = {"param": self._next("param")}
-        for name in self.states:
-            nexts[name] = self._next(name)
+        # build whatever is defined, so one run reports every error in the spec
+        nexts = {name: self._next(name) for name in ["param", *self.states] if name in self.nexts}
         inits = {name: self._init(name) for name in self.states}
+        for name, located in self.locals.items():  # unused definitions are checked too
+            self._definition(("local", name), located)
         self.errors.raise_if_any()
         return Program(self.spec, nexts, inits, tuple(self.states), tuple(sorted(self.hypers_used)),
                        self.uses_loss, tuple(self.switches))
