@@ -94,12 +94,11 @@ def _show(args) -> int:
         print(f"gradspec show: '{spec.name}' is an adaptor; show it applied, as {spec.name}(adam)", file=sys.stderr)
         return 1
     import torch
-    graph = lower_step(build(spec), [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)])
-    if args.python:
-        print(graph.code.strip())
-    else:
-        print(graph.graph)
-        print(f"# {len(graph.graph.nodes)} FX nodes for one bucket")
+    graphs = lower_step(build(spec), [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)])
+    for title, graph in (("scalar phase", graphs.scalar), ("elementwise phase, one bucket", graphs.main)):
+        print(f"# {title}: {len(graph.graph.nodes)} FX nodes")
+        print(graph.code.strip() if args.python else graph.graph)
+        print()
     return 0
 
 

@@ -24,10 +24,11 @@ def make(graph: fx.GraphModule, backend: str):
 _CACHE: dict = {}
 
 
-def cached(graph: fx.GraphModule, shapes, backend: str):
-    """``make``, shared by every optimizer whose step graph has the same code and bucket
-    shapes: a second optimizer with the same spec and layout does not compile again."""
-    key = (graph.code, tuple(shapes), backend)
+def cached(graphs, shapes, backend: str):
+    """The (scalar, main) callables of a step, shared by every optimizer whose graphs have the
+    same code and bucket shapes: a second optimizer with the same spec and layout does not
+    compile again."""
+    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend)
     if key not in _CACHE:
-        _CACHE[key] = make(graph, backend)
+        _CACHE[key] = (make(graphs.scalar, backend), make(graphs.main, backend))
     return _CACHE[key]

@@ -7,6 +7,11 @@ never recompiles), the loss if the spec reads it, the skipped-step counter under
 It writes every next value into its buffer with ``copy_`` after computing all of them, so
 the step is the pure function the spec describes, and returns nothing.
 
+The step is two graphs. The *scalar phase* computes every scalar-scope value that the
+elementwise math needs (bias corrections such as ``1 - beta2^t``, schedules) once, as 0-d
+tensors in float64; the *main phase* takes them as inputs. Without the split, Inductor
+inlines ``pow(beta2, t)`` into the fused loop and evaluates it per vector of elements.
+
 A bucket is one (device, dtype, step) slice of a parameter group. ``tensor.*`` reductions
 become segment reductions (``index_add``) over the bucket's segment ids, so no Python loop
 over tensors is traced; ``global.*`` reductions sum the buckets' partial results.
@@ -33,30 +38,68 @@ class BucketShape:
     dtype: torch.dtype
 
 
-def input_names(program: Program, buckets: list[BucketShape], nonfinite: str) -> list[str]:
-    """The graph's placeholders, in call order."""
-    names = [f"hyper_{h}" for h in program.hypers_used]
-    if program.uses_loss:
-        names.append("loss")
-    if nonfinite == "skip":
-        names.append("skipped")
-    for i in range(len(buckets)):
-        names += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"] + [f"b{i}_state_{_ident(s)}" for s in program.state_names]
-        if Scope.TENSOR in _scopes(program):
-            names.append(f"b{i}_segments")
-    return names
+@dataclass
+class StepGraphs:
+    """The two phases of a step and what the runtime passes between them."""
+
+    scalar: fx.GraphModule  # (hypers, loss, bucket steps) -> tuple of scalar values
+    main: fx.GraphModule  # (scalar values, counters, bucket buffers) -> None, writes in place
+    scalar_inputs: list
+    main_inputs: list
 
 
-def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate") -> fx.GraphModule:
-    """The step graph (see the module docstring)."""
+def _scalar_roots(program: Program, n_buckets: int) -> list:
+    """(node, bucket or None) for every non-constant scalar value used by a non-scalar one."""
+    roots, seen = [], set()
+    outputs = list(program.next.values())
+    for node in program.nodes():
+        if node.scope == Scope.SCALAR:
+            continue
+        for arg in node.args:
+            if arg.scope == Scope.SCALAR and not arg.is_const:
+                for b in (range(n_buckets) if arg.uses_step else [None]):
+                    if (id(arg), b) not in seen:
+                        seen.add((id(arg), b))
+                        roots.append((arg, b))
+    for node in outputs:  # a next value that is itself a scalar, e.g. m' = 1 - beta^t
+        if node.scope == Scope.SCALAR and not node.is_const:
+            for b in (range(n_buckets) if node.uses_step else [None]):
+                if (id(node), b) not in seen:
+                    seen.add((id(node), b))
+                    roots.append((node, b))
+    return roots
+
+
+def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate") -> StepGraphs:
+    """The scalar and main graphs of one step (see the module docstring)."""
+    roots = _scalar_roots(program, len(buckets))
+    scalar_inputs = [f"hyper_{h}" for h in program.hypers_used] + (["loss"] if program.uses_loss else [])
+    scalar_inputs += [f"b{i}_step" for i in range(len(buckets))]
     graph = fx.Graph()
-    placeholders = {name: graph.placeholder(name) for name in input_names(program, buckets, nonfinite)}
+    lowerer = _Lowerer(graph, {n: graph.placeholder(n) for n in scalar_inputs}, buckets)
+    graph.output(tuple(lowerer.value(node, b if b is not None else 0) for node, b in roots))
+    scalar = fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_scalars")
+
+    main_inputs = [f"scalar_{i}" for i in range(len(roots))] + (["skipped"] if nonfinite == "skip" else [])
+    segments = Scope.TENSOR in _scopes(program)
+    for i in range(len(buckets)):
+        main_inputs += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
+        main_inputs += [f"b{i}_state_{_ident(s)}" for s in program.state_names]
+        main_inputs += [f"b{i}_segments"] if segments else []
+    main = _lower_main(program, buckets, nonfinite, roots, main_inputs)
+    return StepGraphs(scalar, main, scalar_inputs, main_inputs)
+
+
+def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
+    graph = fx.Graph()
+    placeholders = {name: graph.placeholder(name) for name in names}
     lowerer = _Lowerer(graph, placeholders, buckets)
+    for i, (node, b) in enumerate(roots):
+        lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
     if nonfinite == "skip":
         lowerer.ok = lowerer.all_finite()
     writes = []
     for i in range(len(buckets)):
-        t = lowerer.step(i)
         for name in ("param",) + program.state_names:
             old = placeholders[f"b{i}_param" if name == "param" else f"b{i}_state_{_ident(name)}"]
             node = program.next[name]
@@ -66,7 +109,7 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
             if lowerer.ok is not None:
                 new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i))
             writes.append((old, new))
-        writes.append((placeholders[f"b{i}_step"], t))
+        writes.append((placeholders[f"b{i}_step"], lowerer.step(i)))
     if lowerer.ok is not None:
         skipped = placeholders["skipped"]
         writes.append((skipped, lowerer.call(operator.add, skipped, lowerer.call(torch.logical_not, lowerer.ok))))
@@ -128,7 +171,9 @@ class _Lowerer:
         return placeholder
 
     def step(self, bucket: int):
-        """This step's t for a bucket: the stored count plus one (plus zero on a skipped step)."""
+        """This step's t for a bucket: the stored count plus one (plus zero on a skipped step,
+        which only the count written back sees: everything else a skipped step computes is
+        discarded)."""
         if bucket not in self._steps:
             stored = self.graph.call_method("reshape", (self.ph[f"b{bucket}_step"], ()))
             increment = 1 if self.ok is None else self.ok

@@ -130,8 +130,13 @@ class Collector:
         self.diagnostics.append(Diagnostic(code, message, source or self.source, span, hint))
 
     def raise_if_any(self) -> None:
+        """Raise every diagnostic collected so far, in source order."""
         if self.diagnostics:
-            raise SpecError(self.diagnostics)
+            raise SpecError(sorted(self.diagnostics, key=_position))
+
+
+def _position(d: Diagnostic):
+    return (d.source.filename if d.source else "", d.line or 0, d.column or 0)
 
 
 def did_you_mean(word: str, candidates) -> str | None:

@@ -149,8 +149,9 @@ class _Plan:
         self._hyper_values: dict = {}
         self.skipped = torch.zeros(1, dtype=dtype, device=self.device) if self.nonfinite == "skip" else None
 
-        self.graph = lower_step(program, [b.shape for b in self.buckets], optimizer.nonfinite)
-        self.step_fn = backends.cached(self.graph, [b.shape for b in self.buckets], optimizer.backend)
+        self.graphs = lower_step(program, [b.shape for b in self.buckets], optimizer.nonfinite)
+        self.scalar_fn, self.main_fn = backends.cached(self.graphs, [b.shape for b in self.buckets],
+                                                       optimizer.backend)
         self.refresh_hypers(group)
         for bucket in self.buckets:
             bucket.initialise(self._initial_values(bucket) if bucket.missing else (), state)
@@ -174,22 +175,24 @@ class _Plan:
 
     def run(self, group: dict, loss) -> None:
         self.refresh_hypers(group)
-        args = [self.hypers[h] for h in self.program.hypers_used]
+        scalar_args = [self.hypers[h] for h in self.program.hypers_used]
         if self.program.uses_loss:
             if loss is None:
                 raise RuntimeError(f"{self.program.spec.name} reads the loss: call step(closure) or step(loss=...)")
-            args.append(torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device)))
-        if self.skipped is not None:
-            args.append(self.skipped)
+            scalar_args.append(torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device)))
+        scalar_args += [bucket.step for bucket in self.buckets]
         for bucket in self.buckets:
             bucket.gather_grads()
         if self.nonfinite == "raise":
             self._raise_if_nonfinite()
+        args = list(self.scalar_fn(*scalar_args))
+        if self.skipped is not None:
+            args.append(self.skipped)
         for bucket in self.buckets:
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
             if bucket.segments is not None:
                 args.append(bucket.segments)
-        self.step_fn(*args)
+        self.main_fn(*args)
 
     def _raise_if_nonfinite(self):
         for bucket in self.buckets:
