@@ -107,8 +107,11 @@ class _ToAst(Transformer):
         doc = None
         if children and isinstance(children[0], _Doc):
             doc = children.pop(0).text
+        imports = []
+        while isinstance(children[0], ast.Import):
+            imports.append(children.pop(0))
         kind, name, extra, header_span = children[0]
-        items = tuple(children[1:])
+        items = tuple(imports) + tuple(children[1:])
         doc_comments = _hyper_comments(self.source)
         items = tuple(_attach_doc(i, doc_comments) for i in items)
         return ast.SpecAST(kind=kind, name=name, items=items, source=self.source, doc=doc,

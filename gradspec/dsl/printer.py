@@ -69,7 +69,10 @@ def spec(s) -> str:
     lines = []
     if s.doc:
         lines += ['"""' + s.doc + '"""']
-    lines.append(f"{'adaptor' if s.kind == 'adaptor' else 'optimizer'} {s.name}")
+    if s.kind == "adaptor":
+        lines.append(f"adaptor {s.name}({s.adaptor_ast.base_param})")
+    else:
+        lines.append(f"optimizer {s.name}")
     lines.append("")
     width = max((len(hyper(h)) for h in s.hypers.values()), default=0)
     for h in s.hypers.values():
