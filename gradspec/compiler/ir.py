@@ -345,13 +345,8 @@ class _ProgramBuilder:
                 hint = f"reductions need a scope: tensor.{expr.func}(...) or global.{expr.func}(...)"
             self.errors.error("GS051", f"unknown function '{expr.func}'", expr.span, hint, src)
             return None
-        arity = FUNCTIONS[expr.func]
-        if len(expr.args) != arity:
-            self.errors.error("GS052", f"{expr.func} takes {arity} argument{'s' if arity > 1 else ''}, "
-                                       f"got {len(expr.args)}", expr.span, None, src)
-            return None
-        args = [recurse(a) for a in expr.args]
-        if any(a is None for a in args):
+        args = self._arguments(src, expr, expr.func, FUNCTIONS[expr.func], recurse)
+        if args is None:
             return None
         if expr.func == "where":
             if args[0].type != "bool":
@@ -365,6 +360,15 @@ class _ProgramBuilder:
             return self.b.op("where", *args)
         return self._typed(src, expr, expr.func, args, "real")
 
+    def _arguments(self, src, expr, what, arity, recurse):
+        """The call's arguments as nodes, or None after an arity or argument error."""
+        if len(expr.args) != arity:
+            self.errors.error("GS052", f"{what} takes {arity} argument{'s' if arity > 1 else ''}, "
+                                       f"got {len(expr.args)}", expr.span, None, src)
+            return None
+        args = [recurse(a) for a in expr.args]
+        return None if any(a is None for a in args) else args
+
     def _reduce(self, src, expr, recurse, static):
         if static:
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
@@ -374,13 +378,8 @@ class _ProgramBuilder:
             self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
                               did_you_mean(expr.func, REDUCTIONS) or f"reductions: {', '.join(REDUCTIONS)}", src)
             return None
-        arity = REDUCTIONS[expr.func]
-        if len(expr.args) != arity:
-            self.errors.error("GS052", f"{expr.scope}.{expr.func} takes {arity} argument"
-                                       f"{'s' if arity > 1 else ''}, got {len(expr.args)}", expr.span, None, src)
-            return None
-        args = [recurse(a) for a in expr.args]
-        if any(a is None for a in args):
+        args = self._arguments(src, expr, f"{expr.scope}.{expr.func}", REDUCTIONS[expr.func], recurse)
+        if args is None:
             return None
         for a, text in zip(args, expr.args):
             if a.type != "real":
