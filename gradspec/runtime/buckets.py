@@ -61,7 +61,7 @@ class Bucket:
                 self.missing.append(name)
             for p, view, has in zip(params, self.views(buffer), known):
                 if has:
-                    view.copy_(state[p][name].reshape(-1))
+                    view.copy_(state[p][name].reshape(view.shape))
             self.states[name] = buffer
 
     def views(self, flat: torch.Tensor) -> list:

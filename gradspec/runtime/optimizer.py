@@ -42,6 +42,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
+        self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)
+        hyper = self._split_betas(hyper)
         for name in hyper:
             if name not in self.spec.hypers:
                 hint = did_you_mean(name, self.spec.hypers)
@@ -52,12 +54,22 @@ class Optimizer(torch.optim.Optimizer):
         self._static_names = _static_hypers(self.spec)
         self._plans: dict = {}
         self._programs: dict = {}
-        super().__init__(params, {**self.spec.hyper_defaults, **hyper})
+        self._betas_seen: dict = {}
+        defaults = {**self.spec.hyper_defaults, **hyper}
+        if self._has_betas:
+            defaults["betas"] = (defaults["beta1"], defaults["beta2"])
+        super().__init__(params, defaults)
 
     # ---- torch.optim.Optimizer protocol
     def add_param_group(self, param_group: dict) -> None:
+        param_group = self._split_betas(param_group)
+        if self._has_betas and ("beta1" in param_group or "beta2" in param_group):
+            param_group["betas"] = (param_group.get("beta1", self.defaults["beta1"]),
+                                    param_group.get("beta2", self.defaults["beta2"]))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self._has_betas:
+            self._betas_seen[id(group)] = tuple(group["betas"])
         for param in group["params"]:
             if param.is_sparse:
                 raise ValueError("gradspec does not support sparse parameters")
@@ -94,6 +106,25 @@ class Optimizer(torch.optim.Optimizer):
         return self._program(self.param_groups[group_index])
 
     # ---- internals
+    def _split_betas(self, values: dict) -> dict:
+        """torch.optim's ``betas=(b1, b2)`` as the spec's ``beta1`` and ``beta2``."""
+        if "betas" not in values or not self._has_betas:
+            return values
+        values = dict(values)
+        values["beta1"], values["beta2"] = values.pop("betas")
+        return values
+
+    def _sync_betas(self, group: dict) -> None:
+        """Keep ``group["betas"]`` (what OneCycleLR and CyclicLR cycle) and ``beta1``/``beta2``
+        (what the spec reads) equal: whichever changed since the last step wins."""
+        seen = self._betas_seen.get(id(group))
+        betas = tuple(group["betas"])
+        pair = (group["beta1"], group["beta2"])
+        if betas != seen:
+            group["beta1"], group["beta2"] = pair = betas
+        group["betas"] = pair
+        self._betas_seen[id(group)] = pair
+
     def _validate(self, group: dict) -> None:
         for name, hyper in self.spec.hypers.items():
             problem = hyper.check(group[name])
@@ -114,6 +145,8 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        if self._has_betas:
+            self._sync_betas(group)
         program = self._program(group)
         layout = (program.switches, tuple(map(id, params)))
         plan = self._plans.get(index)
