@@ -28,9 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="check every stdlib spec")
     p.add_argument("--json", action="store_true", help="diagnostics as JSON, for editors and CI")
 
-    p = verbs.add_parser("show", help="a spec's source with adaptors expanded, or its FX graph")
+    p = verbs.add_parser("show", help="a spec's source (comments included), expanded body, or FX graphs")
     p.add_argument("spec")
     form = p.add_mutually_exclusive_group()
+    form.add_argument("--expanded", action="store_true",
+                      help="the resolved body: variants applied, adaptors expanded (the default for expressions)")
     form.add_argument("--fx", action="store_true", help="the torch.fx graph of one step")
     form.add_argument("--python", action="store_true", help="the Python code of that graph")
 
@@ -88,7 +90,8 @@ def _check(args) -> int:
 def _show(args) -> int:
     spec = load(args.spec)
     if not (args.fx or args.python):
-        print(printer.spec(spec))
+        is_file = stdlib.source(args.spec) is not None or args.spec.endswith(".opt")
+        print(spec.source.text.rstrip() if is_file and not args.expanded else printer.spec(spec))
         return 0
     if spec.kind == "adaptor":
         print(f"gradspec show: '{spec.name}' is an adaptor; show it applied, as {spec.name}(adam)", file=sys.stderr)

@@ -188,6 +188,8 @@ def test_cli_exit_codes_and_no_traceback(tmp_path, capsys):
     assert report[0]["ok"] and report[1]["diagnostics"][0]["code"] == "GS002"
     assert main(["show", "lookahead(adam)"]) == 0
     assert "lookahead.slow' = where(" in capsys.readouterr().out
+    assert main(["show", "adam"]) == 0
+    assert "# decay of the second moment" in capsys.readouterr().out  # the source, comments included
     assert main(["show", "adam", "--python"]) == 0
     out = capsys.readouterr().out
     assert "# scalar phase" in out and "torch.pow" in out
