@@ -16,10 +16,10 @@ from __future__ import annotations
 import enum
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..dsl import ast
-from ..dsl.errors import Collector, Source, SpecError, did_you_mean
+from ..dsl.errors import Collector, SpecError, did_you_mean
 from ..dsl.resolve import INPUTS, Spec
 
 
@@ -30,7 +30,7 @@ class Scope(enum.IntEnum):
     ELEMENT = 3
 
 
-# name -> (arity, result type, argument type); "real" args are numbers, "bool" conditions
+# name -> arity
 FUNCTIONS = {
     "sqrt": 1, "rsqrt": 1, "exp": 1, "log": 1, "abs": 1, "sign": 1,
     "min": 2, "max": 2, "clamp": 3, "lerp": 3, "where": 3,
@@ -60,7 +60,6 @@ class Node:
     type: str = "real"
     scope: Scope = Scope.SCALAR
     uses_step: bool = False  # depends on the step, so it differs between buckets
-    name: str | None = field(default=None, compare=False)  # the spec's name for it, for display
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(a) for a in self.args)
@@ -103,10 +102,6 @@ class Program:
         for root in list(self.next.values()) + list(self.init.values()):
             visit(root)
         return order
-
-    @property
-    def has_reduction(self) -> set:
-        return {n.attr[0] for n in self.nodes() if n.op == "reduce"}
 
 
 class Builder:
@@ -289,8 +284,6 @@ class _ProgramBuilder:
         self._building.append(key)
         node = self._expr(src, define.expr, in_init=in_init)
         self._building.pop()
-        if node is not None and node.name is None and node.op not in ("const", "input", "hyper", "state"):
-            node.name = _show_key(key)
         self._memo[key] = node
         return node
 
