@@ -171,7 +171,7 @@ def build(spec: Spec, hyper_values: dict | None = None) -> Program:
     between next values, states without a next value, a missing update.
     """
     if spec.kind == "adaptor":
-        raise SpecError(Collector(spec.source).diagnostics + [_adaptor_alone(spec)])
+        raise SpecError(_adaptor_alone(spec))
     values = {**spec.hyper_defaults, **(hyper_values or {})}
     return _ProgramBuilder(spec, values).run()
 
