@@ -1,0 +1,93 @@
+"""The papers' methods against plain-PyTorch transcriptions of their equations.
+
+DualAdam / InvAdam: the update of the authors' reference code (LongJin-lab/DualAdam,
+DualAdam.py), transcribed from the equations in shared/papers/dualadam_baselines.md §1.3:
+one step counter for the optimizer, bias-corrected moments, d = sqrt(v_hat) + eps used in
+both halves, r = max(0, 1 - t s) computed in Python floats, the blend only while r >= s,
+decoupled weight decay applied before the step.
+"""
+import pytest
+import torch
+
+import gradspec
+
+STEPS = 200
+
+
+class DualAdamReference(torch.optim.Optimizer):
+    def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8, switch_rate=0.01, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, s=switch_rate, wd=weight_decay))
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        t = self.t
+        for group in self.param_groups:
+            b1, b2, eps, s, lr = group["beta1"], group["beta2"], group["eps"], group["s"], group["lr"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v, g = state["m"], state["v"], p.grad
+                m.mul_(b1).add_((1 - b1) * g)
+                v.mul_(b2).add_((1 - b2) * g * g)
+                m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+                d = v_hat.sqrt() + eps
+                r = max(0.0, 1 - t * s)
+                if r >= s:
+                    u = (1 - r) * (m_hat / d) + r * (m_hat * d)
+                else:
+                    u = m_hat / d
+                if group["wd"] != 0:
+                    p.add_(p, alpha=-lr * group["wd"])
+                p.add_(u, alpha=-lr)
+
+
+def _train(make):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    opt = make(model.parameters())
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("spec, hyper", [
+    ("dualadam", dict(lr=1e-2)),  # crosses the cut-off at t = 100
+    ("dualadam", dict(lr=1e-2, switch_rate=0.003, beta2=0.99, weight_decay=0.05)),
+    ("invadam", dict(lr=1e-2, weight_decay=0.01)),
+], ids=["dualadam", "dualadam-slow-switch-wd", "invadam"])
+def test_dualadam_family_matches_the_reference(spec, hyper, backend):
+    reference_hyper = dict(hyper)
+    if spec == "invadam":
+        reference_hyper["switch_rate"] = 0.0
+    ours = _train(lambda p: gradspec.Optimizer(p, spec, backend=backend, **hyper))
+    reference = _train(lambda p: DualAdamReference(p, **reference_hyper))
+    error = (ours - reference).abs().max() / reference.abs().max()
+    assert error < 1e-10, f"relative error {error:.3e}"
+
+
+def test_the_switch_is_a_hard_cut_off_at_the_float64_boundary():
+    """With s = 0.01, t = 99 is the last blended step: 1 - 100 * 0.01 = 0 < s."""
+    def one_step_at(t):
+        p = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        opt = gradspec.Optimizer([p], "dualadam", backend="eager", lr=1.0, beta1=0.0, beta2=0.0, eps=1e-30)
+        p.grad = torch.full_like(p, 4.0)
+        opt.step()
+        opt.state[p]["step"].fill_(t - 1)  # jump the counter: the next step is step t
+        p.grad = torch.full_like(p, 4.0)
+        before = p.item()
+        opt.step()
+        return before - p.item()
+
+    # beta = 0 and a negligible eps: m_hat = 4, d = 4, so Adam's step is 1 and InvAdam's is 16
+    r99 = 1 - 99 * 0.01
+    assert one_step_at(99) == pytest.approx((1 - r99) * 1 + r99 * 16)
+    assert one_step_at(100) == pytest.approx(1.0)
