@@ -91,3 +91,72 @@ def test_the_switch_is_a_hard_cut_off_at_the_float64_boundary():
     r99 = 1 - 99 * 0.01
     assert one_step_at(99) == pytest.approx((1 - r99) * 1 + r99 * 16)
     assert one_step_at(100) == pytest.approx(1.0)
+
+
+# ---- the E adaptor (Zhao et al., NeurIPS 2025), from equations (E1)-(E2) and Algorithms 3-4
+# of shared/papers/alto_induced.md §1.2: a_k = b a + (1 - b)(g_k - g_{k-1}), a_0 = g_0 = 0,
+# and the base optimizer sees g + alpha a_k.
+
+class EReference:
+    """Wraps a base torch optimizer: rewrites p.grad to g + alpha * a, then steps the base."""
+
+    def __init__(self, base, alpha, beta):
+        self.base, self.alpha, self.beta = base, alpha, beta
+        self.a, self.previous = {}, {}
+
+    def zero_grad(self):
+        self.base.zero_grad()
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.base.param_groups:
+            for p in group["params"]:
+                g = p.grad.clone()
+                a = self.a.setdefault(p, torch.zeros_like(p))
+                previous = self.previous.setdefault(p, torch.zeros_like(p))
+                a.mul_(self.beta).add_((1 - self.beta) * (g - previous))
+                self.previous[p] = g
+                p.grad = g + self.alpha * a
+        self.base.step()
+
+
+class LionReference(torch.optim.Optimizer):
+    def __init__(self, params, lr, beta1=0.9, beta2=0.99):
+        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                c = group["beta1"] * m + (1 - group["beta1"]) * p.grad
+                p -= group["lr"] * torch.sign(c)
+                m.mul_(group["beta2"]).add_((1 - group["beta2"]) * p.grad)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("spec, hyper, reference", [
+    ("eadam", dict(lr=1e-2, alpha=-5.0, beta=0.99),
+     lambda p: EReference(torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99)), -5.0, 0.99)),
+    ("eadam", dict(lr=1e-2, alpha=0.5, beta=0.01),
+     lambda p: EReference(torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99)), 0.5, 0.01)),
+    ("esgd", dict(lr=1e-2, alpha=-5.0, beta=0.9),
+     lambda p: EReference(torch.optim.SGD(p, lr=1e-2, momentum=0.9), -5.0, 0.9)),
+    ("e(lion)", dict(lr=1e-3, alpha=0.5, beta=0.5),
+     lambda p: EReference(LionReference(p, lr=1e-3), 0.5, 0.5)),
+], ids=["eadam-large-batch", "eadam-small-batch", "esgd", "e-lion"])
+def test_e_adaptor_matches_the_paper(spec, hyper, reference, backend):
+    ours = _train(lambda p: gradspec.Optimizer(p, spec, backend=backend, **hyper))
+    expected = _train(lambda p: reference(list(p)))
+    error = (ours - expected).abs().max() / expected.abs().max()
+    assert error < 1e-10, f"relative error {error:.3e}"
+
+
+def test_e_adaptor_at_alpha_zero_is_its_base():
+    assert torch.equal(_train(lambda p: gradspec.Optimizer(p, "eadam", backend="eager", alpha=0.0, lr=1e-2)),
+                       _train(lambda p: gradspec.Optimizer(p, "adam(beta2=0.99)", backend="eager", lr=1e-2)))
+
+
+def test_e_adaptor_refuses_an_unstable_alpha():
+    with pytest.raises(ValueError, match=r"stable only for \|alpha\| < 1 / \(1 - beta\)"):
+        gradspec.Optimizer([torch.zeros(2, requires_grad=True)], "eadam", alpha=-200.0, beta=0.99)
