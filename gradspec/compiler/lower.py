@@ -1,16 +1,16 @@
-"""IR to a ``torch.fx.GraphModule`` that performs one optimizer step over flat buffers.
+"""IR to the two ``torch.fx`` graphs that perform one optimizer step over flat buffers.
 
-The graph takes, in this order: the numeric hyperparameters as 0-d tensors (so changing one
-never recompiles), the loss if the spec reads it, the skipped-step counter under
-``nonfinite="skip"``, then for every bucket its step counter, parameter, gradient and states
-(flat 1-D buffers) and, for specs with ``tensor.*`` reductions, the bucket's segment ids.
-It writes every next value into its buffer with ``copy_`` after computing all of them, so
-the step is the pure function the spec describes, and returns nothing.
+The *scalar phase* takes the numeric hyperparameters as 0-d tensors (so changing one never
+recompiles), the loss if the spec reads it, and each bucket's step counter; it returns
+every scalar-scope value the elementwise math needs (bias corrections such as
+``1 - beta2^t``, schedules), computed once in float64. Without the split, Inductor inlines
+``pow(beta2, t)`` into the fused loop and evaluates it per vector of elements.
 
-The step is two graphs. The *scalar phase* computes every scalar-scope value that the
-elementwise math needs (bias corrections such as ``1 - beta2^t``, schedules) once, as 0-d
-tensors in float64; the *main phase* takes them as inputs. Without the split, Inductor
-inlines ``pow(beta2, t)`` into the fused loop and evaluates it per vector of elements.
+The *main phase* takes those values, the skipped-step counter under ``nonfinite="skip"``,
+then for every bucket its step counter, parameter, gradient and states (flat 1-D buffers)
+and, for specs with ``tensor.*`` reductions, its segment ids. It writes every next value
+into its buffer with ``copy_`` after computing all of them, so the step is the pure
+function the spec describes, and returns nothing.
 
 A bucket is one (device, dtype, step) slice of a parameter group. ``tensor.*`` reductions
 become segment reductions (``index_add``) over the bucket's segment ids, so no Python loop
@@ -44,29 +44,26 @@ class StepGraphs:
 
     scalar: fx.GraphModule  # (hypers, loss, bucket steps) -> tuple of scalar values
     main: fx.GraphModule  # (scalar values, counters, bucket buffers) -> None, writes in place
-    scalar_inputs: list
-    main_inputs: list
 
 
 def _scalar_roots(program: Program, n_buckets: int) -> list:
     """(node, bucket or None) for every non-constant scalar value used by a non-scalar one."""
     roots, seen = [], set()
-    outputs = list(program.next.values())
+
+    def add(node):
+        if node.scope != Scope.SCALAR or node.is_const:
+            return
+        for b in (range(n_buckets) if node.uses_step else [None]):
+            if (id(node), b) not in seen:
+                seen.add((id(node), b))
+                roots.append((node, b))
+
     for node in program.nodes():
-        if node.scope == Scope.SCALAR:
-            continue
-        for arg in node.args:
-            if arg.scope == Scope.SCALAR and not arg.is_const:
-                for b in (range(n_buckets) if arg.uses_step else [None]):
-                    if (id(arg), b) not in seen:
-                        seen.add((id(arg), b))
-                        roots.append((arg, b))
-    for node in outputs:  # a next value that is itself a scalar, e.g. m' = 1 - beta^t
-        if node.scope == Scope.SCALAR and not node.is_const:
-            for b in (range(n_buckets) if node.uses_step else [None]):
-                if (id(node), b) not in seen:
-                    seen.add((id(node), b))
-                    roots.append((node, b))
+        if node.scope != Scope.SCALAR:
+            for arg in node.args:
+                add(arg)
+    for node in program.next.values():  # a next value that is itself a scalar, e.g. m' = 1 - beta^t
+        add(node)
     return roots
 
 
@@ -87,7 +84,7 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
         main_inputs += [f"b{i}_state_{_ident(s)}" for s in program.state_names]
         main_inputs += [f"b{i}_segments"] if segments else []
     main = _lower_main(program, buckets, nonfinite, roots, main_inputs)
-    return StepGraphs(scalar, main, scalar_inputs, main_inputs)
+    return StepGraphs(scalar, main)
 
 
 def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
