@@ -160,3 +160,124 @@ def test_e_adaptor_at_alpha_zero_is_its_base():
 def test_e_adaptor_refuses_an_unstable_alpha():
     with pytest.raises(ValueError, match=r"stable only for \|alpha\| < 1 / \(1 - beta\)"):
         gradspec.Optimizer([torch.zeros(2, requires_grad=True)], "eadam", alpha=-200.0, beta=0.99)
+
+
+# ---- the induced-metric optimizers (Harvey, arXiv 2509.03594), the practical algorithm of
+# shared/papers/alto_induced.md §2.2: s = xi * sum over all parameters of g * (P g),
+# S = beta S + (1 - beta) s, S_hat = S / (1 - beta^t), EMA momentum with bias correction,
+# theta -= lr * r * P m_hat + lr * wd * theta, with r = 1 / (1 + |S_hat|) (plain, rms) or
+# r = L / (L^2 + S_hat) (log); P = 1 / (sqrt(v_hat) + eps) for the rms variant.
+
+class InducedMetricReference:
+    def __init__(self, params, variant, lr, momentum=0.9, xi=0.1, beta=0.8, beta_rms=0.99, eps=1e-8,
+                 weight_decay=0.0):
+        self.params = list(params)
+        self.variant, self.lr, self.mu, self.xi, self.beta = variant, lr, momentum, xi, beta
+        self.beta_rms, self.eps, self.wd = beta_rms, eps, weight_decay
+        self.t, self.S = 0, 0.0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.t += 1
+        t = self.t
+        grads = [p.grad for p in self.params]
+        if self.variant == "rms":
+            for v, g in zip(self.v, grads):
+                v.mul_(self.beta_rms).add_((1 - self.beta_rms) * g * g)
+            precond = [1 / ((v / (1 - self.beta_rms ** t)).sqrt() + self.eps) for v in self.v]
+        else:
+            precond = [torch.ones_like(g) for g in grads]
+        s = self.xi * sum(float((g * g * P).sum()) for g, P in zip(grads, precond))
+        self.S = self.beta * self.S + (1 - self.beta) * s
+        S_hat = self.S / (1 - self.beta ** t)
+        if self.variant == "log":
+            L = max(float(loss), 1e-12)
+            r = L / (L * L + S_hat)
+        else:
+            r = 1 / (1 + abs(S_hat))
+        for p, m, g, P in zip(self.params, self.m, grads, precond):
+            m.mul_(self.mu).add_((1 - self.mu) * g)
+            m_hat = m / (1 - self.mu ** t)
+            p -= self.lr * r * P * m_hat + self.lr * self.wd * p
+        return loss
+
+
+def _train_with_closure(make):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    opt = make(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("spec, variant, hyper", [
+    ("sgd_metric", "plain", dict(lr=0.1)),
+    ("sgd_metric", "plain", dict(lr=0.3, momentum=0.5, xi=2.0, beta=0.0, weight_decay=1e-2)),
+    ("sgd_log_metric", "log", dict(lr=0.05, xi=0.5)),
+    ("sgd_rms", "rms", dict(lr=1e-2, xi=0.01, beta=0.6, weight_decay=1e-3)),
+], ids=["metric", "metric-exact-wd", "log", "rms"])
+def test_induced_metric_matches_the_reference_algorithm(spec, variant, hyper, backend):
+    ours = _train_with_closure(lambda p: gradspec.Optimizer(p, spec, backend=backend, **hyper))
+    expected = _train_with_closure(lambda p: InducedMetricReference(p, variant, **hyper))
+    error = (ours - expected).abs().max() / expected.abs().max()
+    assert error < 1e-10, f"relative error {error:.3e}"
+
+
+def test_induced_metric_at_xi_zero_is_ema_momentum_sgd():
+    plain = _train(lambda p: gradspec.Optimizer(p, "sgd_metric", backend="eager", xi=0.0, momentum=0.5))
+    ema = gradspec.parse('''optimizer ema_sgd
+hyper lr = 0.1 >= 0
+hyper momentum = 0.5 in [0, 1)
+state m = 0
+m' = momentum * m + (1 - momentum) * grad
+param' = param - lr * (1 / (1 + abs(0))) * (m' / (1 - momentum^step)) - lr * 0 * param
+''')
+    assert torch.equal(plain, _train(lambda p: gradspec.Optimizer(p, ema, backend="eager")))
+
+
+def test_a_global_state_lives_once_per_group_and_resumes_exactly():
+    import io
+    torch.manual_seed(0)
+    params = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    opt = gradspec.Optimizer(params, "sgd_metric", backend="eager")
+    for _ in range(3):
+        for p in params:
+            p.grad = p.detach() * 2
+        opt.step()
+    S = opt.state[params[0]]["S"]
+    assert S.dim() == 0 and S.data_ptr() == opt.state[params[1]]["S"].data_ptr() and float(S) > 0
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    buffer.seek(0)
+    resumed = gradspec.Optimizer(copies, "sgd_metric", backend="eager")
+    resumed.load_state_dict(torch.load(buffer))
+    for ps, o in ((params, opt), (copies, resumed)):
+        for p in ps:
+            p.grad = p.detach() * 2
+        o.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.state[params[0]]["S"], resumed.state[copies[0]]["S"])

@@ -82,7 +82,8 @@ class Program:
     spec: Spec
     next: dict
     init: dict
-    state_names: tuple
+    state_names: tuple  # per-element states, one buffer per bucket
+    global_states: tuple  # ``state s: global``: one value per parameter group
     hypers_used: tuple  # names of numeric hyperparameters read at run time
     uses_loss: bool
     switches: tuple  # the values of every compile-time condition, in order
@@ -217,8 +218,21 @@ class _ProgramBuilder:
         inits = {name: self._init(name) for name in self.states}
         for name, located in self.locals.items():  # unused definitions are checked too
             self._definition(("local", name), located)
+        for name, (src, state) in self.states.items():
+            if state.scope != "global":
+                continue
+            if name in inits and inits[name] is not None and not inits[name].is_const:
+                self.errors.error("GS060", f"global state '{name}' must start at a number", state.init.span,
+                                  f"write state {name}: global = 0", src)
+            nxt = nexts.get(name)
+            if nxt is not None and nxt.scope > Scope.GLOBAL:
+                self.errors.error("GS061", f"the next value of global state '{name}' has one value per "
+                                           f"{'tensor' if nxt.scope == Scope.TENSOR else 'element'}",
+                                  self.nexts[name][1].span, "reduce it with global.sum(...) or similar", src)
         self.errors.raise_if_any()
-        return Program(self.spec, nexts, inits, tuple(self.states), tuple(sorted(self.hypers_used)),
+        element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
+        global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
+        return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
                        self.uses_loss, tuple(self.switches))
 
     def _collect(self, items):
@@ -410,7 +424,8 @@ class _ProgramBuilder:
         if name in self.locals:
             return self._definition(("local", name), self.locals[name], in_init)
         if name in self.states:
-            return self.b.node("state", (), name, "real", Scope.ELEMENT)
+            scope = Scope.GLOBAL if self.states[name][1].scope == "global" else Scope.ELEMENT
+            return self.b.node("state", (), name, "real", scope)
         if name in self.spec.hypers:
             hyper = self.spec.hypers[name]
             if hyper.kind == "bool" or static:

@@ -78,6 +78,7 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
     scalar = fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_scalars")
 
     main_inputs = [f"scalar_{i}" for i in range(len(roots))] + (["skipped"] if nonfinite == "skip" else [])
+    main_inputs += [f"global_{_ident(s)}" for s in program.global_states]
     segments = Scope.TENSOR in _scopes(program)
     for i in range(len(buckets)):
         main_inputs += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
@@ -107,6 +108,12 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
                 new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i))
             writes.append((old, new))
         writes.append((placeholders[f"b{i}_step"], lowerer.step(i)))
+    for name in program.global_states:  # one value per group, written once
+        old = placeholders[f"global_{_ident(name)}"]
+        new = lowerer.value(program.next[name], 0)
+        if lowerer.ok is not None:
+            new = lowerer.call(torch.where, lowerer.ok, new, lowerer.global_state(name))
+        writes.append((old, new))
     if lowerer.ok is not None:
         skipped = placeholders["skipped"]
         writes.append((skipped, lowerer.call(operator.add, skipped, lowerer.call(torch.logical_not, lowerer.ok))))
@@ -177,6 +184,13 @@ class _Lowerer:
             self._steps[bucket] = self.call(operator.add, stored, increment)
         return self._steps[bucket]
 
+    def global_state(self, name: str):
+        """A ``state s: global``, kept as a 1-element buffer (see the note on 0-d inputs)."""
+        key = ("global", name)
+        if key not in self.memo:
+            self.memo[key] = self.graph.call_method("reshape", (self.ph[f"global_{_ident(name)}"], ()))
+        return self.memo[key]
+
     def all_finite(self):
         flags = [self.call(torch.all, self.call(torch.isfinite, self.ph[f"b{i}_grad"]))
                  for i in range(len(self.buckets))]
@@ -219,6 +233,8 @@ class _Lowerer:
                 return self.ph["loss"]
             return self.load(self.ph[f"b{bucket}_{node.attr}"], bucket)
         if op == "state":
+            if node.scope == Scope.GLOBAL:
+                return self.global_state(node.attr)
             return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket)
         if op == "reduce":
             return self._reduce(node, bucket)

@@ -172,11 +172,13 @@ class Hyper:
 
 @dataclass(frozen=True)
 class State:
-    """``state m = 0``: a moment carried between steps, shaped like its parameter."""
+    """``state m = 0``: a moment carried between steps, shaped like its parameter;
+    ``state s: global = 0``: one value per parameter group (an EMA of a global norm, say)."""
 
     name: str
     init: Expr
     span: Span | None = field(default=None, compare=False)
+    scope: str = "element"
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,11 @@ class _ToAst(Transformer):
         return ast.Require(cond, _unquote(message) if message is not None else None, _span(meta))
 
     def state(self, meta, children):
-        return ast.State(str(children[0]), children[1], _span(meta))
+        name, scope, init = children
+        if scope is not None and str(scope) != "global":
+            raise SpecError(Diagnostic("GS004", f"a state is per element or ': global', not ': {scope}'",
+                                       self.source, Span.of(scope), "drop the annotation for a per-element state"))
+        return ast.State(str(name), init, _span(meta), "global" if scope is not None else "element")
 
     def define(self, meta, children):
         return ast.Define(str(children[0]), children[1], False, _span(meta))

@@ -35,7 +35,8 @@ def item(i, indent: str = "") -> list[str]:
     if isinstance(i, ast.Hyper):
         return [indent + hyper(i)]
     if isinstance(i, ast.State):
-        return [f"{indent}state {i.name} = {expr(i.init)}"]
+        scope = ": global" if i.scope == "global" else ""
+        return [f"{indent}state {i.name}{scope} = {expr(i.init)}"]
     if isinstance(i, ast.Define):
         return [f"{indent}{i.name}{chr(39) if i.primed else ''} = {expr(i.expr)}"]
     if isinstance(i, ast.Override):

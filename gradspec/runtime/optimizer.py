@@ -181,6 +181,7 @@ class _Plan:
         self.hypers = {name: torch.zeros((), dtype=dtype, device=self.device) for name in program.hypers_used}
         self._hyper_values: dict = {}
         self.skipped = torch.zeros(1, dtype=dtype, device=self.device) if self.nonfinite == "skip" else None
+        self.global_states = self._global_states(state, params)
 
         self.graphs = lower_step(program, [b.shape for b in self.buckets], optimizer.nonfinite)
         self.scalar_fn, self.main_fn = backends.cached(self.graphs, [b.shape for b in self.buckets],
@@ -188,6 +189,26 @@ class _Plan:
         self.refresh_hypers(group)
         for bucket in self.buckets:
             bucket.initialise(self._initial_values(bucket) if bucket.missing else (), state)
+        for p in params:  # every parameter's state shows the group's value, as it shows step
+            for name, value in self.global_states.items():
+                state[p][name] = value.view(())
+
+    def _global_states(self, state: dict, params: list) -> dict:
+        """``state s: global`` buffers: restored from any parameter's state, else the initial
+        number. Kept in the parameters' dtype (float32 for half types), so a checkpoint,
+        which torch.optim casts to the parameter dtype, resumes exactly."""
+        dtype = self.buckets[0].dtype
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        out = {}
+        for name in self.program.global_states:
+            saved = next((state[p][name] for p in params if name in state.get(p, {})), None)
+            buffer = torch.zeros(1, dtype=dtype, device=self.device)
+            if saved is not None:
+                buffer.copy_(saved.reshape(1))
+            else:
+                buffer.fill_(self.program.init[name].attr)
+            out[name] = buffer
+        return out
 
     def _initial_values(self, bucket: Bucket):
         """The spec's initial state values for a bucket, computed eagerly once."""
@@ -221,6 +242,7 @@ class _Plan:
         args = list(self.scalar_fn(*scalar_args))
         if self.skipped is not None:
             args.append(self.skipped)
+        args += self.global_states.values()
         for bucket in self.buckets:
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
             if bucket.segments is not None:
