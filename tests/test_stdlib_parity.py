@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gradspec
+from references import Lion
 
 STEPS = 200
 
@@ -47,22 +48,6 @@ def _assert_close(ours, reference, rtol=1e-10):
     error = (ours - reference).abs().max() / reference.abs().max()
     assert error < rtol, f"relative error {error:.3e}"
     assert not torch.equal(reference, _train(lambda p: torch.optim.SGD(p, lr=0.0)))  # it trained
-
-
-class Lion(torch.optim.Optimizer):
-    """Lion as the paper writes it (Chen et al. 2023, Program 1)."""
-
-    def __init__(self, params, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                m = self.state[p].setdefault("m", torch.zeros_like(p))
-                c = group["beta1"] * m + (1 - group["beta1"]) * p.grad
-                p -= group["lr"] * (torch.sign(c) + group["weight_decay"] * p)
-                m.mul_(group["beta2"]).add_((1 - group["beta2"]) * p.grad)
 
 
 def _torch(cls, **kw):
