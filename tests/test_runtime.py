@@ -308,3 +308,18 @@ def test_switch_change_rebuilds_the_plan():
     _steps(model, opt, 5)
     _steps(reference, ref, 5)
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-12, atol=1e-14)
+
+
+def test_parameters_moved_by_the_user_are_picked_up():
+    """model.to(...) or p.data = ... after a step re-points parameters away from the flat
+    buffer; the next step must update the parameters, not the stale buffer."""
+    model, reference = _model(), _model()
+    opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.01)
+    ref = torch.optim.Adam(reference.parameters(), lr=0.01)
+    _steps(model, opt, 2)
+    _steps(reference, ref, 2)
+    for p in model.parameters():
+        p.data = p.data.clone()  # what a device or dtype move does
+    _steps(model, opt, 3)
+    _steps(reference, ref, 3)
+    torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-12, atol=1e-14)

@@ -41,6 +41,7 @@ class Bucket:
         self.grad = _flatten([p.grad.detach() for p in params])
         for p, view in zip(params, self.views(self.param)):
             p.data = view
+        self.param_pointers = [p.data_ptr() for p in params]
         self.grad_views = self.views(self.grad)
         for p, view in zip(params, self.grad_views):
             p.grad = view
@@ -82,6 +83,11 @@ class Bucket:
             entry["step"] = self.step.view(())
             for name, buffer in self.states.items():
                 entry[name] = buffer[self.offsets[i]:self.offsets[i + 1]].view_as(p)
+
+    def params_moved(self) -> bool:
+        """Whether a parameter no longer lives in the flat buffer (``model.to(...)``,
+        ``p.data = ...``): the bucket must then be rebuilt from the parameters."""
+        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self.param_pointers))
 
     def gather_grads(self) -> None:
         """Make the flat gradient buffer current: copy in gradients that are not our views."""

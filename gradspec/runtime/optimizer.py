@@ -150,7 +150,7 @@ class Optimizer(torch.optim.Optimizer):
         program = self._program(group)
         layout = (program.switches, tuple(map(id, params)))
         plan = self._plans.get(index)
-        if plan is None or plan.layout != layout:
+        if plan is None or plan.layout != layout or any(b.params_moved() for b in plan.buckets):
             if plan is not None:
                 plan.detach(self.state)
             plan = _Plan(self, program, params, layout, group)
