@@ -55,6 +55,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict = {}
         self._programs: dict = {}
         self._betas_seen: dict = {}
+        self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
         defaults = {**self.spec.hyper_defaults, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
@@ -68,22 +69,27 @@ class Optimizer(torch.optim.Optimizer):
                                     param_group.get("beta2", self.defaults["beta2"]))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._validate(group)
+        except ValueError:
+            self.param_groups.pop()  # a refused group must not stay behind
+            raise
         if self._has_betas:
             self._betas_seen[id(group)] = tuple(group["betas"])
-        for param in group["params"]:
-            if param.is_sparse:
-                raise ValueError("gradspec does not support sparse parameters")
-        devices = {p.device for p in group["params"]}
-        if len(devices) > 1:
-            raise ValueError(f"a parameter group must be on one device, got {sorted(map(str, devices))}; "
-                             "give each device its own group")
-        self._validate(group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for plan in self._plans.values():
             plan.detach(self.state)
         self._plans.clear()
+        # torch.optim casts every state but "step" to the parameter's dtype; global states are
+        # kept in float32 for half-precision groups, so they are put back uncast
+        global_names = {n for program in self._programs.values() for n in program.global_states}
+        kept = {index: {n: v.clone() for n, v in entry.items() if n in global_names}
+                for index, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in kept.items():
+            self.state[params[index]].update(values)
 
     @torch.no_grad()
     def step(self, closure=None, *, loss=None):
@@ -92,14 +98,19 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, loss)
+        plans = [(self._plan(index, group), group) for index, group in enumerate(self.param_groups)]
+        plans = [(plan, group) for plan, group in plans if plan is not None]
+        if self.nonfinite == "raise":  # check every group before any group changes
+            for plan, _ in plans:
+                plan.raise_if_nonfinite()
+        for plan, group in plans:
+            plan.run(group, loss)
         return loss
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (``nonfinite="skip"``), summed over groups."""
-        return int(sum(int(plan.skipped.item()) for plan in self._plans.values() if plan.skipped is not None))
+        return int(sum(int(count.item()) for count in self._skipped.values()))
 
     def program(self, group_index: int = 0) -> Program:
         """The IR the given group runs, specialised to its switches."""
@@ -126,6 +137,12 @@ class Optimizer(torch.optim.Optimizer):
         self._betas_seen[id(group)] = pair
 
     def _validate(self, group: dict) -> None:
+        if any(param.is_sparse for param in group["params"]):
+            raise ValueError("gradspec does not support sparse parameters")
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"a parameter group must be on one device, got {sorted(map(str, devices))}; "
+                             "give each device its own group")
         for name, hyper in self.spec.hypers.items():
             problem = hyper.check(group[name])
             if problem:
@@ -141,10 +158,12 @@ class Optimizer(torch.optim.Optimizer):
             self._programs[key] = build(self.spec, {n: group[n] for n in self.spec.hypers})
         return self._programs[key]
 
-    def _step_group(self, index: int, group: dict, loss) -> None:
+    def _plan(self, index: int, group: dict):
+        """The group's plan for this step (rebuilt on a structural change), or None if no
+        parameter of the group has a gradient."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return
+            return None
         if self._has_betas:
             self._sync_betas(group)
         program = self._program(group)
@@ -154,8 +173,11 @@ class Optimizer(torch.optim.Optimizer):
             if plan is not None:
                 plan.detach(self.state)
             plan = _Plan(self, program, params, layout, group)
+            if plan.skipped is not None:
+                plan.skipped = self._skipped.setdefault(index, plan.skipped).to(plan.device)
+                self._skipped[index] = plan.skipped
             self._plans[index] = plan
-        plan.run(group, loss)
+        return plan
 
 
 class _Plan:
@@ -237,8 +259,6 @@ class _Plan:
         scalar_args += [bucket.step for bucket in self.buckets]
         for bucket in self.buckets:
             bucket.gather_grads()
-        if self.nonfinite == "raise":
-            self._raise_if_nonfinite()
         args = list(self.scalar_fn(*scalar_args))
         if self.skipped is not None:
             args.append(self.skipped)
@@ -249,8 +269,9 @@ class _Plan:
                 args.append(bucket.segments)
         self.main_fn(*args)
 
-    def _raise_if_nonfinite(self):
+    def raise_if_nonfinite(self):
         for bucket in self.buckets:
+            bucket.gather_grads()
             if not bool(torch.isfinite(bucket.grad).all()):
                 for i, view in enumerate(bucket.grad_views):
                     if not bool(torch.isfinite(view).all()):
