@@ -199,3 +199,21 @@ def test_cli_exit_codes_and_no_traceback(tmp_path, capsys):
     assert main(["list"]) == 0
     assert "lion" in capsys.readouterr().out
     assert main(["show", "nosuchspec"]) == 1
+
+
+@pytest.mark.parametrize("expr", ["rsqrt(4)", "clamp(0.5, 0, 1)", "(-8)^(1/3)", "1 / 0", "sqrt(-1)"])
+def test_constant_expressions_that_do_not_fold_still_compile(expr):
+    import torch
+    spec = gradspec.check(gradspec.parse(HEADER + f"c = {expr}\nparam' = param - lr * c * grad\n"))
+    p = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    opt = gradspec.Optimizer([p], spec, backend="eager")
+    p.grad = torch.ones_like(p)
+    opt.step()  # no crash; the value is whatever torch computes (possibly inf or nan)
+
+
+def test_bad_type_annotations_are_spec_errors():
+    for text in ("optimizer t\nhyper k: float = 1\nparam' = param\n",
+                 "optimizer t\nhyper lr = 1\nstate m: tensor = 0\nm' = m\nparam' = param\n"):
+        with pytest.raises(gradspec.SpecError) as info:
+            gradspec.parse(text)
+        assert info.value.code in ("GS003", "GS004")

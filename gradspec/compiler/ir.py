@@ -155,7 +155,8 @@ def _fold(op, values):
         if op == "div":
             return values[0] / values[1]
         if op == "pow":
-            return float(values[0]) ** float(values[1])
+            result = float(values[0]) ** float(values[1])
+            return result if isinstance(result, float) else None  # (-8)^(1/3) is complex
         if op == "sqrt" and values[0] >= 0:
             return math.sqrt(values[0])
         if op == "log" and values[0] > 0:

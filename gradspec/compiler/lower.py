@@ -239,6 +239,8 @@ class _Lowerer:
         if op == "reduce":
             return self._reduce(node, bucket)
         args = self._args(node, bucket)
+        if all(_is_python(a) for a in args):  # constants folding could not settle, e.g. rsqrt(4)
+            args[0] = self.call(torch.tensor, float(args[0]), dtype=torch.float64)
         if op in _BINARY:
             return self.call(_BINARY[op], *args)
         if op in _UNARY:

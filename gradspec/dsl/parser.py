@@ -39,7 +39,12 @@ def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as error:
         raise SpecError(_syntax_diagnostic(error, source)) from None
-    return _ToAst(source).transform(tree)
+    try:
+        return _ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as error:  # a SpecError raised while building the AST
+        if isinstance(error.orig_exc, SpecError):
+            raise error.orig_exc from None
+        raise
 
 
 def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -> Diagnostic:
