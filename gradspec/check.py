@@ -1,36 +1,76 @@
-"""``gradspec.check``: everything that can be known about a spec before its first step."""
+"""``gradspec.check``: everything that can be known about a spec before its first step.
+
+Resolution and the IR builder find syntax, name, type and scope errors; the symbolic checker
+adds the hyperparameters' domains, numerical safety under every setting of the switches, and
+the spec's laws. Errors raise :class:`SpecError`; warnings (a constant that underflows in a
+half-precision dtype) are returned by :func:`diagnose` and printed by ``gradspec check``.
+"""
 from __future__ import annotations
 
+import functools
 import itertools
 
 from .compiler.ir import build
-from .dsl.errors import SpecError
-from .dsl.resolve import Spec, load
+from .dsl.errors import Diagnostic, SpecError
+from .dsl.resolve import Spec, apply_adaptor, load
+from .symbolic import domains, laws, safety
 
 
-def check(spec: Spec | str) -> Spec:
-    """Resolve ``spec`` and build its IR under every setting of its boolean switches, so that
-    an error hidden in a branch not taken by default is found too. Raises SpecError with all
-    diagnostics; returns the resolved spec when it is sound. Adaptors are checked applied to
-    ``sgd``, the simplest base."""
+def check(spec: Spec | str, dtype=None) -> Spec:
+    """Every check; raises SpecError with all errors, returns the resolved spec when sound."""
     spec = load(spec) if isinstance(spec, str) else spec
-    if spec.kind == "adaptor":
-        from .dsl.resolve import apply_adaptor
-        spec_to_build = apply_adaptor(spec, load("sgd"))
-    else:
-        spec_to_build = spec
-    switches = [n for n, h in spec_to_build.hypers.items() if h.kind == "bool"]
-    diagnostics, seen = [], set()
-    for values in itertools.product((False, True), repeat=len(switches)):
-        setting = {**spec_to_build.hyper_defaults, **dict(zip(switches, values))}
-        try:
-            build(spec_to_build, setting)
-        except SpecError as error:
-            for d in error.diagnostics:
-                key = (d.code, d.message, d.line, d.column)
-                if key not in seen and d.code != "GS043":  # a require failing is a setting, not a bug
-                    seen.add(key)
-                    diagnostics.append(d)
-    if diagnostics:
-        raise SpecError(diagnostics)
+    errors = [d for d in diagnose(spec, dtype) if d.severity == "error"]
+    if errors:
+        raise SpecError(errors)
     return spec
+
+
+def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diagnostic]:
+    """All diagnostics of ``spec``, errors and warnings, in source order. Adaptors are checked
+    applied to ``sgd``, the simplest base; a spec is built under every setting of its boolean
+    switches, so that an error in a branch not taken by default is found too."""
+    try:
+        spec = load(spec) if isinstance(spec, str) else spec
+        base = load("sgd")
+        target = apply_adaptor(spec, base) if spec.kind == "adaptor" else spec
+    except SpecError as error:
+        return error.diagnostics
+    found = domains.diagnostics(target)
+    switches = [n for n, h in target.hypers.items() if h.kind == "bool"]
+    default = None
+    for values in itertools.product((False, True), repeat=len(switches)):
+        setting = {**target.hyper_defaults, **dict(zip(switches, values))}
+        try:
+            program = build(target, setting)
+        except SpecError as error:  # a require failing is a setting, not a bug
+            found += [d for d in error.diagnostics if d.code != "GS043"]
+            continue
+        found += safety.diagnostics(program)
+        if all(setting[n] == target.hypers[n].default for n in switches):
+            default = program
+    if default is not None and not any(d.severity == "error" for d in found):
+        if prove_laws:
+            pinned = base.hyper_defaults if spec.kind == "adaptor" else None
+            found += laws.check_laws(default, pinned)
+        if dtype is not None:
+            found += domains.underflow(default, dtype)
+    return _unique(found)
+
+
+@functools.lru_cache(maxsize=256)
+def safety_checked(spec: Spec) -> None:
+    """The checks an optimizer runs once per spec, at construction: everything but the laws
+    (proving them is `gradspec check`'s job); raises SpecError."""
+    errors = [d for d in diagnose(spec, prove_laws=False) if d.severity == "error"]
+    if errors:
+        raise SpecError(errors)
+
+
+def _unique(diagnostics):
+    seen, out = set(), []
+    for d in diagnostics:
+        key = (d.code, d.message, d.line, d.column, d.source.filename if d.source else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return sorted(out, key=lambda d: (d.source.filename if d.source else "", d.line or 0, d.column or 0))

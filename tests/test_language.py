@@ -201,7 +201,17 @@ def test_cli_exit_codes_and_no_traceback(tmp_path, capsys):
     assert main(["show", "nosuchspec"]) == 1
 
 
-@pytest.mark.parametrize("expr", ["rsqrt(4)", "clamp(0.5, 0, 1)", "(-8)^(1/3)", "1 / 0", "sqrt(-1)"])
+@pytest.mark.parametrize("expr, problem", [("(-8)^(1/3)", "may be negative under a fractional power"),
+                                           ("1 / 0", "may be 0"), ("sqrt(-1)", "may be negative")])
+def test_undefined_constant_expressions_are_located_errors_not_nans(expr, problem):
+    text = HEADER + f"c = {expr}\nparam' = param - lr * c * grad\n"
+    err = error_of(text)
+    assert err.code == "GS072" and err.line == 3 and problem in err.message
+    with pytest.raises(gradspec.SpecError):  # the optimizer refuses it too, before any step
+        gradspec.Optimizer([__import__("torch").ones(2, requires_grad=True)], gradspec.parse(text))
+
+
+@pytest.mark.parametrize("expr", ["rsqrt(4)", "clamp(0.5, 0, 1)", "2^(1/3)", "lerp(1, 2, 0.5)"])
 def test_constant_expressions_that_do_not_fold_still_compile(expr):
     import torch
     spec = gradspec.check(gradspec.parse(HEADER + f"c = {expr}\nparam' = param - lr * c * grad\n"))

@@ -41,7 +41,7 @@ COMPARE = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 LOGIC = {"and": "and", "or": "or"}
 
 _FOLD = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "mod": math.fmod,
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "mod": operator.mod,  # as torch.remainder
     "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
     "gt": operator.gt, "ge": operator.ge, "and": lambda a, b: a and b, "or": lambda a, b: a or b,
     "neg": operator.neg, "not": operator.not_, "abs": abs, "min": min, "max": max,
@@ -87,6 +87,14 @@ class Program:
     hypers_used: tuple  # names of numeric hyperparameters read at run time
     uses_loss: bool
     switches: tuple  # the values of every compile-time condition, in order
+    laws: tuple = ()  # (source, ast.Law) of the active laws, for the symbolic checker
+    origins: dict = None  # id(node) -> (source, span) where the node was first written
+    context: object = None  # the builder, to build a law's expressions in the spec's namespace
+
+    def law_expr(self, source, expr, free_names=False):
+        """``expr`` (a law's claim, given or substitution) as a node, built like the spec's own
+        expressions; with ``free_names``, unknown names become free symbols (``k`` in k * grad)."""
+        return self.context.extra_expr(source, expr, free_names)
 
     def nodes(self):
         """Every node reachable from the outputs, each once, arguments before users."""
@@ -196,6 +204,9 @@ class _ProgramBuilder:
         self.switches: list = []
         self._memo: dict = {}
         self._building: list = []
+        self.laws: list = []
+        self.origins: dict = {}
+        self._free_names = False
         self.uses_loss = False
         self.hypers_used: set = set()
 
@@ -234,7 +245,18 @@ class _ProgramBuilder:
         element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
-                       self.uses_loss, tuple(self.switches))
+                       self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self)
+
+    def extra_expr(self, src, expr, free_names=False):
+        """Build one more expression after :meth:`run`; raise SpecError if it is unsound."""
+        self.errors = Collector(self.spec.source)
+        self._free_names = free_names
+        try:
+            node = self._expr(src, expr)
+        finally:
+            self._free_names = False
+        self.errors.raise_if_any()
+        return node
 
     def _collect(self, items):
         for src, item in items:
@@ -246,6 +268,8 @@ class _ProgramBuilder:
             elif isinstance(item, ast.Define):
                 self._declare(self.nexts if item.primed else self.locals, item.name, src, item,
                               "next value" if item.primed else "definition")
+            elif isinstance(item, ast.Law):
+                self.laws.append((src, item))
             elif isinstance(item, ast.Require):
                 if not self._condition(src, item.cond, record=False):
                     self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
@@ -287,8 +311,9 @@ class _ProgramBuilder:
         return node
 
     def _definition(self, key, located, in_init=False):
-        if key in self._memo:
-            return self._memo[key]
+        memo_key = (key, in_init)  # an initial value builds a definition under other rules
+        if memo_key in self._memo:
+            return self._memo[memo_key]
         src, define = located
         if key in self._building:
             cycle = " -> ".join(_show_key(k) for k in self._building[self._building.index(key):] + [key])
@@ -299,11 +324,18 @@ class _ProgramBuilder:
         self._building.append(key)
         node = self._expr(src, define.expr, in_init=in_init)
         self._building.pop()
-        self._memo[key] = node
+        self._memo[memo_key] = node
         return node
 
     def _expr(self, src, expr, static=False, in_init=False):
-        """``expr`` as a node, or None after recording an error."""
+        """``expr`` as a node, or None after recording an error; remembers where each node was
+        first written, so the symbolic checker can point at it."""
+        node = self._expr_node(src, expr, static, in_init)
+        if node is not None and getattr(expr, "span", None) is not None:
+            self.origins.setdefault(id(node), (src, expr.span))
+        return node
+
+    def _expr_node(self, src, expr, static, in_init):
         b = self.b
         recurse = lambda e: self._expr(src, e, static, in_init)  # noqa: E731
         if isinstance(expr, ast.Num):
@@ -438,6 +470,8 @@ class _ProgramBuilder:
                 self.uses_loss = True
             scope = Scope.ELEMENT if name in ("grad", "param") else Scope.SCALAR
             return self.b.node("input", (), name, "real", scope)
+        if self._free_names:
+            return self.b.node("free", (), name, "real", Scope.SCALAR)
         visible = set(self.locals) | set(self.states) | set(self.spec.hypers) | set(INPUTS)
         self.errors.error("GS030", f"unknown name '{name}'", expr.span,
                           did_you_mean(name, visible) or "declare it as a hyperparameter, state or definition", src)

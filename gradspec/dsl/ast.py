@@ -120,6 +120,10 @@ class Interval:
         below = x <= self.high if self.high_closed else x < self.high
         return above and below
 
+    @property
+    def is_empty(self) -> bool:
+        return self.low > self.high or (self.low == self.high and not (self.low_closed and self.high_closed))
+
     def describe(self, name: str) -> str:
         lo = "[" if self.low_closed else "("
         hi = "]" if self.high_closed else ")"
@@ -211,6 +215,25 @@ class Require:
 
 
 @dataclass(frozen=True)
+class Law:
+    """``law ...``: a claim about the spec that ``gradspec check`` proves or refutes.
+
+    ``kind`` is ``equals`` (``target`` is a SpecCall, or the resolved base Spec of an adaptor),
+    ``invariant`` (``mappings`` pairs names with substitutions), ``fixed_point`` (zero gradient
+    and initial states leave everything unchanged) or ``holds`` (``target`` is a condition).
+    ``bindings`` are the ``at name = value`` settings, ``given`` an assumed condition.
+    """
+
+    kind: str
+    target: object = None
+    mappings: tuple = ()
+    bindings: tuple = ()
+    given: "Expr | None" = None
+    message: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class If:
     """``if cond { ... } else { ... }`` with a condition on hyperparameters, fixed at compile time."""
 
@@ -227,7 +250,7 @@ class Import:
     span: Span | None = field(default=None, compare=False)
 
 
-Item = Union[Hyper, State, Define, Override, Require, If, Import]
+Item = Union[Hyper, State, Define, Override, Require, Law, If, Import]
 
 # ---- specs and spec expressions -----------------------------------------------------------
 

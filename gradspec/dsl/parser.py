@@ -15,7 +15,8 @@ from . import ast
 from .errors import Diagnostic, Source, Span, SpecError
 
 RESERVED = {"optimizer", "adaptor", "hyper", "state", "require", "import", "as", "if", "else",
-            "and", "or", "not", "true", "false", "tensor", "global"}
+            "and", "or", "not", "true", "false", "tensor", "global",
+            "law", "equals", "invariant", "fixed_point", "at", "given"}
 
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "CMP": "a comparison",
@@ -144,7 +145,7 @@ class _ToAst(Transformer):
         value = _literal(value)
         if declared is None or str(declared) == "real":
             value = float(value) if not isinstance(value, bool) else value
-        elif str(declared) == "int" and isinstance(value, (int, float)) and float(value).is_integer():
+        elif str(declared) == "int" and not isinstance(value, bool) and float(value).is_integer():
             value = int(value)
         else:
             raise SpecError(Diagnostic("GS003", f"unknown or mismatched type '{declared}' for hyperparameter '{name}'",
@@ -171,6 +172,35 @@ class _ToAst(Transformer):
     def require(self, meta, children):
         cond, message = children
         return ast.Require(cond, _unquote(message) if message is not None else None, _span(meta))
+
+    def law(self, meta, children):
+        claim, bindings, given, message = children
+        return ast.Law(claim[0], claim[1], claim[2], tuple(bindings or ()), given,
+                       _unquote(message) if message is not None else None, _span(meta))
+
+    def law_equals(self, meta, children):
+        return ("equals", children[0], ())
+
+    def law_invariant(self, meta, children):
+        return ("invariant", None, tuple(children))
+
+    def law_fixed_point(self, meta, children):
+        return ("fixed_point", None, ())
+
+    def law_holds(self, meta, children):
+        return ("holds", children[0], ())
+
+    def at_clause(self, meta, children):
+        return tuple(children)
+
+    def given_clause(self, meta, children):
+        return children[0]
+
+    def binding(self, meta, children):
+        return (str(children[0]), _literal(children[1]), _span(meta))
+
+    def mapping(self, meta, children):
+        return (str(children[0]), children[1])
 
     def state(self, meta, children):
         name, scope, init = children

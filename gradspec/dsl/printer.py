@@ -44,6 +44,8 @@ def item(i, indent: str = "") -> list[str]:
     if isinstance(i, ast.Require):
         message = f' "{i.message}"' if i.message else ""
         return [f"{indent}require {expr(i.cond)}{message}"]
+    if isinstance(i, ast.Law):
+        return [indent + law(i)]
     if isinstance(i, ast.If):
         lines = [f"{indent}if {expr(i.cond)} {{"]
         for inner in i.then:
@@ -54,6 +56,25 @@ def item(i, indent: str = "") -> list[str]:
                 lines += item(inner, indent + "    ")
         return lines + [f"{indent}}}"]
     return []
+
+
+def law(i: ast.Law) -> str:
+    if i.kind == "equals":
+        claim = f"equals {i.target}"
+    elif i.kind == "invariant":
+        claim = "invariant " + ", ".join(f"{name} -> {expr(e)}" for name, e in i.mappings)
+    elif i.kind == "fixed_point":
+        claim = "fixed_point"
+    else:
+        claim = expr(i.target)
+    at = " at " + ", ".join(f"{n} = {_literal(v)}" for n, v, _ in i.bindings) if i.bindings else ""
+    given = f" given {expr(i.given)}" if i.given is not None else ""
+    message = f' "{i.message}"' if i.message else ""
+    return f"law {claim}{at}{given}{message}"
+
+
+def _literal(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else _number(value)
 
 
 def hyper(h: ast.Hyper) -> str:

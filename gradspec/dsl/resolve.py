@@ -10,6 +10,7 @@ when the adaptor defines its own ``param'``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -51,6 +52,23 @@ class Spec:
         return f"<gradspec.Spec {self.name}>"
 
 
+class SpecRef:
+    """The other side of a ``law equals``: its text, and the spec, resolved on first use."""
+
+    def __init__(self, text: str, resolve_spec):
+        self.text = text
+        self._resolve = resolve_spec
+        self._spec = None
+
+    def get(self) -> Spec:
+        if self._spec is None:
+            self._spec = self._resolve()
+        return self._spec
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def load(name_or_path: str) -> Spec:
     """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
     path to a ``.opt`` file."""
@@ -60,8 +78,26 @@ def load(name_or_path: str) -> Spec:
     text = stdlib.source(name_or_path)
     if text is not None:
         return resolve(parse(text, f"<stdlib>/{name_or_path}.opt"))
-    expr = parse(f"optimizer _ = {name_or_path}", "<expression>")
-    return _Resolver(Source(name_or_path, "<expression>"), ".").call(expr.variant)
+    prefix = "optimizer _ = "
+    try:
+        expr = parse(prefix + name_or_path, "<expression>")
+    except SpecError as error:  # point into the expression the user typed, not our wrapper
+        raise SpecError([_shift(d, Source(name_or_path, "<expression>"), -len(prefix))
+                         for d in error.diagnostics]) from None
+    return _Resolver(Source(name_or_path, "<expression>"), ".").call(_shift_call(expr.variant, -len(prefix)))
+
+
+def _shift(d: Diagnostic, source: Source, columns: int) -> Diagnostic:
+    span = d.span and dataclasses.replace(d.span, column=max(1, d.span.column + columns),
+                                          end_column=max(2, d.span.end_column + columns))
+    return dataclasses.replace(d, source=source, span=span)
+
+
+def _shift_call(call: ast.SpecCall, columns: int) -> ast.SpecCall:
+    def moved(span):
+        return span and dataclasses.replace(span, column=span.column + columns, end_column=span.end_column + columns)
+    return ast.SpecCall(call.name, tuple(_shift_call(a, columns) for a in call.args),
+                        tuple((k, v, moved(sp)) for k, v, sp in call.overrides), moved(call.span))
 
 
 def parse_spec(text: str, filename: str = "<string>") -> Spec:
@@ -104,9 +140,30 @@ class _Resolver:
 
     def spec_of(self, tree: ast.SpecAST) -> Spec:
         if tree.kind == "variant":
-            spec = _Resolver(tree.source, self.directory, tree).call(tree.variant)
-            return dataclasses.replace(spec, name=tree.name, doc=tree.doc or spec.doc)
-        return _body_spec(tree)
+            resolver = _Resolver(tree.source, self.directory, tree)
+            spec = resolver.call(tree.variant)
+            errors = Collector(tree.source)
+            laws = []
+            for item in tree.items:
+                if isinstance(item, ast.Law):
+                    laws.append((tree.source, resolver.law(item)))
+                elif not isinstance(item, ast.Import):
+                    errors.error("GS017", f"'{tree.name}' is a variant: it holds only laws", item.span,
+                                 "write a full spec with 'optimizer NAME' to add statements")
+            errors.raise_if_any()
+            return dataclasses.replace(spec, name=tree.name, doc=tree.doc or spec.doc,
+                                       items=spec.items + tuple(laws))
+        spec = _body_spec(tree)
+        items = tuple((src, self.law(i, tree.base_param) if isinstance(i, ast.Law) else i) for src, i in spec.items)
+        return dataclasses.replace(spec, items=items)
+
+    def law(self, law: ast.Law, base_param: str | None = None) -> ast.Law:
+        """``law equals NAME(...)``: the other spec is resolved when the law is checked (two
+        specs may name each other in their laws), with this file's imports. An adaptor's
+        ``law equals base`` is bound when the adaptor is applied."""
+        if law.kind != "equals" or not isinstance(law.target, ast.SpecCall) or law.target.name == base_param:
+            return law
+        return dataclasses.replace(law, target=SpecRef(str(law.target), lambda: self.call(law.target)))
 
     def call(self, call: ast.SpecCall) -> Spec:
         tree = self.lookup(call.name, call.span)
@@ -146,8 +203,9 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
     for item in tree.walk():
         if isinstance(item, ast.If):
             for inner in item.then + item.otherwise:
-                if isinstance(inner, ast.Hyper):
-                    errors.error("GS012", "hyperparameters are declared at the top level, not inside 'if'",
+                if isinstance(inner, (ast.Hyper, ast.Law)):
+                    what = "hyperparameters are" if isinstance(inner, ast.Hyper) else "laws are"
+                    errors.error("GS012", f"{what} declared at the top level, not inside 'if'",
                                  inner.span, "move the declaration above the 'if'")
         name = getattr(item, "name", None)
         if name in RESERVED and not isinstance(item, ast.Override):
@@ -158,6 +216,10 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
 
 
 def _check_default(hyper: ast.Hyper, errors: Collector) -> None:
+    if getattr(hyper.constraint, "is_empty", False):
+        errors.error("GS070", f"the constraint {hyper.constraint.describe(hyper.name)} allows no value",
+                     hyper.span, "write the lower end first; an interval with equal ends must be closed")
+        return
     problem = hyper.check(hyper.default)
     if problem:
         errors.error("GS014", f"the default {problem}", hyper.span, "change the default or the constraint")
@@ -253,13 +315,30 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
             item = dataclasses.replace(item, name=prefix + item.name)
         return _map_item(item, rename_adaptor, adaptor_item)
 
+    def adaptor_law(law: ast.Law) -> ast.Law:
+        def rename_name(node):  # a law may name fresh symbols, as k in grad -> k * grad
+            return node if node.qualifier is None and node.name not in visible else rename_adaptor(node)
+        rename = functools.partial(_map_names, fn=rename_name)
+        target = law.target
+        if law.kind == "equals" and isinstance(target, ast.SpecCall) and target.name == tree.base_param:
+            if target.args or target.overrides:
+                errors.error("GS029", f"'{tree.base_param}' is the base spec and takes no arguments", target.span)
+            target = SpecRef(base.name, lambda: base)
+        elif law.kind == "holds":
+            target = rename(target)
+        return dataclasses.replace(
+            law, target=target, given=rename(law.given) if law.given is not None else None,
+            mappings=tuple((rename_name(ast.Name(n)).name, rename(e)) for n, e in law.mappings))
+
     def base_item(item):
         if replaces_update and isinstance(item, ast.Define) and item.name == "param" and item.primed:
             item = ast.Define(update_name, item.expr, False, item.span)
         return _map_item(item, rename_base, base_item)
 
-    items = tuple((src, base_item(i)) for src, i in base.items)
-    items += tuple((src, adaptor_item(i)) for src, i in adaptor.items)
+    # the base's laws are about the base alone; the adaptor's own laws carry over
+    items = tuple((src, base_item(i)) for src, i in base.items if not isinstance(i, ast.Law))
+    items += tuple((src, adaptor_law(i) if isinstance(i, ast.Law) else adaptor_item(i))
+                   for src, i in adaptor.items)
     errors.raise_if_any()
     doc = adaptor.doc
     return Spec(f"{adaptor.name}({base.name})", "optimizer", {**base.hypers, **adaptor.hypers},

@@ -9,17 +9,25 @@ step and never cause a rebuild or a recompile.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
 from ..compiler.lower import lower_init, lower_step
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
+from ..symbolic.domains import underflow
 from .buckets import Bucket, scalar_dtype
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+class UnderflowWarning(UserWarning):
+    """A constant of the spec is 0 in the parameters' dtype (eps = 1e-8 in float16)."""
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -38,6 +46,7 @@ class Optimizer(torch.optim.Optimizer):
         self.spec = load(spec) if isinstance(spec, str) else spec
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
+        safety_checked(self.spec)  # once per spec: SymPy never runs in step()
         if backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -76,6 +85,9 @@ class Optimizer(torch.optim.Optimizer):
             raise
         if self._has_betas:
             self._betas_seen[id(group)] = tuple(group["betas"])
+        for dtype in {p.dtype for p in group["params"]}:
+            for warning in underflow(self._program(group), dtype, group):
+                warnings.warn(warning.render(), UnderflowWarning, stacklevel=4)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for plan in self._plans.values():

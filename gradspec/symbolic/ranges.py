@@ -1,0 +1,444 @@
+"""Interval analysis: the range of every IR node, and the operations that may be undefined.
+
+A range is an interval whose ends may be open, so that "eps > 0" and "eps >= 0" differ. The
+leaves get their ranges from the hyperparameters' constraints, from what the runtime feeds
+(the step is an integer >= 1; a gradient can be anything) and, for states, from invariants
+found by iterating each state's next value from its initial value to a fixpoint (v starts
+at 0 and its next value is a convex combination of v and grad^2, so v >= 0). Each division,
+root, logarithm, fractional power and remainder is then safe if its operand's range says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..compiler.ir import Node, Program
+from ..dsl import ast
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float = -INF
+    hi: float = INF
+    lo_closed: bool = False
+    hi_closed: bool = False
+    integer: bool = False
+
+    @staticmethod
+    def point(x: float) -> "Range":
+        return Range(x, x, True, True, float(x).is_integer())
+
+    def contains(self, x: float) -> bool:
+        above = self.lo < x or (self.lo == x and self.lo_closed)
+        below = x < self.hi or (x == self.hi and self.hi_closed)
+        return above and below
+
+    @property
+    def is_point(self) -> bool:
+        return self.lo == self.hi and self.lo_closed and self.hi_closed
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.lo >= 0
+
+    @property
+    def positive(self) -> bool:
+        return self.lo > 0 or (self.lo == 0 and not self.lo_closed)
+
+    def hull(self, other: "Range") -> "Range":
+        lo, lo_closed = _pick(self.lo, self.lo_closed, other.lo, other.lo_closed, min)
+        hi, hi_closed = _pick(self.hi, self.hi_closed, other.hi, other.hi_closed, max)
+        return Range(lo, hi, lo_closed, hi_closed, self.integer and other.integer)
+
+    def describe(self) -> str:
+        if self.lo == -INF and self.hi == INF:
+            return "any real number"
+        if self.is_point:
+            return f"exactly {_fmt(self.lo)}"
+        if self.hi == INF:
+            return f"{'>=' if self.lo_closed else '>'} {_fmt(self.lo)}"
+        if self.lo == -INF:
+            return f"{'<=' if self.hi_closed else '<'} {_fmt(self.hi)}"
+        return f"in {'[' if self.lo_closed else '('}{_fmt(self.lo)}, {_fmt(self.hi)}{']' if self.hi_closed else ')'}"
+
+
+ANY = Range()
+
+
+def _pick(a, a_closed, b, b_closed, better):
+    if a == b:
+        return a, a_closed or b_closed
+    return (a, a_closed) if better(a, b) == a else (b, b_closed)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def _corners(f, a: Range, b: Range, attained=None) -> Range:
+    """The range of f over a box, from its corners: right for f monotone in each argument."""
+    values = []
+    for x, xc in ((a.lo, a.lo_closed), (a.hi, a.hi_closed)):
+        for y, yc in ((b.lo, b.lo_closed), (b.hi, b.hi_closed)):
+            v = f(x, y)
+            if math.isnan(v):
+                return ANY
+            closed = (xc and yc) or (attained is not None and attained(x, xc, y, yc))
+            values.append((v, closed and math.isfinite(v)))
+    lo = min(v for v, _ in values)
+    hi = max(v for v, _ in values)
+    return Range(lo, hi, any(c for v, c in values if v == lo), any(c for v, c in values if v == hi))
+
+
+def _mul(x, y):
+    return 0.0 if x == 0 or y == 0 else x * y
+
+
+def _mul_range(a: Range, b: Range) -> Range:
+    # a closed 0 times anything is attained: 0 * (0, inf) = 0 for any element of the other side
+    zero = lambda x, xc, y, yc: (x == 0 and xc) or (y == 0 and yc)  # noqa: E731
+    r = _corners(_mul, a, b, zero)
+    return replace(r, integer=a.integer and b.integer)
+
+
+def _add_range(a: Range, b: Range) -> Range:
+    return Range(a.lo + b.lo, a.hi + b.hi, a.lo_closed and b.lo_closed, a.hi_closed and b.hi_closed,
+                 a.integer and b.integer)
+
+
+def _neg(a: Range) -> Range:
+    return Range(-a.hi, -a.lo, a.hi_closed, a.lo_closed, a.integer)
+
+
+def _reciprocal(a: Range) -> Range:  # a excludes 0, so it lies on one side of it
+    def inv(x, zero):
+        return 0.0 if math.isinf(x) else (zero if x == 0 else 1 / x)
+    lo, hi = inv(a.hi, -INF), inv(a.lo, INF)
+    return Range(lo, hi, a.hi_closed and math.isfinite(a.hi) and math.isfinite(lo),
+                 a.lo_closed and math.isfinite(a.lo) and math.isfinite(hi))
+
+
+def _pow_value(x, y):
+    try:
+        if x == 0 and y < 0:
+            return INF
+        return math.pow(x, y)
+    except OverflowError:
+        return INF
+    except ValueError:
+        return math.nan
+
+
+def _monotone(f, a: Range) -> Range:
+    lo, hi = f(a.lo), f(a.hi)
+    return Range(lo, hi, a.lo_closed and math.isfinite(lo), a.hi_closed and math.isfinite(hi))
+
+
+@dataclass(frozen=True)
+class Unsafe:
+    """An operation that may be undefined: ``what`` names the problem, ``operand`` its node."""
+
+    node: Node
+    operand: Node
+    problem: str  # "may be 0", "may be negative", ...
+
+
+class Analysis:
+    """Ranges of every node of ``program`` (states by fixpoint) and the unsafe operations."""
+
+    def __init__(self, program: Program, hyper_ranges: dict | None = None):
+        self.program = program
+        self.hyper_ranges = {name: constraint_range(h) for name, h in program.spec.hypers.items()}
+        self.hyper_ranges.update(hyper_ranges or {})
+        self.state_ranges: dict = {}
+        self.unsafe: list = []
+        self._collect = False
+        self._facts = ()
+        self._memo: dict = {}
+        self._fixpoint()
+        self._collect = True
+        self._memo = {}
+        for root in list(program.next.values()) + list(program.init.values()):
+            self.range(root)
+
+    def _fixpoint(self):
+        names = [n for n in self.program.init if self.program.init[n] is not None]
+        current = {}
+        for name in names:
+            self._memo = {}
+            current[name] = self.range(self.program.init[name])
+        for round_ in range(6):
+            self.state_ranges = dict(current)
+            self._memo = {}
+            changed = False
+            for name in names:
+                nxt = self.program.next.get(name)
+                widened = current[name].hull(self.range(nxt)) if nxt is not None else ANY
+                if round_ >= 3 and widened != current[name]:  # widen what still moves
+                    widened = Range(-INF if widened.lo < current[name].lo else widened.lo,
+                                    INF if widened.hi > current[name].hi else widened.hi,
+                                    widened.lo_closed, widened.hi_closed)
+                changed |= widened != current[name]
+                current[name] = widened
+            if not changed:
+                break
+        else:
+            current = {name: ANY for name in names}
+        self.state_ranges = current
+
+    def range(self, node: Node, facts: tuple = ()) -> Range | None:
+        """The range of a real node (None for a condition); ``facts`` narrow nodes inside a
+        branch of ``where``: ((node, range), ...)."""
+        key = (id(node), facts)
+        found = self._memo.get(key)
+        if found is None:
+            for fact_node, fact_range in facts:
+                if fact_node is node:
+                    found = self._range(node, facts)
+                    found = _intersect(found, fact_range)
+                    break
+            else:
+                found = self._range(node, facts)
+            self._memo[key] = found
+        return found
+
+    def _flag(self, node, operand, problem):
+        if self._collect and not any(u.node is node and u.problem == problem for u in self.unsafe):
+            self.unsafe.append(Unsafe(node, operand, problem))
+
+    def _range(self, node: Node, facts) -> Range | None:
+        op, attr = node.op, node.attr
+        if node.type == "bool":
+            for a in node.args:
+                if a.type == "real":
+                    self.range(a, facts)
+                elif a.op in ("and", "or", "not") or a.args:
+                    self.range(a, facts)
+            return None
+        if op == "const":
+            return Range.point(attr)
+        if op == "hyper":
+            return self.hyper_ranges.get(attr, ANY)
+        if op == "state":
+            return self.state_ranges.get(attr, ANY)
+        if op == "input":
+            return Range(1, INF, True, False, True) if attr == "step" else ANY
+        if op == "free":
+            return ANY
+        if op == "where":
+            cond, a, b = node.args
+            self.range(cond, facts)
+            yes, no = _branch_facts(cond, self, facts)
+            ra, rb = self.range(a, facts + yes), self.range(b, facts + no)
+            return None if ra is None else ra.hull(rb)
+        args = [self.range(a, facts) for a in node.args]
+        self._facts = facts
+        return getattr(self, "_" + op)(node, *args) if op != "reduce" else self._reduce(node, *args)
+
+    # ---- arithmetic
+    def _add(self, node, a, b):
+        return _add_range(a, b)
+
+    def _sub(self, node, a, b):
+        return _add_range(a, _neg(b))
+
+    def _neg(self, node, a):
+        return _neg(a)
+
+    def _mul(self, node, a, b):
+        """A product as its factors with multiplicities, so (1 - beta2) * grad * grad is known
+        to be >= 0: grad appears twice."""
+        facts, counts, factors = self._facts, {}, {}
+        for f in _factors(node):
+            counts[id(f)] = counts.get(id(f), 0) + 1
+            factors[id(f)] = f
+        result = Range.point(1)
+        for key, f in factors.items():
+            r = self.range(f, facts)
+            for _ in range(counts[key] // 2):
+                result = _mul_range(result, self._square(r))
+            if counts[key] % 2:
+                result = _mul_range(result, r)
+        return result
+
+    def _square(self, a):
+        m = _mul_range(a, a)
+        if a.contains(0):
+            return Range(0, m.hi, True, m.hi_closed)
+        return _monotone(lambda x: x * x, Range(min(abs(a.lo), abs(a.hi)), max(abs(a.lo), abs(a.hi)),
+                                                 a.lo_closed if abs(a.lo) < abs(a.hi) else a.hi_closed,
+                                                 a.hi_closed if abs(a.lo) < abs(a.hi) else a.lo_closed))
+
+    def _div(self, node, a, b):
+        if b.contains(0):
+            self._flag(node, node.args[1], "may be 0")
+            return ANY
+        return _mul_range(a, _reciprocal(b))
+
+    def _mod(self, node, a, b):
+        if b.contains(0):
+            self._flag(node, node.args[1], "may be 0")
+            return ANY
+        if b.positive:
+            return Range(0, b.hi, True, False, a.integer and b.integer)
+        return Range(b.lo, 0, False, True)
+
+    def _pow(self, node, a, b):
+        if b.is_point and b.integer:
+            n = int(b.lo)
+            if n == 2:
+                return self._square(a)
+            if n < 0 and a.contains(0):
+                self._flag(node, node.args[0], "may be 0 under a negative power")
+                return ANY
+            if a.nonnegative:
+                return _corners(_pow_value, a, b)
+            if n % 2 and n > 0:
+                return _monotone(lambda x: _pow_value(x, n), a)
+            big = max(abs(a.lo), abs(a.hi)) ** n if n > 0 else INF
+            return Range(-INF if n < 0 else 0, big, n > 0, False) if n % 2 == 0 else ANY
+        if not a.nonnegative and not b.integer:
+            self._flag(node, node.args[0], "may be negative under a fractional power")
+            return ANY
+        if b.lo < 0 and a.contains(0):
+            self._flag(node, node.args[0], "may be 0 under a negative power")
+            return ANY
+        if not a.nonnegative:  # an integer power of a signed base
+            return ANY
+        one = lambda x, xc, y, yc: (x == 1 and xc) or (y == 0 and yc)  # noqa: E731
+        return _corners(_pow_value, a, b, one)
+
+    # ---- functions
+    def _sqrt(self, node, a):
+        if not a.nonnegative:
+            self._flag(node, node.args[0], "may be negative")
+            return Range(0, INF, True, False)
+        return _monotone(math.sqrt, a)
+
+    def _rsqrt(self, node, a):
+        if not a.positive:
+            self._flag(node, node.args[0], "may be 0" if a.nonnegative else "may be 0 or negative")
+            return Range(0, INF, False, False)
+        return _reciprocal(_monotone(math.sqrt, a))
+
+    def _log(self, node, a):
+        if not a.positive:
+            self._flag(node, node.args[0], "may be 0" if a.nonnegative else "may be 0 or negative")
+            return ANY
+        return _monotone(lambda x: -INF if x == 0 else (INF if math.isinf(x) else math.log(x)), a)
+
+    def _exp(self, node, a):
+        return _monotone(lambda x: 0.0 if x == -INF else (INF if x > 709 else math.exp(x)), a)
+
+    def _abs(self, node, a):
+        if a.nonnegative:
+            return a
+        if a.hi <= 0:
+            return _neg(a)
+        top = max(-a.lo, a.hi)
+        return Range(0, top, True, (a.hi_closed if a.hi >= -a.lo else a.lo_closed) and math.isfinite(top))
+
+    def _sign(self, node, a):
+        lo = 1 if a.positive else (0 if a.nonnegative else -1)
+        hi = -1 if a.hi < 0 or (a.hi == 0 and not a.hi_closed) else (0 if a.hi <= 0 else 1)
+        return Range(lo, hi, True, True, True)
+
+    def _max(self, node, a, b):
+        lo, lo_closed = _pick(a.lo, a.lo_closed, b.lo, b.lo_closed, max)
+        hi, hi_closed = _pick(a.hi, a.hi_closed, b.hi, b.hi_closed, max)
+        return Range(lo, hi, lo_closed, hi_closed)
+
+    def _min(self, node, a, b):
+        lo, lo_closed = _pick(a.lo, a.lo_closed, b.lo, b.lo_closed, min)
+        hi, hi_closed = _pick(a.hi, a.hi_closed, b.hi, b.hi_closed, min)
+        return Range(lo, hi, lo_closed, hi_closed)
+
+    def _clamp(self, node, x, lo, hi):
+        return self._min(node, self._max(node, x, lo), hi)
+
+    def _lerp(self, node, a, b, w):
+        return _add_range(a, _mul_range(w, _add_range(b, _neg(a))))
+
+    def _reduce(self, node, *args):
+        scope, func = node.attr
+        a = args[0]
+        if func in ("max", "min", "mean"):
+            return replace(a, integer=False)
+        if func == "norm":
+            return Range(0, INF, not a.positive, False)
+        if func == "dot":
+            if node.args[0] is node.args[1]:
+                return Range(0, INF, True, False)
+            a = _mul_range(args[0], args[1])
+        if a.nonnegative:  # a sum of nonnegative terms
+            return Range(0 if not a.positive else 0, INF, not a.positive, False)
+        if a.hi <= 0:
+            return Range(-INF, 0, False, True)
+        return ANY
+
+
+def _factors(node: Node):
+    """The factors of a product tree: a * (b * a) gives a, b, a."""
+    if node.op != "mul":
+        yield node
+        return
+    for a in node.args:
+        yield from _factors(a)
+
+
+def _intersect(r: Range | None, fact: Range) -> Range | None:
+    if r is None:
+        return None
+    lo, lo_closed = _pick(r.lo, r.lo_closed, fact.lo, fact.lo_closed, max)
+    hi, hi_closed = _pick(r.hi, r.hi_closed, fact.hi, fact.hi_closed, min)
+    if r.lo == fact.lo:
+        lo_closed = r.lo_closed and fact.lo_closed
+    if r.hi == fact.hi:
+        hi_closed = r.hi_closed and fact.hi_closed
+    return Range(lo, hi, lo_closed, hi_closed, r.integer)
+
+
+_FACT = {  # x OP c  ->  the range of x where it holds
+    "gt": lambda c: Range(c, INF, False, False), "ge": lambda c: Range(c, INF, True, False),
+    "lt": lambda c: Range(-INF, c, False, False), "le": lambda c: Range(-INF, c, False, True),
+    "eq": lambda c: Range.point(c),
+}
+_NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt"}
+_FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq"}
+
+
+def _branch_facts(cond: Node, analysis: "Analysis", facts) -> tuple[tuple, tuple]:
+    """What ``where(cond, a, b)`` knows in each branch: for ``x > c`` with c's range a point,
+    x > c in the first and x <= c in the second (torch.where evaluates both branches, but
+    only the chosen one's value is used)."""
+    if cond.op not in _FACT or len(cond.args) != 2:
+        return (), ()
+    x, c = cond.args
+    op = cond.op
+    rc = analysis.range(c, facts)
+    if rc is None or not rc.is_point:
+        x, c, op = c, x, _FLIP[op]
+        rc = analysis.range(c, facts)
+        if rc is None or not rc.is_point:
+            return (), ()
+    yes = ((x, _FACT[op](rc.lo)),)
+    no = ((x, _FACT[_NEGATE[op]](rc.lo)),) if op in _NEGATE else ()
+    return yes, no
+
+
+def constraint_range(hyper: ast.Hyper) -> Range:
+    """What a hyperparameter's constraint allows, as a range."""
+    integer = hyper.kind == "int"
+    c = hyper.constraint
+    if isinstance(c, ast.Interval):
+        return Range(c.low, c.high, c.low_closed, c.high_closed, integer)
+    if isinstance(c, ast.Bound):
+        if c.op in (">", ">="):
+            return Range(c.value, INF, c.op == ">=", False, integer)
+        if c.op in ("<", "<="):
+            return Range(-INF, c.value, False, c.op == "<=", integer)
+        if c.op == "==":
+            return Range.point(c.value)
+    return Range(integer=integer)

@@ -1,0 +1,92 @@
+"""Numerical safety: every division, root, logarithm, fractional power and remainder of a
+spec proven defined from its constraints and derived state invariants, or a located error
+that names the expression and the fact that is missing."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..compiler.ir import Program
+from ..dsl.errors import Diagnostic
+from .ranges import INF, Analysis, Range, Unsafe, constraint_range
+
+_WHAT = {"div": "the divisor", "mod": "the divisor", "sqrt": "the root's argument", "rsqrt": "rsqrt's argument",
+         "log": "the logarithm's argument", "pow": "the base"}
+
+
+def diagnostics(program: Program) -> list[Diagnostic]:
+    analysis = Analysis(program)
+    return [_diagnostic(program, analysis, u) for u in analysis.unsafe]
+
+
+def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe) -> Diagnostic:
+    origins = program.origins or {}
+    source, span = origins.get(id(unsafe.operand)) or origins.get(id(unsafe.node)) or (program.spec.source, None)
+    text = _excerpt(source, span) or _WHAT.get(unsafe.node.op, "an operand")
+    reason, hint = _explain(program, analysis, unsafe)
+    return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
+
+
+def _excerpt(source, span) -> str | None:
+    if source is None or span is None or span.line != span.end_line:
+        return None
+    return source.line(span.line)[span.column - 1:span.end_column - 1]
+
+
+def _subtree(node):
+    seen, stack = {}, [node]
+    while stack:
+        n = stack.pop()
+        if id(n) not in seen:
+            seen[id(n)] = n
+            stack.extend(n.args)
+    return list(seen.values())
+
+
+def _still_unsafe(program, unsafe, hyper_ranges) -> bool:
+    again = Analysis(program, hyper_ranges)
+    return any(u.node is unsafe.node and u.problem == unsafe.problem for u in again.unsafe)
+
+
+def _explain(program: Program, analysis: Analysis, unsafe: Unsafe) -> tuple[str, str]:
+    """Find the missing fact: a hyperparameter whose constraint, made strict (or declared
+    positive where it has none), makes the operation safe; else what the checker knows."""
+    leaves = _subtree(unsafe.operand)
+    hypers = sorted({n.attr for n in leaves if n.op == "hyper"})
+    for name in hypers:
+        hyper = program.spec.hypers[name]
+        current = constraint_range(hyper)
+        if hyper.constraint is None:
+            tighter, fix = Range(0, INF, False, False, current.integer), f"{name} > 0"
+            reason = f"{name} has no constraint, so it may be 0 or negative"
+        elif current.lo_closed and current.lo == 0:
+            tighter, fix = dataclasses.replace(current, lo_closed=False), _strict(hyper)
+            reason = f"the constraint {hyper.constraint.describe(name)} allows {name} = 0"
+        else:
+            continue
+        if not _still_unsafe(program, unsafe, {name: tighter}):
+            return reason, f"did you mean {fix}?"
+    known = []
+    for n in leaves:
+        if n.op == "state":
+            known.append(f"state {n.attr} is only known to be {analysis.state_ranges.get(n.attr, Range()).describe()}")
+        elif n.op == "input" and n.attr in ("grad", "param", "loss"):
+            known.append(f"{n.attr} may be any real number")
+        elif n.op == "hyper":
+            known.append(f"{n.attr} is {constraint_range(program.spec.hypers[n.attr]).describe()}")
+    reason = "; ".join(dict.fromkeys(known)) or "nothing bounds it away from the problem"
+    if unsafe.node.op in ("div", "rsqrt", "log", "mod") or "negative power" in unsafe.problem:
+        hint = "add a positive constant (a hyperparameter eps > 0) or take max(..., eps)"
+    else:
+        hint = "clamp it first, as in sqrt(max(x, 0)), or constrain what it is built from"
+    return reason, hint
+
+
+def _strict(hyper) -> str:
+    c = hyper.constraint
+    if hasattr(c, "op"):
+        return f"{hyper.name} {c.op.replace('>=', '>')} {_num(c.value)}"
+    return f"{hyper.name} in ({_num(c.low)}, {_num(c.high)}{']' if c.high_closed else ')'}"
+
+
+def _num(x):
+    return str(int(x)) if float(x).is_integer() else repr(x)

@@ -1,0 +1,197 @@
+"""IR nodes to SymPy expressions.
+
+Hyperparameters become symbols that carry what their constraints say (``eps > 0`` makes
+``eps`` positive), the step is a positive integer ``t``, constants become exact rationals
+(``0.9`` is 9/10, so ``1 - 0.9 - 0.1`` is 0, as a proof needs), and reductions become
+functions that know they are linear in factors that do not vary over a tensor's elements.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import sympy
+
+from ..compiler.ir import Node, Program
+from ..dsl import ast
+
+
+class ElementSymbol(sympy.Symbol):
+    """A value with one entry per element (grad, param, a per-element state): reductions sum over
+    it, so a factor free of element symbols can be pulled out of a reduction."""
+
+
+def varies_per_element(expr) -> bool:
+    return any(isinstance(s, ElementSymbol) for s in expr.free_symbols)
+
+
+class _Reduction(sympy.Function):
+    """``tensor.sum(x)``, ``global.dot(x, y)``, ...: opaque, but linear in constant factors."""
+
+    scope = "global"
+    what = "sum"
+    is_real = True
+
+    @classmethod
+    def eval(cls, *args):
+        factors, rests = [], []
+        for arg in args:
+            const, rest = _split_constant(arg)
+            factors.append(const)
+            rests.append(rest)
+        scale = sympy.Mul(*factors)
+        if scale == 1:
+            return None
+        if cls.what in ("sum", "mean", "dot"):
+            return scale * cls(*rests)
+        if cls.what == "norm":
+            return sympy.Abs(scale) * cls(*rests)
+        if scale.is_positive:  # max, min
+            return scale * cls(*rests)
+        return None
+
+    def _eval_is_nonnegative(self):
+        if self.what == "norm":
+            return True
+        if self.what == "dot" and self.args[0] == self.args[1]:
+            return True
+        if self.what in ("sum", "mean", "max", "min"):
+            return self.args[0].is_nonnegative or None
+        return None
+
+    def _latex(self, printer):
+        inner = ", ".join(printer._print(a) for a in self.args)
+        name = {"norm": r"\lVert %s \rVert", "dot": r"\langle %s \rangle"}.get(self.what)
+        text = name % inner if name else rf"\operatorname{{{self.what}}}\left({inner}\right)"
+        return text + (r"_{\mathrm{%s}}" % self.scope)
+
+    def _sympystr(self, printer):
+        return f"{self.scope}.{self.what}({', '.join(printer._print(a) for a in self.args)})"
+
+
+def _split_constant(expr):
+    if isinstance(expr, sympy.Mul):
+        const = [f for f in expr.args if not varies_per_element(f)]
+        if const:
+            rest = [f for f in expr.args if varies_per_element(f)]
+            return sympy.Mul(*const), sympy.Mul(*rest)
+    if not varies_per_element(expr) and expr != 0:
+        return expr, sympy.Integer(1)
+    return sympy.Integer(1), expr
+
+
+_REDUCTIONS: dict = {}
+
+
+def reduction(scope: str, func: str):
+    key = (scope, func)
+    if key not in _REDUCTIONS:
+        _REDUCTIONS[key] = type(f"{scope}_{func}", (_Reduction,), {"scope": scope, "what": func})
+    return _REDUCTIONS[key]
+
+
+STEP = sympy.Symbol("t", integer=True, positive=True)
+
+
+def number(value) -> sympy.Expr:
+    """A constant as the exact rational its decimal text denotes (0.1 is 1/10)."""
+    if isinstance(value, bool):
+        return sympy.true if value else sympy.false
+    return sympy.Rational(Fraction(repr(float(value))).limit_denominator(10**18)) \
+        if abs(value) < 1e18 else sympy.Float(value)
+
+
+def hyper_symbol(hyper: ast.Hyper) -> sympy.Symbol:
+    """``hyper eps = 1e-8 > 0`` as a positive real symbol ``eps`` (the rest of the constraint,
+    an upper bound, is known to the range analysis)."""
+    facts = {"real": True}
+    if hyper.kind == "int":
+        facts["integer"] = True
+    c = hyper.constraint
+    if isinstance(c, ast.Bound):
+        if (c.op == ">" and c.value >= 0) or (c.op == ">=" and c.value > 0):
+            facts["positive"] = True
+        elif c.op == ">=" and c.value == 0:
+            facts["nonnegative"] = True
+        elif (c.op == "<" and c.value <= 0) or (c.op == "<=" and c.value < 0):
+            facts["negative"] = True
+        elif c.op == "!=" and c.value == 0:
+            facts["nonzero"] = True
+    elif isinstance(c, ast.Interval):
+        if c.low > 0 or (c.low == 0 and not c.low_closed):
+            facts["positive"] = True
+        elif c.low >= 0:
+            facts["nonnegative"] = True
+        elif c.high < 0 or (c.high == 0 and not c.high_closed):
+            facts["negative"] = True
+    return sympy.Symbol(hyper.name, **facts)
+
+
+class Translator:
+    """Translates the nodes of one program, each once."""
+
+    def __init__(self, program: Program, hypers: dict | None = None, state_signs: dict | None = None):
+        self.program = program
+        self.state_signs = state_signs or {}
+        spec_hypers = program.spec.hypers
+        self.symbols = {name: hyper_symbol(h) for name, h in spec_hypers.items()}
+        self.symbols.update(hypers or {})
+        self._memo: dict = {}
+
+    def state(self, name: str) -> sympy.Symbol:
+        facts = {"real": True}
+        if name in self.state_signs:
+            facts[self.state_signs[name]] = True
+        if name in self.program.global_states:
+            return sympy.Symbol(name, **facts)
+        return ElementSymbol(name, **facts)
+
+    def __call__(self, node: Node) -> sympy.Expr:
+        found = self._memo.get(id(node))
+        if found is None:
+            found = self._memo[id(node)] = self._translate(node)
+        return found
+
+    def _translate(self, node: Node):
+        op, attr = node.op, node.attr
+        if op == "const":
+            return number(attr)
+        if op == "hyper":
+            return self.symbols[attr]
+        if op == "state":
+            return self.state(attr)
+        if op == "input":
+            if attr == "step":
+                return STEP
+            return ElementSymbol(attr, real=True) if attr in ("grad", "param") else sympy.Symbol(attr, real=True)
+        if op == "free":
+            return sympy.Symbol(attr, real=True)
+        args = [self(a) for a in node.args]
+        if op == "reduce":
+            return reduction(*attr)(*args)
+        return OPS[op](*args)
+
+
+def _where(cond, a, b):
+    if cond is sympy.true:
+        return a
+    if cond is sympy.false:
+        return b
+    return sympy.Piecewise((a, cond), (b, True))
+
+
+OPS = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "mod": sympy.Mod, "neg": lambda a: -a,
+    "sqrt": sympy.sqrt, "rsqrt": lambda a: 1 / sympy.sqrt(a), "exp": sympy.exp, "log": sympy.log,
+    "abs": sympy.Abs, "sign": sympy.sign, "min": sympy.Min, "max": sympy.Max,
+    "clamp": lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi),
+    "lerp": lambda a, b, w: a + w * (b - a), "where": _where,
+    "eq": sympy.Eq, "ne": sympy.Ne, "lt": sympy.Lt, "le": sympy.Le, "gt": sympy.Gt, "ge": sympy.Ge,
+    "and": sympy.And, "or": sympy.Or, "not": sympy.Not,
+}
+
+
+def outputs(program: Program, translate: Translator | None = None) -> dict:
+    """``{"param'": ..., "m'": ..., ...}``: every next value as SymPy."""
+    translate = translate or Translator(program)
+    return {f"{name}'": translate(node) for name, node in program.next.items()}
