@@ -1,4 +1,4 @@
-"""The ``gradspec`` command line: list, check, show.
+"""The ``gradspec`` command line: list, check, show, diff, docs.
 
 A bad spec is reported as located diagnostics and exit status 1, never as a traceback.
 """
@@ -9,12 +9,15 @@ import json
 import sys
 
 from . import stdlib
-from .check import check
+from .check import diagnose
+from .docs import stdlib_reference
 from .compiler.ir import build
 from .compiler.lower import BucketShape, lower_step
 from .dsl import printer
-from .dsl.errors import SpecError
-from .dsl.resolve import load
+from .dsl.errors import Diagnostic, SpecError
+from .dsl.resolve import apply_adaptor, load
+from .symbolic import latex
+from .symbolic.diff import diff
 
 
 def main(argv=None) -> int:
@@ -27,6 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("specs", nargs="*", help="stdlib names, spec expressions or .opt files")
     p.add_argument("--all", action="store_true", help="check every stdlib spec")
     p.add_argument("--json", action="store_true", help="diagnostics as JSON, for editors and CI")
+    p.add_argument("--dtype", help="also warn about constants that vanish in this dtype (float16, bfloat16)")
+
+    p = verbs.add_parser("diff", help="where two specs' update rules differ, in terms of the maths")
+    p.add_argument("a")
+    p.add_argument("b")
+
+    p = verbs.add_parser("docs", help="generate the stdlib reference (docs/stdlib.md)")
+    p.add_argument("--out", default="docs/stdlib.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
 
     p = verbs.add_parser("show", help="a spec's source (comments included), expanded body, or FX graphs")
     p.add_argument("spec")
@@ -35,10 +47,11 @@ def main(argv=None) -> int:
                       help="the resolved body: variants applied, adaptors expanded (the default for expressions)")
     form.add_argument("--fx", action="store_true", help="the torch.fx graph of one step")
     form.add_argument("--python", action="store_true", help="the Python code of that graph")
+    form.add_argument("--latex", action="store_true", help="the equations, one per statement")
 
     args = parser.parse_args(argv)
     try:
-        return {"list": _list, "check": _check, "show": _show}[args.verb](args)
+        return {"list": _list, "check": _check, "show": _show, "diff": _diff, "docs": _docs}[args.verb](args)
     except SpecError as error:
         print(error.render(), file=sys.stderr)
         return 1
@@ -68,27 +81,57 @@ def _check(args) -> int:
     failed, report = 0, []
     for name in names:
         try:
-            check(name)
-            report.append({"spec": name, "ok": True, "diagnostics": []})
-            if not args.json:
-                print(f"{name}: ok")
-        except SpecError as error:
-            failed += 1
-            report.append({"spec": name, "ok": False, "diagnostics": [d.as_dict() for d in error.diagnostics]})
-            if not args.json:
-                print(error.render(), file=sys.stderr)
+            found = diagnose(name, args.dtype)
         except OSError as error:
-            failed += 1
-            report.append({"spec": name, "ok": False, "diagnostics": [{"code": "GS000", "message": str(error)}]})
-            if not args.json:
-                print(f"{name}: {error}", file=sys.stderr)
+            found = [Diagnostic("GS000", str(error))]
+        errors = [d for d in found if d.severity == "error"]
+        failed += bool(errors)
+        report.append({"spec": name, "ok": not errors, "diagnostics": [d.as_dict() for d in found]})
+        if not args.json:
+            for d in found:
+                print(d.render(), file=sys.stderr)
+            if not errors:
+                print(f"{name}: ok")
     if args.json:
         print(json.dumps(report, indent=2))
     return 1 if failed else 0
 
 
+def _diff(args) -> int:
+    a, b = load(args.a), load(args.b)
+    differences, only = diff(a, b)
+    for d in differences:
+        print(d.render(args.a, args.b))
+    for line in only:
+        print(line)
+    return 0 if all(d.equal for d in differences) and not only else 1
+
+
+def _docs(args) -> int:
+    text = stdlib_reference()
+    if args.check:
+        try:
+            with open(args.out) as handle:
+                current = handle.read()
+        except OSError:
+            current = None
+        if current != text:
+            print(f"{args.out} is stale: run `gradspec docs`", file=sys.stderr)
+            return 1
+        return 0
+    with open(args.out, "w") as handle:
+        handle.write(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _show(args) -> int:
     spec = load(args.spec)
+    if args.latex:
+        if spec.kind == "adaptor":
+            spec = apply_adaptor(spec, load("sgd"))
+        print(latex.render(build(spec)))
+        return 0
     if not (args.fx or args.python):
         is_file = stdlib.source(args.spec) is not None or args.spec.endswith(".opt")
         print(spec.source.text.rstrip() if is_file and not args.expanded else printer.spec(spec))

@@ -90,6 +90,7 @@ class Program:
     laws: tuple = ()  # (source, ast.Law) of the active laws, for the symbolic checker
     origins: dict = None  # id(node) -> (source, span) where the node was first written
     context: object = None  # the builder, to build a law's expressions in the spec's namespace
+    statements: tuple = ()  # (source, State | Define) under these switches, in source order
 
     def law_expr(self, source, expr, free_names=False):
         """``expr`` (a law's claim, given or substitution) as a node, built like the spec's own
@@ -205,6 +206,7 @@ class _ProgramBuilder:
         self._memo: dict = {}
         self._building: list = []
         self.laws: list = []
+        self.active: list = []
         self.origins: dict = {}
         self._free_names = False
         self.uses_loss = False
@@ -245,7 +247,8 @@ class _ProgramBuilder:
         element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
-                       self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self)
+                       self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self,
+                       tuple(self.active))
 
     def extra_expr(self, src, expr, free_names=False):
         """Build one more expression after :meth:`run`; raise SpecError if it is unsound."""
@@ -264,8 +267,10 @@ class _ProgramBuilder:
                 taken = self._condition(src, item.cond)
                 self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
             elif isinstance(item, ast.State):
+                self.active.append((src, item))
                 self._declare(self.states, item.name, src, item, "state")
             elif isinstance(item, ast.Define):
+                self.active.append((src, item))
                 self._declare(self.nexts if item.primed else self.locals, item.name, src, item,
                               "next value" if item.primed else "definition")
             elif isinstance(item, ast.Law):

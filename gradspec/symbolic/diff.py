@@ -1,0 +1,89 @@
+"""``gradspec diff A B``: where two specs' update rules differ, in terms of the maths.
+
+Both specs are translated with shared symbols (a hyperparameter, state or input with the
+same name is the same symbol). For each next value they both define, the two expressions are
+proven equal, or walked in parallel down to the smallest subexpressions that differ; then
+each shared hyperparameter is tried as the explanation: a value of it in B (solved for, in
+terms of A's symbols) that makes the two equal, or a value (0, 1) at which they agree.
+This is how "my Adam drifts from torch's Adam" bugs read: eps added in another place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..compiler.ir import build
+from ..dsl.resolve import Spec
+from .laws import state_signs
+from .translate import Translator, outputs, varies_per_element
+
+
+@dataclass
+class Difference:
+    output: str  # "param'", "m'", ...
+    equal: bool
+    a: sympy.Expr | None = None  # the smallest differing subexpressions
+    b: sympy.Expr | None = None
+    explanations: list = field(default_factory=list)
+
+    def render(self, name_a: str, name_b: str) -> str:
+        if self.equal:
+            return f"{self.output}: equal (SymPy reduces the difference to 0)"
+        lines = [f"{self.output} differs:", f"  in {name_a}: {self.a}", f"  in {name_b}: {self.b}"]
+        lines += [f"  {e}" for e in self.explanations]
+        return "\n".join(lines)
+
+
+def diff(a: Spec, b: Spec) -> tuple[list[Difference], list[str]]:
+    """The differences of every shared output, and the outputs only one spec has."""
+    pa, pb = build(a), build(b)
+    ta = Translator(pa, None, state_signs(pa))
+    symbols = {n: ta.symbols[n] for n in b.hypers if n in ta.symbols}
+    tb = Translator(pb, symbols, state_signs(pb))
+    oa, ob = outputs(pa, ta), outputs(pb, tb)
+    only = [f"{k} only in {a.name}" for k in oa if k not in ob] + [f"{k} only in {b.name}" for k in ob if k not in oa]
+    return [_compare(name, oa[name], ob[name], set(symbols.values())) for name in oa if name in ob], only
+
+
+def _is_zero(e) -> bool:
+    """Proven 0; simplify only where it is cheap (it can take minutes on a whole update)."""
+    if e == 0 or sympy.cancel(e) == 0:
+        return True
+    return sympy.count_ops(e) < 60 and sympy.simplify(e) == 0
+
+
+def _compare(name, x, y, shared) -> Difference:
+    if _is_zero(x - y):
+        return Difference(name, True)
+    sub_x, sub_y = _smallest_difference(x, y)
+    out = Difference(name, False, sub_x, sub_y)
+    for h in sorted(shared & (sub_x.free_symbols | sub_y.free_symbols), key=lambda s: s.name):
+        replaced = sympy.Dummy(h.name)
+        try:  # solved on the differing parts only: solving a whole update can take minutes
+            solutions = sympy.solve(sympy.Eq(sub_x, sub_y.subs(h, replaced)), replaced) \
+                if sympy.count_ops(sub_x) + sympy.count_ops(sub_y) < 40 else []
+        except (NotImplementedError, TypeError, ValueError):
+            solutions = []
+        for s in solutions:
+            if not varies_per_element(s) and s != h and s != 0:
+                factor = sympy.simplify(s / h)
+                note = f": a factor {factor} on {h}" if h not in factor.free_symbols else ""
+                out.explanations.append(f"equal when {h} in the second is {sympy.simplify(s)}{note}")
+                break
+        for value in (0, 1):
+            if h.is_positive and value == 0:
+                continue
+            if _is_zero((sub_x - sub_y).subs(h, value)):
+                out.explanations.append(f"equal when {h} = {value}")
+    return out
+
+
+def _smallest_difference(x, y):
+    """Walk both trees while they have the same shape and differ in exactly one argument."""
+    while x.func == y.func and len(x.args) == len(y.args) and x.args:
+        differing = [(p, q) for p, q in zip(x.args, y.args) if p != q]
+        if len(differing) != 1:
+            break
+        x, y = differing[0]
+    return x, y
