@@ -287,12 +287,13 @@ def _sample(symbol, rng, bound):
         hi = lo + 2
     elif math.isinf(lo):
         lo = hi - 2
-    while True:
+    for _ in range(20):
         x = sympy.Rational(rng.randint(1, 99), 100) * (hi - lo) + lo
         x = sympy.Rational(str(round(float(x), 3)))
         if x != 0 or not (symbol.is_nonzero or symbol.is_positive or symbol.is_negative):
             if lo < x < hi or (bound is None and lo <= x <= hi):
                 return x
+    return sympy.Rational(str(lo))  # a range of one point (a state that stays 0)
 
 
 def _one_element(reduction):

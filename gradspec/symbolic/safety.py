@@ -53,18 +53,9 @@ def _explain(program: Program, analysis: Analysis, unsafe: Unsafe) -> tuple[str,
     leaves = _subtree(unsafe.operand)
     hypers = sorted({n.attr for n in leaves if n.op == "hyper"})
     for name in hypers:
-        hyper = program.spec.hypers[name]
-        current = constraint_range(hyper)
-        if hyper.constraint is None:
-            tighter, fix = Range(0, INF, False, False, current.integer), f"{name} > 0"
-            reason = f"{name} has no constraint, so it may be 0 or negative"
-        elif current.lo_closed and current.lo == 0:
-            tighter, fix = dataclasses.replace(current, lo_closed=False), _strict(hyper)
-            reason = f"the constraint {hyper.constraint.describe(name)} allows {name} = 0"
-        else:
-            continue
-        if not _still_unsafe(program, unsafe, {name: tighter}):
-            return reason, f"did you mean {fix}?"
+        for tighter, fix, reason in _tightenings(program.spec.hypers[name]):
+            if not _still_unsafe(program, unsafe, {name: tighter}):
+                return reason, f"did you mean {fix}?"
     known = []
     for n in leaves:
         if n.op == "state":
@@ -79,6 +70,22 @@ def _explain(program: Program, analysis: Analysis, unsafe: Unsafe) -> tuple[str,
     else:
         hint = "clamp it first, as in sqrt(max(x, 0)), or constrain what it is built from"
     return reason, hint
+
+
+def _tightenings(hyper):
+    """Stricter constraints to try, each with how to write it and why the current one fails."""
+    name, current = hyper.name, constraint_range(hyper)
+    if hyper.constraint is None:
+        yield Range(0, INF, False, False, current.integer), f"{name} > 0", \
+            f"{name} has no constraint, so it may be 0 or negative"
+        return
+    described = hyper.constraint.describe(name)
+    if current.lo_closed and current.lo == 0:
+        yield dataclasses.replace(current, lo_closed=False), _strict(hyper), f"the constraint {described} allows {name} = 0"
+    if current.hi_closed and current.hi < INF:
+        fix = f"{name} in {'[' if current.lo_closed else '('}{_num(current.lo)}, {_num(current.hi)})"
+        yield dataclasses.replace(current, hi_closed=False), fix, \
+            f"the constraint {described} allows {name} = {_num(current.hi)}"
 
 
 def _strict(hyper) -> str:

@@ -1,0 +1,97 @@
+"""A corpus of bad specs: each gives its expected error code at its expected place.
+
+Syntax, names, types and scopes, constraints and domains, numerical safety, and refuted
+laws: the first diagnostic of each spec is compared with (code, line, column), and every
+diagnostic must render with a location, an excerpt or a hint.
+"""
+import pytest
+
+import gradspec
+from gradspec.check import diagnose
+
+H = "optimizer t\nhyper lr = 0.1 >= 0\n"
+U = "param' = param - lr * grad\n"
+CASES = [
+    # syntax
+    ("stray_char", H + "x = grad $ 2\n" + U, "GS001", 3, 10),
+    ("power_with_stars", H + "x = grad ** 2\n" + U, "GS002", 3, 11),
+    ("missing_brace", H + "if true {\n" + U, "GS002", 4, 23),
+    ("reserved_name", H + "law = 1\n" + U, "GS002", 3, 5),
+    ("bad_hyper_type", "optimizer t\nhyper k: float = 1\n" + U.replace("lr", "k"), "GS003", 2, 10),
+    ("int_hyper_bool", "optimizer t\nhyper k: int = true\n" + U.replace("lr", "k"), "GS003", 2, 10),
+    ("bad_state_scope", H + "state m: tensor = 0\nm' = m\n" + U, "GS004", 3, 10),
+    ("law_missing_claim", H + "law \"a message alone\"\n" + U, "GS002", 3, 5),
+    ("law_bad_mapping", H + "law invariant grad => 2 * grad\n" + U, "GS002", 3, 20),
+    # names
+    ("unknown_name", H + "param' = param - lrr * grad\n", "GS030", 3, 18),
+    ("unknown_function", H + "x = sqr(grad)\nparam' = param - lr * x\n", "GS051", 3, 5),
+    ("unscoped_reduction", H + "x = norm(grad)\nparam' = param - lr * x * grad\n", "GS051", 3, 5),
+    ("unknown_reduction", H + "x = global.nrm(grad)\nparam' = param - lr * x * grad\n", "GS055", 3, 5),
+    ("duplicate_hyper", H + "hyper lr = 0.2 >= 0\n" + U, "GS010", 3, 1),
+    ("hyper_named_input", H + "hyper grad = 1\n" + U, "GS011", 3, 1),
+    ("hyper_in_if", H + "if true {\nhyper x = 1\n}\n" + U, "GS012", 4, 1),
+    ("law_in_if", H + "if true {\nlaw fixed_point\n}\n" + U, "GS012", 4, 1),
+    ("unknown_spec_in_law", H + "law equals adm\n" + U, "GS021", 3, 12),
+    ("variant_with_statements", "optimizer n = adam(beta2 = 0.99)\nx = 1\n", "GS017", 2, 1),
+    ("state_without_next", H + "state m = 0\n" + U, "GS040", 3, 1),
+    ("next_of_non_state", H + "m' = grad\n" + U, "GS041", 3, 1),
+    ("no_update", H + "x = grad\n", "GS042", None, None),
+    ("defined_twice", H + "x = grad\nx = 2 * grad\nparam' = param - lr * x\n", "GS044", 4, 1),
+    ("circular", H + "state m = 0\nm' = m' + grad\n" + U, "GS048", 4, 1),
+    ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
+    ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
+    # types and scopes
+    ("bool_arithmetic", H + "x = (grad > 0) + 1\nparam' = param - lr * x\n", "GS050", 3, 6),
+    ("where_not_bool", H + "x = where(grad, 1, 0)\nparam' = param - lr * x\n", "GS053", 3, 11),
+    ("arity", H + "x = max(grad)\nparam' = param - lr * x\n", "GS052", 3, 5),
+    ("condition_on_tensor", H + "if grad > 0 {\nx = 1\n} else {\nx = 2\n}\nparam' = param - lr * x * grad\n", "GS047", 3, 4),
+    ("reduce_a_scalar", H + "x = global.sum(lr)\nparam' = param - lr * x * grad\n", "GS056", 3, 16),
+    ("init_uses_state", H + "state m = step\nm' = m\n" + U, "GS058", 3, 11),
+    ("global_state_per_element", H + "state s: global = 0\ns' = grad\n" + U, "GS061", 4, 1),
+    # constraints and domains
+    ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),
+    ("empty_interval", "optimizer t\nhyper lr = 0.1 >= 0\nhyper b = 0.5 in [1, 0]\n" + U, "GS070", 3, 1),
+    ("empty_open_interval", "optimizer t\nhyper lr = 0.1 >= 0\nhyper b = 0 in (0, 0]\n" + U, "GS070", 3, 1),
+    ("require_never_holds", H + "hyper b = 0.5 in [0, 1)\nrequire b > 2 \"b must exceed 2\"\n" + U, "GS071", 4, 1),
+    # safety
+    ("eps_may_be_zero", H + "hyper eps = 1e-8 >= 0\nstate v = 0\nv' = 0.9 * v + 0.1 * grad^2\nparam' = param - lr * grad / (sqrt(v') + eps)\n", "GS072", 6, 31),
+    ("unconstrained_divisor", H + "hyper eps = 1e-8\nparam' = param - lr * grad / eps\n", "GS072", 4, 30),
+    ("sqrt_of_signed_state", H + "state v = 0\nv' = 0.9 * v + 0.1 * grad\nparam' = param - lr * grad / (sqrt(v') + 1)\n", "GS072", 4, 6),
+    ("log_of_grad", H + "param' = param - lr * log(grad)\n", "GS072", 3, 27),
+    ("rsqrt_of_nonneg", H + "param' = param - lr * rsqrt(grad * grad)\n", "GS072", 3, 29),
+    ("fractional_power_of_grad", H + "param' = param - lr * grad^0.5\n", "GS072", 3, 23),
+    ("negative_power_of_zero", H + "hyper k = 0 >= 0\nparam' = param - lr * k^(-1) * grad\n", "GS072", 4, 23),
+    ("mod_by_zero", "optimizer t\nhyper lr = 0.1 >= 0\nhyper k: int = 1 >= 0\nparam' = where(step % k == 0, param - lr * grad, param)\n", "GS072", 4, 23),
+    ("divide_by_one_minus_beta", H + "hyper beta = 0.9 in [0, 1]\nparam' = param - lr * grad / (1 - beta)\n", "GS072", 4, 31),
+    # refuted and unproven laws
+    ("refuted_equals", H + "law equals adam\n" + U, "GS081", 3, 1),
+    ("refuted_fixed_point", H + "law fixed_point\nparam' = param - lr * (grad + 1)\n", "GS081", 3, 1),
+    ("refuted_claim", H + "law lr * grad > 0\n" + U, "GS081", 3, 1),
+    ("refuted_invariance", H + "law invariant grad -> k * grad given k > 0\n" + U, "GS081", 3, 1),
+]
+
+def _first_error(name, text):
+    try:
+        errors = [d for d in diagnose(gradspec.parse(text, f"{name}.opt")) if d.severity == "error"]
+    except gradspec.SpecError as error:
+        errors = error.diagnostics
+    assert errors, f"{name}: no error"
+    return errors[0]
+
+
+def test_the_corpus_is_large_and_covers_every_category():
+    codes = {case[2] for case in CASES}
+    assert len(CASES) >= 40
+    for family in ("GS00", "GS01", "GS02", "GS03", "GS04", "GS05", "GS06", "GS07", "GS08"):
+        assert any(c.startswith(family) for c in codes), family
+
+
+@pytest.mark.parametrize("name, text, code, line, column", CASES, ids=[c[0] for c in CASES])
+def test_bad_spec_is_a_located_error(name, text, code, line, column):
+    error = _first_error(name, text)
+    assert (error.code, error.line, error.column) == (code, line, column), error.render()
+    rendered = error.render()
+    assert rendered.startswith(f"{name}.opt")
+    assert f"error[{code}]" in rendered
+    if line is not None:
+        assert f"{line:>4} | " in rendered and "^" in rendered

@@ -1,0 +1,128 @@
+"""The symbolic checker: laws proven and refuted, safety hints, invariants, domains, dtype
+warnings, diff, LaTeX and the generated stdlib reference."""
+import json
+import time
+
+import pytest
+import torch
+
+import gradspec
+from gradspec import stdlib
+from gradspec.check import diagnose
+from gradspec.cli import main
+from gradspec.compiler.ir import build
+from gradspec.symbolic.ranges import Analysis
+
+ADAM_BODY = open(stdlib.__path__[0] + "/adam.opt").read().split("\nlaw ")[0] + "\n"
+
+
+def errors_of(text):
+    return [d for d in diagnose(gradspec.parse(text)) if d.severity == "error"]
+
+
+def test_every_stdlib_spec_passes_and_its_laws_are_proven_quickly():
+    start = time.perf_counter()
+    for name in stdlib.names():
+        assert gradspec.check(name) is not None
+    # a budget far above the measured ~1 s, to catch a prover that blows up, not to time it
+    assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("name, law", [
+    ("adamw", "law equals adam at weight_decay = 0"),
+    ("lion", "law abs(direction) == 1 given c != 0"),
+    ("eadam", "law equals adam(beta2=0.99) at alpha = 0"),
+    ("esgd", "law equals sgd(momentum=0.9) at alpha = 0"),
+    ("dualadam", "law equals adamw given r < switch_rate"),
+    ("sgd_metric", "law param' == param - lr * mhat at xi = 0, weight_decay = 0"),
+])
+def test_the_laws_the_papers_imply_are_declared(name, law):
+    spec = gradspec.load(name)
+    texts = [gradspec.dsl.printer.law(i) for _, i in spec.items if isinstance(i, gradspec.dsl.ast.Law)]
+    assert any(t.startswith(law) for t in texts), texts
+
+
+def test_each_kind_of_law_can_be_refuted_with_a_counterexample():
+    for law in ["law equals adamw", "law fixed_point",
+                "law invariant grad -> k * grad, m -> k * m, v -> k^2 * v given k > 0",  # eps breaks it
+                "law mhat > 0"]:
+        errors = errors_of(ADAM_BODY + law + "\n")
+        assert [e.code for e in errors] == ["GS081"], law
+        assert " at " in errors[0].message and errors[0].line == ADAM_BODY.count("\n") + 1
+
+
+def test_laws_hold_where_the_at_and_given_clauses_make_them_true():
+    for law in ["law equals adamw at weight_decay = 0", "law fixed_point at weight_decay = 0",
+                "law invariant grad -> k * grad, m -> k * m, v -> k^2 * v at eps = 0, weight_decay = 0 given k > 0",
+                "law equals adam(amsgrad = true) at amsgrad = true", "law v' >= 0", "law m' == m at beta1 = 1"]:
+        assert errors_of(ADAM_BODY + law + "\n") == [], law
+
+
+def test_a_law_of_an_adaptor_binds_base_to_what_it_is_applied_to():
+    refuted = "adaptor noisy(base)\nhyper alpha = 0.5\nbase.grad = grad + alpha\nlaw equals base\n"
+    proven = "adaptor noisy(base)\nhyper alpha = 0.5\nbase.grad = grad + alpha\nlaw equals base at alpha = 0\n"
+    assert [e.code for e in errors_of(refuted)] == ["GS081"]
+    assert errors_of(proven) == []
+
+
+def test_state_invariants_are_derived_by_fixpoint():
+    ranges = Analysis(build(gradspec.load("adam(amsgrad = true)"))).state_ranges
+    assert ranges["v"].nonnegative and ranges["vmax"].nonnegative and not ranges["m"].nonnegative
+    assert Analysis(build(gradspec.load("sgd_metric"))).state_ranges["S"].nonnegative
+    assert Analysis(build(gradspec.load("adagrad"))).state_ranges["sum"].nonnegative
+
+
+def test_bias_correction_and_where_branches_are_known_safe():
+    # 1 - beta^t > 0 for beta in [0, 1) and t >= 1; a division guarded by where is fine
+    text = ("optimizer t\nhyper lr = 0.1 >= 0\nhyper beta = 0.9 in [0, 1)\n"
+            "x = where(grad > 0, 1 / grad, 0)\nparam' = param - lr * x / (1 - beta^step)\n")
+    assert errors_of(text) == []
+    unguarded = text.replace("where(grad > 0, 1 / grad, 0)", "1 / grad")
+    assert [e.code for e in errors_of(unguarded)] == ["GS072"]
+
+
+def test_the_safety_hint_names_the_missing_fact():
+    error = errors_of(ADAM_BODY.replace("hyper eps = 1e-8 > 0", "hyper eps = 1e-8 >= 0"))[0]
+    assert error.code == "GS072"
+    assert error.message == "sqrt(vhat) + eps may be 0: the constraint eps >= 0 allows eps = 0"
+    assert error.hint == "did you mean eps > 0?"
+
+
+def test_underflow_is_a_warning_in_half_precision_only():
+    warnings = [d for d in diagnose("adam", "float16") if d.severity == "warning"]
+    assert [(w.code, w.line) for w in warnings] == [("GS090", 12)] and "1e-08" in warnings[0].message
+    assert all(d.severity != "warning" for d in diagnose("adam", "float32"))
+    assert all(d.severity != "warning" for d in diagnose("adam", "bfloat16"))
+    p = torch.ones(2, dtype=torch.float16, requires_grad=True)
+    with pytest.warns(gradspec.runtime.optimizer.UnderflowWarning, match="eps"):
+        gradspec.Optimizer([p], "adam", backend="eager")
+
+
+def test_diff_explains_where_two_updates_differ():
+    from gradspec.symbolic.diff import diff
+    differences, only = diff(gradspec.load("adamw"), gradspec.load("adam"))
+    by_name = {d.output: d for d in differences}
+    assert not by_name["param'"].equal and "equal when weight_decay = 0" in by_name["param'"].explanations
+    assert str(by_name["m'"].b) == "grad + param*weight_decay" and only == []
+    same, _ = diff(gradspec.load("adam"), gradspec.load("adam"))
+    assert all(d.equal for d in same)
+
+
+def test_cli_check_json_diff_latex_and_docs(capsys):
+    assert main(["check", "adam", "--dtype", "float16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["ok"] and report[0]["diagnostics"][0]["code"] == "GS090"
+    assert main(["diff", "adamw", "adam"]) == 1
+    assert "equal when weight_decay = 0" in capsys.readouterr().out
+    assert main(["diff", "adam", "adam(beta2 = 0.99)"]) == 0
+    assert main(["show", "adam", "--latex"]) == 0
+    latex = capsys.readouterr().out
+    assert r"\hat{m} &= \frac{m_{t}}{1 - \beta_{1}^{t}}" in latex
+    assert main(["docs", "--check"]) == 0, "docs/stdlib.md is stale: run `gradspec docs`"
+
+
+def test_generated_reference_lists_every_spec_and_its_laws():
+    text = open("docs/stdlib.md").read()
+    for name in stdlib.names():
+        assert f"\n## {name}\n" in text
+    assert "law equals adam at weight_decay = 0" in text
