@@ -18,6 +18,7 @@ from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import apply_adaptor, load
 from .symbolic import latex
 from .symbolic.diff import diff
+from .symbolic.simplify import rewritten, simplified
 
 
 def main(argv=None) -> int:
@@ -140,7 +141,17 @@ def _show(args) -> int:
         print(f"gradspec show: '{spec.name}' is an adaptor; show it applied, as {spec.name}(adam)", file=sys.stderr)
         return 1
     import torch
-    graphs = lower_step(build(spec), [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)])
+    shapes = [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)]
+    written = build(spec)
+    candidate = rewritten(written)
+    used = simplified(written)
+    counts = [sum(len(g.graph.nodes) for g in (gs.scalar, gs.main))
+              for gs in (lower_step(p, shapes) for p in (written, candidate or written))]
+    print(f"# IR nodes: {len(written.nodes())} as written, "
+          f"{len(candidate.nodes()) if candidate else 'n/a'} after SymPy cse and folding; "
+          f"FX nodes: {counts[0]} before, {counts[1]} after; "
+          f"compiled: {'the SymPy form' if used is not written else 'as written (not smaller)'}\n")
+    graphs = lower_step(used, shapes)
     for title, graph in (("scalar phase", graphs.scalar), ("elementwise phase, one bucket", graphs.main)):
         print(f"# {title}: {len(graph.graph.nodes)} FX nodes")
         print(graph.code.strip() if args.python else graph.graph)

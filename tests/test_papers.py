@@ -233,7 +233,10 @@ state m = 0
 m' = momentum * m + (1 - momentum) * grad
 param' = param - lr * (1 / (1 + abs(0))) * (m' / (1 - momentum^step)) - lr * 0 * param
 ''')
-    assert torch.equal(plain, _train(lambda p: gradspec.Optimizer(p, ema, backend="eager")))
+    # the hand-written spec's redundant terms are folded by the SymPy pass, which reorders its
+    # arithmetic: equal to rounding, not bit for bit
+    torch.testing.assert_close(plain, _train(lambda p: gradspec.Optimizer(p, ema, backend="eager")),
+                               rtol=1e-13, atol=1e-15)
 
 
 def test_a_global_state_lives_once_per_group_and_resumes_exactly():

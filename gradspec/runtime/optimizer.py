@@ -21,6 +21,7 @@ from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
+from ..symbolic.simplify import simplified
 from .buckets import Bucket, scalar_dtype
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -167,7 +168,8 @@ class Optimizer(torch.optim.Optimizer):
     def _program(self, group: dict) -> Program:
         key = tuple(group[name] for name in self._static_names)
         if key not in self._programs:
-            self._programs[key] = build(self.spec, {n: group[n] for n in self.spec.hypers})
+            # SymPy runs here once per setting of the switches, never in step()
+            self._programs[key] = simplified(build(self.spec, {n: group[n] for n in self.spec.hypers}))
         return self._programs[key]
 
     def _plan(self, index: int, group: dict):
