@@ -165,3 +165,11 @@ def test_a_redundant_spec_compiles_smaller_and_steps_the_same(capsys):
         expected -= 0.1 * 6 * (1 - 0.1) * p.grad
         opt.step()
     torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_example_specs_pass_every_check():
+    import glob
+    files = glob.glob("specs/*.opt")
+    assert files
+    for path in files:
+        gradspec.check(path)

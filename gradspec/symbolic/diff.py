@@ -15,7 +15,7 @@ import sympy
 
 from ..compiler.ir import build
 from ..dsl.resolve import Spec
-from .laws import state_signs
+from .laws import _search, split_roots, state_signs
 from .translate import Translator, outputs, varies_per_element
 
 
@@ -47,10 +47,13 @@ def diff(a: Spec, b: Spec) -> tuple[list[Difference], list[str]]:
 
 
 def _is_zero(e) -> bool:
-    """Proven 0; simplify only where it is cheap (it can take minutes on a whole update)."""
-    if e == 0 or sympy.cancel(e) == 0:
+    """Proven 0. A random point where it is not 0 settles most cases in microseconds; simplify
+    runs only where it is cheap (it can take minutes on a whole update)."""
+    if e == 0:
         return True
-    return sympy.count_ops(e) < 60 and sympy.simplify(e) == 0
+    if _search((e,), {}, lambda value: abs(value[0]) / (1 + abs(value[0]))) is not None:
+        return False
+    return sympy.cancel(e) == 0 or (sympy.count_ops(e) < 60 and sympy.simplify(e) == 0)
 
 
 def _compare(name, x, y, shared) -> Difference:
@@ -58,25 +61,50 @@ def _compare(name, x, y, shared) -> Difference:
         return Difference(name, True)
     sub_x, sub_y = _smallest_difference(x, y)
     out = Difference(name, False, sub_x, sub_y)
-    for h in sorted(shared & (sub_x.free_symbols | sub_y.free_symbols), key=lambda s: s.name):
-        replaced = sympy.Dummy(h.name)
-        try:  # solved on the differing parts only: solving a whole update can take minutes
-            solutions = sympy.solve(sympy.Eq(sub_x, sub_y.subs(h, replaced)), replaced) \
-                if sympy.count_ops(sub_x) + sympy.count_ops(sub_y) < 40 else []
-        except (NotImplementedError, TypeError, ValueError):
-            solutions = []
-        for s in solutions:
-            if not varies_per_element(s) and s != h and s != 0:
-                factor = sympy.simplify(s / h)
-                note = f": a factor {factor} on {h}" if h not in factor.free_symbols else ""
-                out.explanations.append(f"equal when {h} in the second is {sympy.simplify(s)}{note}")
-                break
+    for h in sorted(shared & (x.free_symbols | y.free_symbols), key=lambda s: s.name):
+        value = _solve_for(h, x, y)
+        if value is not None and not varies_per_element(value) and value not in (h, 0):
+            factor = sympy.simplify(value / h)
+            note = f": a factor {factor} on {h}" if h not in factor.free_symbols else ""
+            out.explanations.append(f"equal when {h} in the second is {value}{note}")
         for value in (0, 1):
             if h.is_positive and value == 0:
                 continue
-            if _is_zero((sub_x - sub_y).subs(h, value)):
+            same = x.subs(h, value)
+            if any(s.name == "grad" for s in same.free_symbols) and _is_zero(same - y.subs(h, value)):
                 out.explanations.append(f"equal when {h} = {value}")
     return out
+
+
+def _solve_for(h, x, y):
+    """The value of ``h`` in ``y`` (in terms of x's symbols) that makes ``y`` equal ``x``.
+
+    Roots of products are split (see ``split_roots``) and every root, power and function is made an opaque
+    symbol, so that what is left is a rational equation SymPy solves in milliseconds; on the
+    raw expressions ``solve`` can take minutes."""
+    unknown, atoms = sympy.Dummy(h.name), {}
+
+    def opaque(e):
+        return e.replace(lambda s: (s.is_Pow and not s.exp.is_Integer) or s.is_Function,
+                         lambda s: atoms.setdefault(s, sympy.Dummy()))
+    left, right = opaque(split_roots(x)), opaque(split_roots(y).subs(h, unknown))
+    if unknown not in right.free_symbols:
+        return None
+    try:
+        solutions = sympy.solve(sympy.Eq(left, right), unknown, rational=False, simplify=False, check=False)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    back = {d: a for a, d in atoms.items()}
+    for solution in solutions:
+        solution = sympy.factor(sympy.cancel(solution))  # a rational function of the atoms: fast
+        for _ in range(len(back) + 1):  # atoms may sit inside atoms
+            solution = solution.subs(back)
+        if any(isinstance(s, sympy.Dummy) for s in solution.free_symbols) or sympy.count_ops(solution) > 150:
+            continue
+        solution = sympy.simplify(solution)
+        if sympy.count_ops(solution) < 30:  # a long formula would explain nothing
+            return solution
+    return None
 
 
 def _smallest_difference(x, y):

@@ -222,10 +222,17 @@ def _equal(a, b, what, law, bounds):
         values, (x, y) = counterexample
         raise _Refuted(f"{what}; at {_show(values)} one side is {x:.6g} and the other {y:.6g}", _hint(law))
     diff = a - b
-    for attempt in (sympy.cancel, lambda e: sympy.simplify(sympy.piecewise_fold(e))):
+    for attempt in (sympy.cancel, lambda e: sympy.cancel(split_roots(e)),
+                    lambda e: sympy.simplify(sympy.piecewise_fold(e))):
         if attempt(diff) == 0:
             return
     raise _Unproven(what)
+
+
+def split_roots(e):
+    """sqrt(v / c) as sqrt(v) / sqrt(c): sound here, because laws are proven only after the
+    safety check has shown every root's argument nonnegative."""
+    return sympy.powdenest(sympy.expand_power_base(e, force=True), force=True)
 
 
 def _holds(claim, law, bounds):
