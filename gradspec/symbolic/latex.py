@@ -25,7 +25,7 @@ def display(name: str, primed: bool, program: Program) -> str:
 
 
 def _symbol(name: str) -> str:
-    """beta1 -> \beta_{1}, mhat -> \hat{m}, e.a -> a^{(e)}, direction -> \mathrm{direction}."""
+    r"""beta1 -> \beta_{1}, mhat -> \hat{m}, e.a -> a^{(e)}, direction -> \mathrm{direction}."""
     if "." in name:
         owner, rest = name.split(".", 1)
         return f"{_symbol(rest)}^{{({owner})}}"
