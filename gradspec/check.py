@@ -46,6 +46,7 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
             found += [d for d in error.diagnostics if d.code != "GS043"]
             continue
         found += safety.diagnostics(program)
+        found += _other_branches(target, setting, program)
         if all(setting[n] == target.hypers[n].default for n in switches):
             default = program
     if default is not None and not any(d.severity == "error" for d in found):
@@ -64,6 +65,24 @@ def safety_checked(spec: Spec) -> None:
     errors = [d for d in diagnose(spec, prove_laws=False) if d.severity == "error"]
     if errors:
         raise SpecError(errors)
+
+
+def _other_branches(spec, setting, program, limit: int = 6) -> list[Diagnostic]:
+    """Build and check the branches of numeric ``if`` conditions (``if momentum > 0``) that
+    these values do not take, each with its condition assumed (momentum > 0 inside)."""
+    indices = [index for index, _, _ in program.assumed][:limit]
+    found = []
+    for pattern in itertools.product((False, True), repeat=len(indices)):
+        forced = dict(zip(indices, pattern))
+        if all(program.switches[i] == taken for i, taken in forced.items()):
+            continue
+        try:
+            other = build(spec, setting, forced)
+        except SpecError as error:
+            found += [d for d in error.diagnostics if d.code != "GS043"]
+            continue
+        found += safety.diagnostics(other)
+    return found
 
 
 def _unique(diagnostics):

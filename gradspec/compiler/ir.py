@@ -91,6 +91,7 @@ class Program:
     origins: dict = None  # id(node) -> (source, span) where the node was first written
     context: object = None  # the builder, to build a law's expressions in the spec's namespace
     statements: tuple = ()  # (source, State | Define) under these switches, in source order
+    assumed: tuple = ()  # (index, condition node, taken): numeric ``if`` conditions, as facts
 
     def law_expr(self, source, expr, free_names=False):
         """``expr`` (a law's claim, given or substitution) as a node, built like the spec's own
@@ -175,8 +176,12 @@ def _fold(op, values):
     return None
 
 
-def build(spec: Spec, hyper_values: dict | None = None) -> Program:
+def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None) -> Program:
     """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
+
+    ``forced`` maps the index of an ``if`` condition (in the order they are met) to the branch
+    to take whatever the values say: the symbolic checker uses it to check the branches of a
+    numeric condition (``if momentum > 0``) that the defaults do not take.
 
     Raises SpecError with every problem found: unknown names, type and scope errors, cycles
     between next values, states without a next value, a missing update.
@@ -184,7 +189,7 @@ def build(spec: Spec, hyper_values: dict | None = None) -> Program:
     if spec.kind == "adaptor":
         raise SpecError(_adaptor_alone(spec))
     values = {**spec.hyper_defaults, **(hyper_values or {})}
-    return _ProgramBuilder(spec, values).run()
+    return _ProgramBuilder(spec, values, forced or {}).run()
 
 
 def _adaptor_alone(spec):
@@ -194,9 +199,11 @@ def _adaptor_alone(spec):
 
 
 class _ProgramBuilder:
-    def __init__(self, spec: Spec, values: dict):
+    def __init__(self, spec: Spec, values: dict, forced: dict | None = None):
         self.spec = spec
         self.values = values
+        self.forced = forced or {}
+        self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
         self.b = Builder()
         self.errors = Collector(spec.source)
         self.locals: dict = {}  # name -> (source, Define)
@@ -248,7 +255,7 @@ class _ProgramBuilder:
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
                        self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self,
-                       tuple(self.active))
+                       tuple(self.active), tuple(self.assumed))
 
     def extra_expr(self, src, expr, free_names=False):
         """Build one more expression after :meth:`run`; raise SpecError if it is unsound."""
@@ -302,9 +309,15 @@ class _ProgramBuilder:
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
                               expr.span, "use where(cond, a, b) for a condition on tensors or the step", src)
             return False
+        taken = bool(node.attr)
         if record:
-            self.switches.append(bool(node.attr))
-        return bool(node.attr)
+            taken = self.forced.get(len(self.switches), taken)
+            self.switches.append(taken)
+            numeric = {n.name for n in ast.names_in(expr)
+                       if n.name in self.spec.hypers and self.spec.hypers[n.name].kind != "bool"}
+            if numeric:  # the same condition over hyperparameter nodes: a fact inside the branch
+                self.assumed.append((len(self.switches) - 1, self._expr(src, expr), taken))
+        return taken
 
     # ---- building expressions
     def _next(self, name):

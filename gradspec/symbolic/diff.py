@@ -38,9 +38,11 @@ class Difference:
 def diff(a: Spec, b: Spec) -> tuple[list[Difference], list[str]]:
     """The differences of every shared output, and the outputs only one spec has."""
     pa, pb = build(a), build(b)
-    ta = Translator(pa, None, state_signs(pa))
+    signs_a, signs_b = state_signs(pa), state_signs(pb)
+    agreed = {n: sign for n, sign in signs_a.items() if signs_b.get(n, sign) == sign}  # one symbol per name
+    ta = Translator(pa, None, agreed)
     symbols = {n: ta.symbols[n] for n in b.hypers if n in ta.symbols}
-    tb = Translator(pb, symbols, state_signs(pb))
+    tb = Translator(pb, symbols, {n: sign for n, sign in signs_b.items() if n not in pa.init or agreed.get(n) == sign})
     oa, ob = outputs(pa, ta), outputs(pb, tb)
     only = [f"{k} only in {a.name}" for k in oa if k not in ob] + [f"{k} only in {b.name}" for k in ob if k not in oa]
     return [_compare(name, oa[name], ob[name], set(symbols.values())) for name in oa if name in ob], only

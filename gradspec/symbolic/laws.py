@@ -24,8 +24,8 @@ from sympy.core.relational import Relational
 from ..compiler.ir import Program, build
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
-from .ranges import Analysis, constraint_range
-from .translate import STEP, ElementSymbol, Translator, _Reduction, number, outputs
+from .ranges import Analysis, Range, constraint_range
+from .translate import STEP, ElementSymbol, Translator, _Reduction, number, outputs, varies_per_element
 
 SAMPLES = 48
 
@@ -67,17 +67,27 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         if owner is None:
             raise SpecError(Diagnostic("GS080", f"the law sets '{name}', which is not a hyperparameter", source, span,
                                        f"hyperparameters: {', '.join(spec.hypers)}"))
+        if (owner.kind == "bool") != isinstance(value, bool):
+            raise SpecError(Diagnostic("GS080", f"the law sets '{name}' to {str(value).lower()}, but it is "
+                                                f"{'a switch' if owner.kind == 'bool' else 'a number'}", source, span,
+                                       "use true or false for a switch, a number otherwise"))
         (bools if owner.kind == "bool" else numbers)[name] = value
     if bools:
         program = build(spec, {**spec.hyper_defaults, **{k: v for k, v in bools.items() if k in spec.hypers}})
+    # the state invariants hold for the values the law sets, which may lie outside the
+    # constraints (eps = 0): recompute them there
+    points = {k: Range.point(v) for k, v in numbers.items() if k in spec.hypers}
+    analysis = Analysis(program, points)
     translate = Translator(program, {k: number(v) for k, v in numbers.items() if k in spec.hypers},
-                           state_signs(program))
-    given = _given(program, source, law, translate)
-    analysis = Analysis(program)
-    bounds = {**{n: constraint_range(h) for n, h in spec.hypers.items()}, **analysis.state_ranges}
+                           _signs(analysis))
+    given = _Given(program, source, law, translate)
+    bounds = {**{n: constraint_range(h) for n, h in spec.hypers.items()}, **points, **analysis.state_ranges}
     mine_outputs = outputs(program, translate)
     constants = _constant_states(program, translate, mine_outputs)
-    mine = given({k: v.subs(constants) for k, v in mine_outputs.items()})
+    mine = {k: v.subs(constants) for k, v in mine_outputs.items()}
+
+    def equal(a, b, what):
+        _equal(given(a), given(b), what, law, bounds, given.facts)
 
     if law.kind == "equals":
         settings = {n: h.default for n, h in other.hypers.items()}
@@ -88,39 +98,43 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         for n, h in other.hypers.items():  # what only the other spec has stays at its default
             shared.setdefault(n, number(h.default) if h.kind != "bool" else None)
         theirs_t = Translator(theirs_program, {k: v for k, v in shared.items() if v is not None},
-                              state_signs(theirs_program))
+                              translate.state_signs)  # the same state is the same symbol
         theirs_outputs = outputs(theirs_program, theirs_t)
         theirs_constants = _constant_states(theirs_program, theirs_t, theirs_outputs)
-        theirs = given({k: v.subs(theirs_constants) for k, v in theirs_outputs.items()})
-        for name in mine:
-            if name in theirs:
-                _equal(mine[name], theirs[name], f"{name} differs from {other.name}'s", law, bounds)
+        for name, value in mine.items():
+            if name in theirs_outputs:
+                equal(value, theirs_outputs[name].subs(theirs_constants), f"{name} differs from {other.name}'s")
+        for name, node in program.init.items():
+            theirs_init = theirs_program.init.get(name)
+            if node is not None and theirs_init is not None:
+                equal(translate(node), theirs_t(theirs_init), f"the initial value of {name} differs from {other.name}'s")
         return
     if law.kind == "invariant":
-        mapping = {}
-        for name, expr in law.mappings:
-            mapping[_symbol_of(program, name, translate, source, law)] = translate(program.law_expr(source, expr, True))
-        mapping = {k: given(v) for k, v in mapping.items()}
+        mapping = {_symbol_of(program, name, translate, source, law): translate(program.law_expr(source, expr, True))
+                   for name, expr in law.mappings}
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
             moved = value.subs(mapping, simultaneous=True)
             expected = mapping[x].subs(x, value) if x in mapping else value
-            _equal(moved, expected, f"{name} does not transform as the substitution says", law, bounds)
+            equal(moved, expected, f"{name} does not transform as the substitution says")
         return
     if law.kind == "fixed_point":
-        rest = {ElementSymbol("grad", real=True): sympy.Integer(0)}
+        grad = ElementSymbol("grad", real=True)
+        rest = {grad: sympy.Integer(0)}
         for name in program.init:
-            rest[translate.state(name)] = translate(program.init[name]).subs(ElementSymbol("grad", real=True), 0)
+            rest[translate.state(name)] = translate(program.init[name]).subs(grad, 0)
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
             expected = rest.get(x, x) if name != "param'" else ElementSymbol("param", real=True)
-            _equal(value.subs(rest, simultaneous=True), expected, f"{name} moves at zero gradient", law, bounds)
+            equal(value.subs(rest, simultaneous=True), expected, f"{name} moves at zero gradient")
         return
     node = program.law_expr(source, law.target, True)
+    if node.type != "bool":
+        raise SpecError(Diagnostic("GS046", "a law states a condition, and this is a number", source,
+                                   law.target.span, "compare it, as in abs(direction) == 1"))
     if not law.bindings and not law.given and _bounded(node, analysis):
         return
-    claim = given(translate(node).subs(constants))
-    _holds(claim, law, bounds)
+    _holds(given(translate(node).subs(constants)), law, bounds, given.facts)
 
 
 def _bounded(node, analysis) -> bool:
@@ -137,8 +151,12 @@ def _bounded(node, analysis) -> bool:
 
 def state_signs(program) -> dict:
     """``{"v": "nonnegative", ...}``: the signs the range analysis proved for the states."""
-    ranges = Analysis(program).state_ranges
-    return {n: "positive" if r.positive else "nonnegative" for n, r in ranges.items() if r.nonnegative}
+    return _signs(Analysis(program))
+
+
+def _signs(analysis) -> dict:
+    return {n: "positive" if r.positive else "nonnegative" for n, r in analysis.state_ranges.items()
+            if r.nonnegative}
 
 
 def _symbol_of(program, name, translate, source, law):
@@ -156,37 +174,44 @@ def _symbol_of(program, name, translate, source, law):
                                source, law.span, None))
 
 
-def _given(program, source, law, translate):
-    """A function applying the law's ``given`` to an expression (or a dict of them)."""
-    if law.given is None:
-        return lambda e: e
-    fact = translate(program.law_expr(source, law.given, True))
-    facts = list(fact.args) if isinstance(fact, sympy.And) else [fact]
-    decided, replacements = {}, {}
-    for f in facts:
-        if not isinstance(f, Relational):
-            continue
-        decided[f.canonical] = sympy.true
-        decided[f.negated.canonical] = sympy.false
-        kind = {sympy.StrictGreaterThan: "positive", sympy.GreaterThan: "nonnegative",
-                sympy.StrictLessThan: "negative", sympy.Unequality: "nonzero"}.get(type(f))
-        if kind and f.rhs == 0:
-            replacements.update(_change_of_variables(f.lhs, kind))
+class _Given:
+    """A law's ``given``, applied to an expression. A ``where`` whose condition it decides
+    takes that branch; ``X > c`` (>=, <, !=) becomes a change of variables after which
+    ``X - c`` is a fresh symbol with that property; the facts it could not encode so are
+    kept, and the counterexample search only samples points where they hold."""
 
-    def apply(e):
-        if isinstance(e, dict):
-            return {k: apply(v) for k, v in e.items()}
-        e = e.replace(lambda x: isinstance(x, Relational) and x.canonical in decided,
-                      lambda x: decided[x.canonical])
-        return e.subs(replacements) if replacements else e
-    return apply
+    def __init__(self, program, source, law, translate):
+        self.decided, self.replacements, self.facts = {}, {}, []
+        if law.given is None:
+            return
+        fact = translate(program.law_expr(source, law.given, True))
+        for f in (list(fact.args) if isinstance(fact, sympy.And) else [fact]):
+            if not isinstance(f, Relational):
+                self.facts.append(f)
+                continue
+            self.decided[f.canonical] = sympy.true
+            self.decided[f.negated.canonical] = sympy.false
+            kind = {sympy.StrictGreaterThan: "positive", sympy.GreaterThan: "nonnegative",
+                    sympy.StrictLessThan: "negative", sympy.Unequality: "nonzero"}.get(type(f))
+            change = _change_of_variables(f.lhs - f.rhs, kind) if kind else {}
+            if change and not set(change) & set(self.replacements):
+                self.replacements.update(change)
+            else:
+                self.facts.append(f)
+
+    def __call__(self, e):
+        e = e.replace(lambda x: isinstance(x, Relational) and x.canonical in self.decided,
+                      lambda x: self.decided[x.canonical])
+        return e.subs(self.replacements) if self.replacements else e
 
 
 def _change_of_variables(expr, kind: str) -> dict:
     """A substitution after which ``expr`` is a fresh symbol with the assumption ``kind``
     (positive, nonzero, ...): a symbol is replaced by one that carries it; a compound
-    expression linear in one of its symbols has that symbol solved for."""
-    fresh = sympy.Symbol(expr.name if expr.is_Symbol else "c", real=True, **{kind: True})
+    expression linear in one of its symbols has that symbol solved for. The fresh symbol is
+    an element symbol where ``expr`` varies per element, so reductions still see it vary."""
+    cls = ElementSymbol if varies_per_element(expr) else sympy.Symbol
+    fresh = cls(expr.name if expr.is_Symbol else f"({expr})", real=True, **{kind: True})
     if expr.is_Symbol:
         return {expr: fresh}
     candidates = sorted(expr.free_symbols, key=lambda s: (not isinstance(s, ElementSymbol), s.name))
@@ -214,10 +239,11 @@ def _constant_states(program, translate, outs: dict) -> dict:
         constants = kept
 
 
-def _equal(a, b, what, law, bounds):
+def _equal(a, b, what, law, bounds, facts=()):
     if a == b:
         return
-    counterexample = _search((a, b), bounds, lambda pair: abs(pair[0] - pair[1]) / (1 + abs(pair[0]) + abs(pair[1])))
+    counterexample = _search((a, b), bounds, lambda pair: abs(pair[0] - pair[1]) / (1 + abs(pair[0]) + abs(pair[1])),
+                             facts)
     if counterexample is not None:
         values, (x, y) = counterexample
         raise _Refuted(f"{what}; at {_show(values)} one side is {x:.6g} and the other {y:.6g}", _hint(law))
@@ -230,17 +256,23 @@ def _equal(a, b, what, law, bounds):
 
 
 def split_roots(e):
-    """sqrt(v / c) as sqrt(v) / sqrt(c): sound here, because laws are proven only after the
-    safety check has shown every root's argument nonnegative."""
-    return sympy.powdenest(sympy.expand_power_base(e, force=True), force=True)
+    """sqrt(n / d) as sqrt(n) / sqrt(d). For principal square roots this holds wherever
+    n / d >= 0 and d != 0, which the safety check has proven for every root in the spec
+    (if both are negative, the two factors of i cancel). Roots of products are left alone:
+    sqrt(a * b) is not sqrt(a) * sqrt(b) when both are negative."""
+    def split(root):
+        numerator, denominator = sympy.fraction(sympy.together(root.base))
+        return sympy.Pow(numerator, root.exp) / sympy.Pow(denominator, root.exp)
+    return e.replace(lambda x: x.is_Pow and x.exp in (sympy.S.Half, -sympy.S.Half)
+                     and sympy.fraction(sympy.together(x.base))[1] != 1, split)
 
 
-def _holds(claim, law, bounds):
+def _holds(claim, law, bounds, facts=()):
     if claim is sympy.true:
         return
     if isinstance(claim, sympy.Eq):
-        return _equal(claim.lhs, claim.rhs, f"{claim.lhs} == {claim.rhs} is not an identity", law, bounds)
-    found = _search((claim,), bounds, lambda value: 0.0 if value[0] else 1.0)
+        return _equal(claim.lhs, claim.rhs, f"{claim.lhs} == {claim.rhs} is not an identity", law, bounds, facts)
+    found = _search((claim,), bounds, lambda value: 0.0 if value[0] else 1.0, facts)
     if found is not None:
         raise _Refuted(f"the claim is false at {_show(found[0])}", _hint(law))
     if sympy.simplify(claim) is sympy.true:
@@ -254,16 +286,24 @@ def _hint(law):
 
 # ---- counterexamples: random points that respect every symbol's assumptions -------------------
 
-def _search(exprs, bounds, gap):
-    """A random point where ``gap`` of the expressions' values is above 1e-9, or None."""
+def _search(exprs, bounds, gap, facts=()):
+    """A random point, where every fact holds, at which ``gap`` of the expressions' values
+    is above 1e-9; or None."""
     exprs = [e.replace(lambda x: isinstance(x, _Reduction), _one_element) for e in exprs]
-    symbols = sorted(set().union(*(e.free_symbols for e in exprs)), key=lambda s: s.name)
-    function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"])
+    facts = [f.replace(lambda x: isinstance(x, _Reduction), _one_element) for f in facts]
+    symbols = sorted(set().union(*(e.free_symbols for e in exprs + facts)), key=lambda s: s.name)
+    # dummify: a symbol named like a function (a hyperparameter called exp) must not shadow
+    # it, and two symbols of one name (different assumptions) must stay two arguments
+    function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"], dummify=True)
+    holds = sympy.lambdify(symbols, facts, modules=[_MATH, "math"], dummify=True) if facts else None
     rng = random.Random(0)
-    for _ in range(SAMPLES):
+    for _ in range(SAMPLES * (4 if facts else 1)):
         values = {s: _sample(s, rng, bounds.get(s.name)) for s in symbols}
         try:
-            result = function(*[float(v) for v in values.values()])
+            point = [float(v) for v in values.values()]
+            if holds is not None and not all(holds(*point)):
+                continue
+            result = function(*point)
             size = gap(result)
         except (TypeError, ValueError, ZeroDivisionError, ArithmeticError):
             continue  # undefined here (a root of a negative number): try another point
@@ -286,8 +326,13 @@ def _sample(symbol, rng, bound):
     elif symbol.is_negative:
         hi = min(hi, 0)
     if symbol.is_integer:
-        low = int(max(lo, -9)) if lo > -math.inf else -9
-        return rng.randint(low if low > lo or bound is None or bound.lo_closed else low + 1, low + 9)
+        low = math.ceil(max(lo, -9))
+        if bound is not None and low == lo and not bound.lo_closed:
+            low += 1
+        high = math.floor(min(hi, low + 9))
+        if bound is not None and high == hi and not bound.hi_closed:
+            high -= 1
+        return rng.randint(low, max(low, high))
     if math.isinf(lo) and math.isinf(hi):
         lo, hi = -2, 2
     elif math.isinf(hi):
@@ -300,7 +345,8 @@ def _sample(symbol, rng, bound):
         if x != 0 or not (symbol.is_nonzero or symbol.is_positive or symbol.is_negative):
             if lo < x < hi or (bound is None and lo <= x <= hi):
                 return x
-    return sympy.Rational(str(lo))  # a range of one point (a state that stays 0)
+    middle = (sympy.Rational(str(lo)) + sympy.Rational(str(hi))) / 2  # a narrow or one-point range
+    return middle
 
 
 def _one_element(reduction):

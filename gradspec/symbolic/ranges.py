@@ -197,7 +197,7 @@ class Analysis:
             for fact_node, fact_range in facts:
                 if fact_node is node:
                     found = self._range(node, facts)
-                    found = _intersect(found, fact_range)
+                    found = intersect(found, fact_range)
                     break
             else:
                 found = self._range(node, facts)
@@ -230,7 +230,7 @@ class Analysis:
         if op == "where":
             cond, a, b = node.args
             self.range(cond, facts)
-            yes, no = _branch_facts(cond, self, facts)
+            yes, no = branch_facts(cond, self, facts)
             ra, rb = self.range(a, facts + yes), self.range(b, facts + no)
             return None if ra is None else ra.hull(rb)
         args = [self.range(a, facts) for a in node.args]
@@ -281,9 +281,11 @@ class Analysis:
         if b.contains(0):
             self._flag(node, node.args[1], "may be 0")
             return ANY
+        # in floating point the remainder can round up to the divisor itself:
+        # torch.remainder(-1e-20, 1) is 1.0, so the far end is closed
         if b.positive:
-            return Range(0, b.hi, True, False, a.integer and b.integer)
-        return Range(b.lo, 0, False, True)
+            return Range(0, b.hi, True, math.isfinite(b.hi), a.integer and b.integer)
+        return Range(b.lo, 0, math.isfinite(b.lo), True)
 
     def _pow(self, node, a, b):
         if b.is_point and b.integer:
@@ -297,8 +299,9 @@ class Analysis:
                 return _corners(_pow_value, a, b)
             if n % 2 and n > 0:
                 return _monotone(lambda x: _pow_value(x, n), a)
-            big = max(abs(a.lo), abs(a.hi)) ** n if n > 0 else INF
-            return Range(-INF if n < 0 else 0, big, n > 0, False) if n % 2 == 0 else ANY
+            if n % 2 == 0 and n > 0:  # an even power of a signed value is |x|^n
+                return _monotone(lambda x: _pow_value(x, n), self._abs(node, a))
+            return ANY
         if not a.nonnegative and not b.integer:
             self._flag(node, node.args[0], "may be negative under a fractional power")
             return ANY
@@ -338,7 +341,8 @@ class Analysis:
         if a.hi <= 0:
             return _neg(a)
         top = max(-a.lo, a.hi)
-        return Range(0, top, True, (a.hi_closed if a.hi >= -a.lo else a.lo_closed) and math.isfinite(top))
+        attained = (a.hi == top and a.hi_closed) or (-a.lo == top and a.lo_closed)
+        return Range(0, top, True, attained and math.isfinite(top))
 
     def _sign(self, node, a):
         lo = 1 if a.positive else (0 if a.nonnegative else -1)
@@ -388,7 +392,7 @@ def _factors(node: Node):
         yield from _factors(a)
 
 
-def _intersect(r: Range | None, fact: Range) -> Range | None:
+def intersect(r: Range | None, fact: Range) -> Range | None:
     if r is None:
         return None
     lo, lo_closed = _pick(r.lo, r.lo_closed, fact.lo, fact.lo_closed, max)
@@ -409,7 +413,7 @@ _NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt"}
 _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq"}
 
 
-def _branch_facts(cond: Node, analysis: "Analysis", facts) -> tuple[tuple, tuple]:
+def branch_facts(cond: Node, analysis: "Analysis", facts) -> tuple[tuple, tuple]:
     """What ``where(cond, a, b)`` knows in each branch: for ``x > c`` with c's range a point,
     x > c in the first and x <= c in the second (torch.where evaluates both branches, but
     only the chosen one's value is used)."""

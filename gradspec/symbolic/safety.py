@@ -7,22 +7,43 @@ import dataclasses
 
 from ..compiler.ir import Program
 from ..dsl.errors import Diagnostic
-from .ranges import INF, Analysis, Range, Unsafe, constraint_range
+from .ranges import INF, Analysis, Range, Unsafe, branch_facts, constraint_range, intersect
 
 _WHAT = {"div": "the divisor", "mod": "the divisor", "sqrt": "the root's argument", "rsqrt": "rsqrt's argument",
          "log": "the logarithm's argument", "pow": "the base"}
 
 
 def diagnostics(program: Program) -> list[Diagnostic]:
-    analysis = Analysis(program)
-    return [_diagnostic(program, analysis, u) for u in analysis.unsafe]
+    """GS072 for every operation of ``program`` that may be undefined. Inside the branch of
+    ``if c > 0.5``, c's range is narrowed accordingly; a program whose branches no allowed
+    value reaches (the constraint says c < 0.3) has nothing to report."""
+    narrowed = assumed_ranges(program)
+    if narrowed is None:
+        return []
+    analysis = Analysis(program, narrowed)
+    return [_diagnostic(program, analysis, u, narrowed) for u in analysis.unsafe]
 
 
-def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe) -> Diagnostic:
+def assumed_ranges(program: Program) -> dict | None:
+    """Hyperparameter ranges narrowed by the ``if`` conditions the program took; None if
+    they leave no value."""
+    ranges = {name: constraint_range(h) for name, h in program.spec.hypers.items()}
+    probe = Analysis(program)
+    for _, condition, taken in program.assumed:
+        yes, no = branch_facts(condition, probe, ())
+        for node, fact in (yes if taken else no):
+            if node.op == "hyper":
+                ranges[node.attr] = intersect(ranges[node.attr], fact)
+    if any(r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed)) for r in ranges.values()):
+        return None
+    return ranges
+
+
+def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict) -> Diagnostic:
     origins = program.origins or {}
     source, span = origins.get(id(unsafe.operand)) or origins.get(id(unsafe.node)) or (program.spec.source, None)
     text = _excerpt(source, span) or _WHAT.get(unsafe.node.op, "an operand")
-    reason, hint = _explain(program, analysis, unsafe)
+    reason, hint = _explain(program, analysis, unsafe, narrowed)
     return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
 
 
@@ -47,14 +68,14 @@ def _still_unsafe(program, unsafe, hyper_ranges) -> bool:
     return any(u.node is unsafe.node and u.problem == unsafe.problem for u in again.unsafe)
 
 
-def _explain(program: Program, analysis: Analysis, unsafe: Unsafe) -> tuple[str, str]:
+def _explain(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict) -> tuple[str, str]:
     """Find the missing fact: a hyperparameter whose constraint, made strict (or declared
     positive where it has none), makes the operation safe; else what the checker knows."""
     leaves = _subtree(unsafe.operand)
     hypers = sorted({n.attr for n in leaves if n.op == "hyper"})
     for name in hypers:
         for tighter, fix, reason in _tightenings(program.spec.hypers[name]):
-            if not _still_unsafe(program, unsafe, {name: tighter}):
+            if not _still_unsafe(program, unsafe, {**narrowed, name: intersect(tighter, narrowed[name])}):
                 return reason, f"did you mean {fix}?"
     known = []
     for n in leaves:
@@ -63,7 +84,7 @@ def _explain(program: Program, analysis: Analysis, unsafe: Unsafe) -> tuple[str,
         elif n.op == "input" and n.attr in ("grad", "param", "loss"):
             known.append(f"{n.attr} may be any real number")
         elif n.op == "hyper":
-            known.append(f"{n.attr} is {constraint_range(program.spec.hypers[n.attr]).describe()}")
+            known.append(f"{n.attr} is {narrowed[n.attr].describe()}")
     reason = "; ".join(dict.fromkeys(known)) or "nothing bounds it away from the problem"
     if unsafe.node.op in ("div", "rsqrt", "log", "mod") or "negative power" in unsafe.problem:
         hint = "add a positive constant (a hyperparameter eps > 0) or take max(..., eps)"

@@ -97,6 +97,8 @@ class _Rebuild:
             return b.op("pow", self(base), self(exp))
         if isinstance(e, _Reduction):
             args = tuple(self(a) for a in e.args)
+            if any(a.scope != Scope.ELEMENT for a in args):  # tensor.sum(1): keep the spec's form
+                raise _NoIRForm(e)
             scope = Scope.GLOBAL if e.scope == "global" else Scope.TENSOR
             return b.node("reduce", args, (e.scope, e.what), "real", scope)
         if isinstance(e, sympy.Piecewise):

@@ -7,6 +7,7 @@ functions that know they are linear in factors that do not vary over a tensor's 
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import sympy
@@ -96,8 +97,9 @@ def number(value) -> sympy.Expr:
     """A constant as the exact rational its decimal text denotes (0.1 is 1/10)."""
     if isinstance(value, bool):
         return sympy.true if value else sympy.false
-    return sympy.Rational(Fraction(repr(float(value))).limit_denominator(10**18)) \
-        if abs(value) < 1e18 else sympy.Float(value)
+    if not math.isfinite(value):
+        return sympy.oo if value > 0 else -sympy.oo if value < 0 else sympy.nan
+    return sympy.Rational(Fraction(repr(float(value))))  # exact: 1e-20 stays 1e-20
 
 
 def hyper_symbol(hyper: ast.Hyper) -> sympy.Symbol:
@@ -165,6 +167,12 @@ class Translator:
             return ElementSymbol(attr, real=True) if attr in ("grad", "param") else sympy.Symbol(attr, real=True)
         if op == "free":
             return sympy.Symbol(attr, real=True)
+        if op == "pow" and all(a.is_const for a in node.args):  # left unfolded: it overflows
+            base, exponent = (a.attr for a in node.args)
+            try:
+                return number(math.pow(base, exponent))
+            except (OverflowError, ValueError):
+                return sympy.nan if base < 0 else sympy.oo  # SymPy would try to compute it exactly
         args = [self(a) for a in node.args]
         if op == "reduce":
             return reduction(*attr)(*args)
