@@ -56,7 +56,7 @@ CASES = [
     # safety
     ("eps_may_be_zero", H + "hyper eps = 1e-8 >= 0\nstate v = 0\nv' = 0.9 * v + 0.1 * grad^2\nparam' = param - lr * grad / (sqrt(v') + eps)\n", "GS072", 6, 31),
     ("unconstrained_divisor", H + "hyper eps = 1e-8\nparam' = param - lr * grad / eps\n", "GS072", 4, 30),
-    ("sqrt_of_signed_state", H + "state v = 0\nv' = 0.9 * v + 0.1 * grad\nparam' = param - lr * grad / (sqrt(v') + 1)\n", "GS072", 4, 6),
+    ("sqrt_of_signed_state", H + "state v = 0\nv' = 0.9 * v + 0.1 * grad\nparam' = param - lr * grad / (sqrt(v') + 1)\n", "GS072", 5, 36),
     ("log_of_grad", H + "param' = param - lr * log(grad)\n", "GS072", 3, 27),
     ("rsqrt_of_nonneg", H + "param' = param - lr * rsqrt(grad * grad)\n", "GS072", 3, 29),
     ("fractional_power_of_grad", H + "param' = param - lr * grad^0.5\n", "GS072", 3, 23),

@@ -88,7 +88,7 @@ class Program:
     uses_loss: bool
     switches: tuple  # the values of every compile-time condition, in order
     laws: tuple = ()  # (source, ast.Law) of the active laws, for the symbolic checker
-    origins: dict = None  # id(node) -> (source, span) where the node was first written
+    origins: dict = None  # id(node) -> [(source, span), ...]: everywhere the node is written
     context: object = None  # the builder, to build a law's expressions in the spec's namespace
     statements: tuple = ()  # (source, State | Define) under these switches, in source order
     assumed: tuple = ()  # (index, condition node, taken): numeric ``if`` conditions, as facts
@@ -350,7 +350,7 @@ class _ProgramBuilder:
         first written, so the symbolic checker can point at it."""
         node = self._expr_node(src, expr, static, in_init)
         if node is not None and getattr(expr, "span", None) is not None:
-            self.origins.setdefault(id(node), (src, expr.span))
+            self.origins.setdefault(id(node), []).append((src, expr.span))
         return node
 
     def _expr_node(self, src, expr, static, in_init):

@@ -103,7 +103,7 @@ def underflow(program: Program, dtype, values: dict | None = None) -> list[Diagn
         if value == 0 or what in seen or torch.tensor(float(value), dtype=dtype).item() != 0:
             continue
         seen.add(what)
-        source, span = origins.get(id(node), (program.spec.source, None))
+        source, span = origins.get(id(node), [(program.spec.source, None)])[0]
         if node.op == "hyper":
             span = program.spec.hypers[node.attr].span
         out.append(Diagnostic("GS090", f"{what} underflows to 0 in {str(dtype).replace('torch.', '')}", source, span,

@@ -7,6 +7,7 @@ import dataclasses
 
 from ..compiler.ir import Program
 from ..dsl.errors import Diagnostic
+from .translate import Translator
 from .ranges import INF, Analysis, Range, Unsafe, branch_facts, constraint_range, intersect
 
 _WHAT = {"div": "the divisor", "mod": "the divisor", "sqrt": "the root's argument", "rsqrt": "rsqrt's argument",
@@ -41,10 +42,21 @@ def assumed_ranges(program: Program) -> dict | None:
 
 def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict) -> Diagnostic:
     origins = program.origins or {}
-    source, span = origins.get(id(unsafe.operand)) or origins.get(id(unsafe.node)) or (program.spec.source, None)
-    text = _excerpt(source, span) or _WHAT.get(unsafe.node.op, "an operand")
+    source, span = origins.get(id(unsafe.node), [(program.spec.source, None)])[0]
+    inner = [o for o in origins.get(id(unsafe.operand), []) if span is None or _within(o[1], span)]
+    if inner:  # point at the operand, where the operation uses it
+        source, span = inner[0]
+        text = _excerpt(source, span)
+    else:  # the operand was first written elsewhere (m' defined above): name it, point at the use
+        text = str(Translator(program)(unsafe.operand))
+    text = text or _WHAT.get(unsafe.node.op, "an operand")
     reason, hint = _explain(program, analysis, unsafe, narrowed)
     return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
+
+
+def _within(inner, outer) -> bool:
+    return (inner.line, inner.column) >= (outer.line, outer.column) and \
+        (inner.end_line, inner.end_column) <= (outer.end_line, outer.end_column)
 
 
 def _excerpt(source, span) -> str | None:
@@ -104,7 +116,8 @@ def _tightenings(hyper):
     if current.lo_closed and current.lo == 0:
         yield dataclasses.replace(current, lo_closed=False), _strict(hyper), f"the constraint {described} allows {name} = 0"
     if current.hi_closed and current.hi < INF:
-        fix = f"{name} in {'[' if current.lo_closed else '('}{_num(current.lo)}, {_num(current.hi)})"
+        fix = f"{name} in {'[' if current.lo_closed else '('}{_num(current.lo)}, {_num(current.hi)})" \
+            if current.lo > -INF else f"{name} < {_num(current.hi)}"
         yield dataclasses.replace(current, hi_closed=False), fix, \
             f"the constraint {described} allows {name} = {_num(current.hi)}"
 
