@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradspec
-from references import Lion
+from references import Alto, Lamb, Lion
 
 STEPS = 200
 
@@ -263,3 +263,32 @@ def test_a_global_state_lives_once_per_group_and_resumes_exactly():
     for p, q in zip(params, copies):
         assert torch.equal(p, q)
     assert torch.equal(opt.state[params[0]]["S"], resumed.state[copies[0]]["S"])
+
+
+# ---- LAMB (You et al., ICLR 2020) with its code variants, and ALTO (Zhao et al., Algorithms
+# 1-2): against the transcriptions in references.py, written from the papers' equations.
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("spec, hyper, reference", [
+    ("lamb", dict(lr=1e-2), lambda p: Lamb(p, lr=1e-2)),
+    ("lamb", dict(lr=1e-2, bias_correction=False, max_weight_norm=10.0, weight_decay=0.0),
+     lambda p: Lamb(p, lr=1e-2, bias_correction=False, max_weight_norm=10.0, weight_decay=0.0)),
+    ("lamb", dict(lr=1e-2, max_grad_norm=1.0, trust_eps=1e-6, norm_eps=1e-10),
+     lambda p: Lamb(p, lr=1e-2, max_grad_norm=1.0, trust_eps=1e-6, norm_eps=1e-10)),
+    ("alto", dict(lr=1e-2), lambda p: Alto(p, lr=1e-2)),
+    ("alto", dict(lr=1e-2, alpha=0.5, beta=0.01), lambda p: Alto(p, lr=1e-2, alpha=0.5, beta1=0.01)),
+    ("alto_vanilla", dict(lr=1e-2), lambda p: Alto(p, lr=1e-2, bias_correction=False)),
+], ids=["lamb", "lamb-pytorch-lamb", "lamb-apex-clipping", "alto-large-batch", "alto-small-batch",
+        "alto-vanilla"])
+def test_lamb_and_alto_match_the_papers(spec, hyper, reference, backend):
+    ours = _train(lambda p: gradspec.Optimizer(p, spec, backend=backend, **hyper))
+    expected = _train(lambda p: reference(list(p)))
+    error = (ours - expected).abs().max() / expected.abs().max()
+    assert error < 1e-10, f"relative error {error:.3e}"
+
+
+def test_the_e_adaptor_applies_to_adamw():
+    ours = _train(lambda p: gradspec.Optimizer(p, "e(adamw)", backend="eager", lr=1e-2, alpha=-5.0, beta=0.99))
+    expected = _train(lambda p: EReference(torch.optim.AdamW(list(p), lr=1e-2), -5.0, 0.99))
+    error = (ours - expected).abs().max() / expected.abs().max()
+    assert error < 1e-10, f"relative error {error:.3e}"

@@ -30,6 +30,11 @@ from .translate import STEP, ElementSymbol, Translator, _Reduction, number, outp
 SAMPLES = 48
 
 
+# Substitutions use xreplace, never subs(simultaneous=True): the latter passes through plain
+# Dummy symbols, and a reduction rebuilt around a Dummy takes it for a constant and pulls it
+# out of the sum (norm(k * g) became |k * g| * norm(1)), which once proved a false law.
+
+
 class _Refuted(Exception):
     def __init__(self, message, hint=None):
         super().__init__(message)
@@ -84,7 +89,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
     bounds = {**{n: constraint_range(h) for n, h in spec.hypers.items()}, **points, **analysis.state_ranges}
     mine_outputs = outputs(program, translate)
     constants = _constant_states(program, translate, mine_outputs)
-    mine = {k: v.subs(constants) for k, v in mine_outputs.items()}
+    mine = {k: v.xreplace(constants) for k, v in mine_outputs.items()}
 
     def equal(a, b, what):
         _equal(given(a), given(b), what, law, bounds, given.facts)
@@ -103,7 +108,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         theirs_constants = _constant_states(theirs_program, theirs_t, theirs_outputs)
         for name, value in mine.items():
             if name in theirs_outputs:
-                equal(value, theirs_outputs[name].subs(theirs_constants), f"{name} differs from {other.name}'s")
+                equal(value, theirs_outputs[name].xreplace(theirs_constants), f"{name} differs from {other.name}'s")
         for name, node in program.init.items():
             theirs_init = theirs_program.init.get(name)
             if node is not None and theirs_init is not None:
@@ -114,19 +119,19 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                    for name, expr in law.mappings}
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
-            moved = value.subs(mapping, simultaneous=True)
-            expected = mapping[x].subs(x, value) if x in mapping else value
+            moved = value.xreplace(mapping)
+            expected = mapping[x].xreplace({x: value}) if x in mapping else value
             equal(moved, expected, f"{name} does not transform as the substitution says")
         return
     if law.kind == "fixed_point":
         grad = ElementSymbol("grad", real=True)
         rest = {grad: sympy.Integer(0)}
         for name in program.init:
-            rest[translate.state(name)] = translate(program.init[name]).subs(grad, 0)
+            rest[translate.state(name)] = translate(program.init[name]).xreplace({grad: sympy.Integer(0)})
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
             expected = rest.get(x, x) if name != "param'" else ElementSymbol("param", real=True)
-            equal(value.subs(rest, simultaneous=True), expected, f"{name} moves at zero gradient")
+            equal(value.xreplace(rest), expected, f"{name} moves at zero gradient")
         return
     node = program.law_expr(source, law.target, True)
     if node.type != "bool":
@@ -134,7 +139,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                                    law.target.span, "compare it, as in abs(direction) == 1"))
     if not law.bindings and not law.given and _bounded(node, analysis):
         return
-    _holds(given(translate(node).subs(constants)), law, bounds, given.facts)
+    _holds(given(translate(node).xreplace(constants)), law, bounds, given.facts)
 
 
 def _bounded(node, analysis) -> bool:
@@ -202,7 +207,7 @@ class _Given:
     def __call__(self, e):
         e = e.replace(lambda x: isinstance(x, Relational) and x.canonical in self.decided,
                       lambda x: self.decided[x.canonical])
-        return e.subs(self.replacements) if self.replacements else e
+        return e.xreplace(self.replacements) if self.replacements else e
 
 
 def _change_of_variables(expr, kind: str) -> dict:
@@ -233,7 +238,7 @@ def _constant_states(program, translate, outs: dict) -> dict:
             constants[translate.state(name)] = number(node.attr)
     while True:
         kept = {s: c for s, c in constants.items()
-                if sympy.simplify(outs[f"{s.name}'"].subs(constants) - c) == 0}
+                if sympy.simplify(outs[f"{s.name}'"].xreplace(constants) - c) == 0}
         if kept == constants:
             return constants
         constants = kept
@@ -247,12 +252,45 @@ def _equal(a, b, what, law, bounds, facts=()):
     if counterexample is not None:
         values, (x, y) = counterexample
         raise _Refuted(f"{what}; at {_show(values)} one side is {x:.6g} and the other {y:.6g}", _hint(law))
-    diff = a - b
-    for attempt in (sympy.cancel, lambda e: sympy.cancel(split_roots(e)),
-                    lambda e: sympy.simplify(sympy.piecewise_fold(e))):
-        if attempt(diff) == 0:
-            return
-    raise _Unproven(what)
+    if not _is_zero(a - b):
+        raise _Unproven(what)
+
+
+def _is_zero(e) -> bool:
+    """Proven 0: piecewise differences branch by branch, then cancel, cancel with roots of
+    quotients split, and simplify only where it is cheap (it can run for minutes)."""
+    e = sympy.piecewise_fold(_normal_conditions(e))
+    if isinstance(e, sympy.Piecewise):
+        return all(_is_zero(piece.expr) for piece in e.args)
+    for attempt in (sympy.cancel, lambda x: sympy.cancel(split_roots(x))):
+        if attempt(e) == 0:
+            return True
+    return sympy.count_ops(e) < 120 and sympy.simplify(e) == 0
+
+
+def _normal_conditions(e):
+    """Conditions with positive factors dropped (k * |r| > 0 is |r| > 0 for k > 0), so the
+    branches of two piecewise expressions line up."""
+    def normal(rel):
+        lhs = rel.lhs - rel.rhs
+        if not isinstance(lhs, sympy.Mul):
+            return rel
+        kept, flip = [], False
+        for f in lhs.args:
+            if f.is_positive:
+                continue
+            if f.is_negative:
+                flip = not flip
+                continue
+            kept.append(f)
+        if len(kept) == len(lhs.args):
+            return rel
+        rel_type = type(rel)
+        if flip:
+            rel_type = {sympy.StrictGreaterThan: sympy.StrictLessThan, sympy.StrictLessThan: sympy.StrictGreaterThan,
+                        sympy.GreaterThan: sympy.LessThan, sympy.LessThan: sympy.GreaterThan}.get(rel_type, rel_type)
+        return rel_type(sympy.Mul(*kept), 0)
+    return e.replace(lambda x: isinstance(x, Relational), normal)
 
 
 def split_roots(e):

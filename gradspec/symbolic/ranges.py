@@ -194,13 +194,10 @@ class Analysis:
         key = (id(node), facts)
         found = self._memo.get(key)
         if found is None:
+            found = self._range(node, facts)
             for fact_node, fact_range in facts:
                 if fact_node is node:
-                    found = self._range(node, facts)
                     found = intersect(found, fact_range)
-                    break
-            else:
-                found = self._range(node, facts)
             self._memo[key] = found
         return found
 
@@ -416,7 +413,14 @@ _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq"}
 def branch_facts(cond: Node, analysis: "Analysis", facts) -> tuple[tuple, tuple]:
     """What ``where(cond, a, b)`` knows in each branch: for ``x > c`` with c's range a point,
     x > c in the first and x <= c in the second (torch.where evaluates both branches, but
-    only the chosen one's value is used)."""
+    only the chosen one's value is used). ``a and b`` knows both in the first branch, ``a or
+    b`` the negation of both in the second, ``not a`` swaps the branches."""
+    if cond.op == "not":
+        yes, no = branch_facts(cond.args[0], analysis, facts)
+        return no, yes
+    if cond.op in ("and", "or"):
+        (yes_a, no_a), (yes_b, no_b) = (branch_facts(a, analysis, facts) for a in cond.args)
+        return (yes_a + yes_b, ()) if cond.op == "and" else ((), no_a + no_b)
     if cond.op not in _FACT or len(cond.args) != 2:
         return (), ()
     x, c = cond.args

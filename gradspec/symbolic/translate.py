@@ -36,7 +36,9 @@ class _Reduction(sympy.Function):
     def eval(cls, *args):
         factors, rests = [], []
         for arg in args:
-            const, rest = _split_constant(arg)
+            # factor_terms brings a common factor out of a sum under a root:
+            # sqrt(k^2 a + k^2 b) becomes k sqrt(a + b), a constant the reduction can pull out
+            const, rest = _split_constant(sympy.factor_terms(arg) if varies_per_element(arg) else arg)
             factors.append(const)
             rests.append(rest)
         scale = sympy.Mul(*factors)
