@@ -2,6 +2,7 @@
 
     python bench/bench_step.py                      # 10M fp32 params in 50 tensors, CPU
     python bench/bench_step.py --params 1e6 --tensors 10 --specs adam lion --device cuda
+    python bench/bench_step.py --specs lamb alto --backends compiled   # + pytorch-optimizer's Lamb
 
 Prints ms/step (median over --steps timed steps after warm-up) for torch.optim.Adam
 (fused, foreach), and for each gradspec spec and backend in both gradient paths: "views"
@@ -89,6 +90,10 @@ def roofline_bytes(spec_name: str, n_states: int, element_size: int = 4) -> int:
     return element_size * (2 + n_states + 1 + n_states)
 
 
+PEERS = {"lamb": "Lamb", "lion": "Lion", "dualadam": "DualAdam", "sgd_metric": None}
+"""The same method in pytorch-optimizer (an optional import), timed in the same run."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=10e6)
@@ -121,6 +126,17 @@ def main() -> None:
                 opt = gradspec.Optimizer(params, spec, backend=backend, lr=1e-3)
                 first, ms = time_steps(opt, params, grads, args.steps, args.device, set_to_none)
                 rows.append((f"gradspec {spec} {backend} ({path})", ms, first, n_states))
+
+        peer = PEERS.get(spec)
+        if peer is not None:
+            try:
+                import pytorch_optimizer
+            except ImportError:
+                continue
+            params, grads = make_params(n, args.tensors, args.device)
+            opt = getattr(pytorch_optimizer, peer)(params, lr=1e-3)
+            first, ms = time_steps(opt, params, grads, args.steps, args.device, True)
+            rows.append((f"pytorch_optimizer.{peer}", ms, first, n_states))
 
     for label, ms, first, n_states in rows:
         roof_ms = roofline_bytes(label, n_states) * n / (bw * 1e9) * 1e3
