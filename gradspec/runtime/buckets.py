@@ -47,11 +47,11 @@ class Bucket:
             p.grad = view
         # a 1-element buffer (see lower.py on 0-d inputs); state[p]["step"] is a 0-d view of it
         self.step = torch.full((1,), step, dtype=scalar_dtype(self.device), device=self.device)
-        self.segments = None
+        self.segments = None  # per element, its tensor's index: to broadcast per-tensor values
+        self.lengths = None  # per tensor, its size: for segment reductions
         if needs_segments:
-            self.segments = torch.repeat_interleave(
-                torch.arange(len(params), device=self.device),
-                torch.tensor(self.sizes, device=self.device))
+            self.lengths = torch.tensor(self.sizes, device=self.device)
+            self.segments = torch.repeat_interleave(torch.arange(len(params), device=self.device), self.lengths)
 
         self.states = {}
         self.missing = []  # states to initialise from the spec's initial values

@@ -250,7 +250,7 @@ class _Plan:
         """The spec's initial state values for a bucket, computed eagerly once."""
         args = [self.hypers[h] for h in self.program.hypers_used] + [bucket.param, bucket.grad]
         if bucket.segments is not None:
-            args.append(bucket.segments)
+            args += [bucket.segments, bucket.lengths]
         return lower_init(self.program, bucket.shape)(*args)
 
     def refresh_hypers(self, group: dict) -> None:
@@ -280,7 +280,7 @@ class _Plan:
         for bucket in self.buckets:
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
             if bucket.segments is not None:
-                args.append(bucket.segments)
+                args += [bucket.segments, bucket.lengths]
         self.main_fn(*args)
 
     def raise_if_nonfinite(self):

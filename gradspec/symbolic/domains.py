@@ -79,7 +79,9 @@ def _sympy_condition(e, symbols):
         return _ARITH[e.op](a, b) if e.op in _ARITH else None
     if isinstance(e, ast.Call) and e.func in _FUNCS:
         args = [_sympy_condition(a, symbols) for a in e.args]
-        return None if any(a is None for a in args) else _FUNCS[e.func](*args)
+        if any(a is None for a in args) or len(args) != (1 if e.func in ("abs", "sqrt", "exp", "log") else 2):
+            return None  # a wrong arity is the IR builder's error to report (GS052)
+        return _FUNCS[e.func](*args)
     return None
 
 

@@ -56,6 +56,9 @@ def check_laws(program: Program, pinned: dict | None = None) -> list[Diagnostic]
                                   "state it in simpler terms"))
         except SpecError as error:
             out.extend(error.diagnostics)
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as error:  # SymPy gave up
+            out.append(Diagnostic("GS082", f"law not proven: SymPy could not evaluate it ({error})", source,
+                                  law.span, "an expression in it may be undefined (0 / 0) where the law looks"))
     return out
 
 
