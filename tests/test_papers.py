@@ -293,3 +293,16 @@ def test_the_e_adaptor_applies_to_adamw():
     ours = _train(lambda p: gradspec.Optimizer(p, "e(adamw)", backend="eager", lr=1e-2, alpha=-5.0, beta=0.99))
     expected = _train(lambda p: EReference(torch.optim.AdamW(list(p), lr=1e-2), -5.0, 0.99))
     _assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("hyper", [dict(lr=1e-2), dict(lr=1e-2, switch_rate=0.003, weight_decay=0.05)],
+                         ids=["default", "slow-switch-wd"])
+def test_dualadam_matches_pytorch_optimizer(hyper, backend):
+    """pytorch-optimizer's DualAdam (a peer implementation) uses the same blend, cut-off and
+    bias correction; with weight_decouple=True its decay is ours (decoupled, scaled by lr)."""
+    from pytorch_optimizer import DualAdam
+    ours = _train(lambda p: gradspec.Optimizer(p, "dualadam", backend=backend, **hyper))
+    peer = _train(lambda p: DualAdam(p, lr=hyper["lr"], switch_rate=hyper.get("switch_rate", 0.01),
+                                     weight_decay=hyper.get("weight_decay", 0.0), weight_decouple=True))
+    _assert_close(ours, peer)
