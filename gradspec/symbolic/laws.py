@@ -250,21 +250,21 @@ def _constant_states(program, translate, outs: dict) -> dict:
 def _equal(a, b, what, law, bounds, facts=()):
     if a == b:
         return
-    counterexample = _search((a, b), bounds, lambda pair: abs(pair[0] - pair[1]) / (1 + abs(pair[0]) + abs(pair[1])),
+    counterexample = search((a, b), bounds, lambda pair: abs(pair[0] - pair[1]) / (1 + abs(pair[0]) + abs(pair[1])),
                              facts)
     if counterexample is not None:
         values, (x, y) = counterexample
         raise _Refuted(f"{what}; at {_show(values)} one side is {x:.6g} and the other {y:.6g}", _hint(law))
-    if not _is_zero(a - b):
+    if not is_zero(a - b):
         raise _Unproven(what)
 
 
-def _is_zero(e) -> bool:
+def is_zero(e) -> bool:
     """Proven 0: piecewise differences branch by branch, then cancel, cancel with roots of
     quotients split, and simplify only where it is cheap (it can run for minutes)."""
     e = sympy.piecewise_fold(_normal_conditions(e))
     if isinstance(e, sympy.Piecewise):
-        return all(_is_zero(piece.expr) for piece in e.args)
+        return all(is_zero(piece.expr) for piece in e.args)
     for attempt in (sympy.cancel, lambda x: sympy.cancel(split_roots(x))):
         if attempt(e) == 0:
             return True
@@ -313,7 +313,7 @@ def _holds(claim, law, bounds, facts=()):
         return
     if isinstance(claim, sympy.Eq):
         return _equal(claim.lhs, claim.rhs, f"{claim.lhs} == {claim.rhs} is not an identity", law, bounds, facts)
-    found = _search((claim,), bounds, lambda value: 0.0 if value[0] else 1.0, facts)
+    found = search((claim,), bounds, lambda value: 0.0 if value[0] else 1.0, facts)
     if found is not None:
         raise _Refuted(f"the claim is false at {_show(found[0])}", _hint(law))
     if sympy.simplify(claim) is sympy.true:
@@ -327,7 +327,7 @@ def _hint(law):
 
 # ---- counterexamples: random points that respect every symbol's assumptions -------------------
 
-def _search(exprs, bounds, gap, facts=()):
+def search(exprs, bounds, gap, facts=()):
     """A random point, where every fact holds, at which ``gap`` of the expressions' values
     is above 1e-9; or None."""
     exprs = [e.replace(lambda x: isinstance(x, _Reduction), _one_element) for e in exprs]
