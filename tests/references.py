@@ -91,3 +91,39 @@ class Alto(torch.optim.Optimizer):
                 r = m / (v.sqrt() + group["e1"]) + group["wd"] * p
                 phi = p.norm() + group["e3"]
                 p.sub_(group["lr"] * r * phi / (r.norm() + group["e2"] * phi))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon as shared/papers/dualadam_baselines.md §3.1 writes KellerJordan/Muon's
+    muon_update: B <- lerp(B, G, 1 - mu); U = lerp(G, B, mu) (Nesterov) or B; U viewed as
+    [rows, rest]; NS5 (a, b, c = 3.4445, -4.7750, 2.0315, 5 steps, wide orientation, X / (|X|_F
+    + 1e-7)) in ``ns_dtype``; times sqrt(max(1, size(-2) / size(-1))); decoupled decay."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, mu=momentum, nesterov=nesterov, wd=weight_decay, ns_dtype=ns_dtype))
+
+    @staticmethod
+    def newton_schulz(g, dtype):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = g.to(dtype)
+        if g.size(-2) > g.size(-1):
+            x = x.mT
+        x = x / (x.norm() + 1e-7)
+        for _ in range(5):
+            s = x @ x.mT
+            x = a * x + (b * s + c * s @ s) @ x
+        if g.size(-2) > g.size(-1):
+            x = x.mT
+        return x
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("B", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["mu"])
+                u = p.grad.lerp(buf, group["mu"]) if group["nesterov"] else buf
+                o = self.newton_schulz(u.reshape(u.size(0), -1), group["ns_dtype"]).to(p.dtype)
+                o = o * max(1, p.size(-2) / p.size(-1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["wd"])
+                p.sub_(group["lr"] * o.reshape(p.shape))

@@ -147,7 +147,12 @@ def test_the_sympy_rewrite_computes_the_same_update(name):
     if spec.kind == "adaptor":
         spec = gradspec.dsl.resolve.apply_adaptor(spec, gradspec.load("sgd"))
     program = build(spec)
-    before, after = outputs(program), outputs(rewritten(program))
+    candidate = rewritten(program)
+    if candidate is None:  # a value SymPy cannot hand back (muon's Newton-Schulz): kept as written
+        from gradspec.symbolic.simplify import simplified
+        assert simplified(program) is program
+        return
+    before, after = outputs(program), outputs(candidate)
     for key in before:
         assert sympy.cancel(before[key] - after[key]) == 0 or sympy.simplify(before[key] - after[key]) == 0, key
 

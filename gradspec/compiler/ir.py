@@ -36,6 +36,11 @@ FUNCTIONS = {
     "min": 2, "max": 2, "clamp": 3, "lerp": 3, "where": 3,
 }
 REDUCTIONS = {"sum": 1, "mean": 1, "norm": 1, "dot": 2, "max": 1, "min": 1}
+MATRIX = {"orthogonalize": 2, "aspect": 1}
+"""Per-tensor functions of a tensor's shape: ``tensor.orthogonalize(x, bf16)`` runs Muon's
+quintic Newton-Schulz iteration on each tensor viewed as a matrix (rows = first dimension)
+and gives a value per element, ``bf16`` (a switch) picking the iteration's dtype;
+``tensor.aspect(x)`` is size(-2) / size(-1) of each tensor's shape (1 for a vector)."""
 ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow"}
 COMPARE = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 LOGIC = {"and": "and", "or": "or"}
@@ -432,6 +437,8 @@ class _ProgramBuilder:
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
                               expr.span, None, src)
             return None
+        if expr.func in MATRIX and expr.scope == "tensor":
+            return self._matrix(src, expr, recurse)
         if expr.func not in REDUCTIONS:
             self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
                               did_you_mean(expr.func, REDUCTIONS) or f"reductions: {', '.join(REDUCTIONS)}", src)
@@ -450,6 +457,25 @@ class _ProgramBuilder:
                 return None
         scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
         return self.b.node("reduce", tuple(args), (expr.scope, expr.func), "real", scope)
+
+    def _matrix(self, src, expr, recurse):
+        args = self._arguments(src, expr, f"tensor.{expr.func}", MATRIX[expr.func], recurse)
+        if args is None:
+            return None
+        x = args[0]
+        if x.type != "real" or x.scope != Scope.ELEMENT:
+            self.errors.error("GS056", f"tensor.{expr.func} works on a tensor's elements", expr.args[0].span,
+                              "pass an elementwise value such as m'", src)
+            return None
+        if expr.func == "aspect":
+            return self.b.node("matrix", (x,), ("aspect",), "real", Scope.TENSOR)
+        bf16 = args[1]
+        if bf16.type != "bool" or not bf16.is_const:
+            self.errors.error("GS062", f"tensor.{expr.func}'s second argument must be true or false, fixed "
+                                       "when the step is compiled", expr.args[1].span,
+                              "use a switch: hyper ns_bfloat16 = true", src)
+            return None
+        return self.b.node("matrix", (x,), (expr.func, bool(bf16.attr)), "real", Scope.ELEMENT)
 
     def _name(self, src, expr: ast.Name, static, in_init):
         name = expr.name

@@ -36,6 +36,13 @@ class BucketShape:
     numel: int
     ntensors: int
     dtype: torch.dtype
+    shapes: tuple = ()  # each tensor's shape, for per-tensor matrix functions
+
+    def matrix_shapes(self) -> list:
+        """(rows, columns) of each tensor viewed as a matrix; equal 1-D slices if unknown."""
+        shapes = self.shapes or [(self.numel // self.ntensors,)] * self.ntensors
+        return [(s[0], max(1, int(torch.Size(s).numel()) // max(1, s[0]))) if len(s) >= 2 else (1, s[0] if s else 1)
+                for s in shapes]
 
 
 @dataclass
@@ -238,6 +245,8 @@ class _Lowerer:
             return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket)
         if op == "reduce":
             return self._reduce(node, bucket)
+        if op == "matrix":
+            return self._matrix(node, bucket)
         args = self._args(node, bucket)
         if all(_is_python(a) for a in args):  # constants folding could not settle, e.g. rsqrt(4)
             args[0] = self.call(torch.tensor, float(args[0]), dtype=torch.float64)
@@ -299,8 +308,44 @@ class _Lowerer:
         how = {"max": "max", "min": "min", "mean": "mean"}.get(func, "sum")
         return self.call(torch.segment_reduce, x, how, lengths=self.ph[f"b{bucket}_lengths"])
 
+    def _matrix(self, node: Node, bucket: int):
+        shape = self.buckets[bucket]
+        x = self.value(node.args[0], bucket, broadcast_to=Scope.ELEMENT)
+        if node.attr[0] == "aspect":
+            ratios = [s[-2] / s[-1] if len(s) >= 2 else 1.0 for s in (shape.shapes or [()] * shape.ntensors)]
+            return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
+        return self.call(orthogonalize, x, tuple(shape.matrix_shapes()), node.attr[1])
+
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))
+
+
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller Jordan et al.)
+NEWTON_SCHULZ_STEPS = 5
+
+
+def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool) -> torch.Tensor:
+    """Muon's Newton-Schulz iteration on each tensor of a flat bucket, as a (rows, columns)
+    matrix: normalised by its Frobenius norm (+ 1e-7), worked in its wide orientation, five
+    quintic steps, in bfloat16 when ``bf16`` else in the bucket's dtype. Traced as a loop
+    over the bucket's tensors (their shapes are fixed when the step is compiled)."""
+    out, offset = [], 0
+    a, b, c = NEWTON_SCHULZ
+    for rows, cols in shapes:
+        x = flat[offset:offset + rows * cols].view(rows, cols)
+        offset += rows * cols
+        x = x.to(torch.bfloat16) if bf16 else x
+        wide = rows > cols
+        if wide:
+            x = x.T
+        x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+        for _ in range(NEWTON_SCHULZ_STEPS):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        if wide:
+            x = x.T
+        out.append(x.reshape(-1).to(flat.dtype))
+    return torch.cat(out)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -35,7 +35,7 @@ class Bucket:
         first = params[0]
         self.device, self.dtype = first.device, first.dtype
         self.numel = self.offsets[-1]
-        self.shape = BucketShape(self.numel, len(params), self.dtype)
+        self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(tuple(p.shape) for p in params))
 
         self.param = _flatten([p.detach() for p in params])
         self.grad = _flatten([p.grad.detach() for p in params])

@@ -6,7 +6,9 @@ import sympy
 
 from ..compiler.ir import Program
 from ..dsl import ast
-from .translate import OPS, ElementSymbol, number, reduction
+from .translate import OPS, Aspect, ElementSymbol, Orthogonalize, number, reduction
+
+MATRIX_CLASSES = {"orthogonalize": Orthogonalize, "aspect": Aspect}
 
 _GREEK = {"lr": r"\eta", "eps": r"\epsilon", "xi": r"\xi"}
 _INPUTS = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t", "loss": "L_{t}"}
@@ -65,6 +67,8 @@ def _sympy(expr, program: Program, names: dict):
               "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "and": "and", "or": "or"}[expr.op]
         return OPS[op](a, b)
     if isinstance(expr, ast.Reduce):
+        if expr.func in MATRIX_CLASSES:
+            return MATRIX_CLASSES[expr.func](recurse[0])
         return reduction(expr.scope, expr.func)(*recurse)
     return OPS[expr.func](*recurse)
 

@@ -22,6 +22,7 @@ import sympy
 from sympy.core.relational import Relational
 
 from ..compiler.ir import Program, build
+from ..compiler.lower import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
 from .ranges import Analysis, Range, constraint_range
@@ -353,8 +354,18 @@ def search(exprs, bounds, gap, facts=()):
     return None
 
 
+def _newton_schulz_1x1(x: float) -> float:
+    """tensor.orthogonalize of a one-element tensor, as the runtime computes it."""
+    a, b, c = NEWTON_SCHULZ
+    x = x / (abs(x) + 1e-7)
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x * x
+        x = a * x + (b * gram + c * gram * gram) * x
+    return x
+
+
 _MATH = {"sign": lambda x: float((x > 0) - (x < 0)), "Abs": abs, "Max": max, "Min": min,
-         "Mod": lambda a, b: a % b}
+         "Mod": lambda a, b: a % b, "Orthogonalize": _newton_schulz_1x1}
 
 
 def _sample(symbol, rng, bound):

@@ -362,6 +362,11 @@ class Analysis:
     def _lerp(self, node, a, b, w):
         return _add_range(a, _mul_range(w, _add_range(b, _neg(a))))
 
+    def _matrix(self, node, x):
+        if node.attr[0] == "aspect":
+            return Range(0, INF, False, False)
+        return ANY  # Newton-Schulz output: singular values near [0.5, 1.5], entries unbounded a priori
+
     def _reduce(self, node, *args):
         scope, func = node.attr
         a = args[0]

@@ -82,6 +82,32 @@ def _split_constant(expr):
     return sympy.Integer(1), expr
 
 
+class Orthogonalize(sympy.Function):
+    """``tensor.orthogonalize(x)``: Muon's Newton-Schulz iteration per tensor, opaque."""
+
+    is_real = True
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_zero:  # 0 / (0 + 1e-7) is 0, and every quintic step keeps it there
+            return sympy.Integer(0)
+        return None
+
+    def _latex(self, printer):
+        return r"\operatorname{NS}_5\left(%s\right)" % printer._print(self.args[0])
+
+
+class Aspect(sympy.Function):
+    """``tensor.aspect(x)`` in LaTeX. In proofs it is the positive symbol ``ASPECT``: it
+    depends on the tensor's shape only, never on the values of x."""
+
+    def _latex(self, printer):
+        return r"\operatorname{aspect}\left(%s\right)" % printer._print(self.args[0])
+
+
+ASPECT = ElementSymbol("aspect", positive=True)  # varies between tensors, so it stays inside sums
+
+
 _REDUCTIONS: dict = {}
 
 
@@ -176,6 +202,8 @@ class Translator:
             except (OverflowError, ValueError):
                 return sympy.nan if base < 0 else sympy.oo  # SymPy would try to compute it exactly
         args = [self(a) for a in node.args]
+        if op == "matrix":
+            return ASPECT if attr[0] == "aspect" else Orthogonalize(*args)
         if op == "reduce":
             return reduction(*attr)(*args)
         return OPS[op](*args)
