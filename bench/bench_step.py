@@ -23,12 +23,18 @@ import torch
 import gradspec
 
 
-def make_params(n_params: int, n_tensors: int, device: str):
+def make_params(n_params: int, n_tensors: int, device: str, matrix: bool = False):
+    """``n_tensors`` tensors of about n_params / n_tensors elements each: vectors, or square
+    matrices for the specs that work on matrices (muon)."""
     size = n_params // n_tensors
+    shape = (int(size ** 0.5), int(size ** 0.5)) if matrix else (size,)
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(size, generator=gen).to(device).requires_grad_() for _ in range(n_tensors)]
-    grads = [torch.randn(size, generator=gen).to(device) * 1e-3 for _ in range(n_tensors)]
+    params = [torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in range(n_tensors)]
+    grads = [torch.randn(shape, generator=gen).to(device) * 1e-3 for _ in range(n_tensors)]
     return params, grads
+
+
+MATRIX_SPECS = {"muon"}
 
 
 def sync(device: str) -> None:
@@ -37,7 +43,11 @@ def sync(device: str) -> None:
 
 
 def time_steps(opt, params, grads, steps: int, device: str, set_to_none: bool) -> tuple[float, float]:
-    """(first step seconds, median ms per step over ``steps`` later steps)."""
+    """(first step seconds, median ms per step over ``steps`` later steps). A spec that reads
+    the loss gets a constant one, as a training loop would pass with step(loss=...)."""
+    if isinstance(opt, gradspec.Optimizer) and opt.program().uses_loss:
+        step, loss = opt.step, torch.tensor(1.0)
+        opt.step = lambda: step(loss=loss)
     def one():
         if set_to_none:
             for p, g in zip(params, grads):
@@ -90,7 +100,7 @@ def roofline_bytes(spec_name: str, n_states: int, element_size: int = 4) -> int:
     return element_size * (2 + n_states + 1 + n_states)
 
 
-PEERS = {"lamb": "Lamb", "lion": "Lion", "dualadam": "DualAdam", "sgd_metric": None}
+PEERS = {"lamb": "Lamb", "lion": "Lion", "dualadam": "DualAdam", "muon": "Muon"}
 """The same method in pytorch-optimizer (an optional import), timed in the same run."""
 
 
@@ -122,7 +132,7 @@ def main() -> None:
         n_states = len(gradspec.Optimizer([torch.zeros(1, requires_grad=True)], spec, backend="eager").program().state_names)
         for backend in args.backends:
             for path, set_to_none in (("views", False), ("copy", True)):
-                params, grads = make_params(n, args.tensors, args.device)
+                params, grads = make_params(n, args.tensors, args.device, spec in MATRIX_SPECS)
                 opt = gradspec.Optimizer(params, spec, backend=backend, lr=1e-3)
                 first, ms = time_steps(opt, params, grads, args.steps, args.device, set_to_none)
                 rows.append((f"gradspec {spec} {backend} ({path})", ms, first, n_states))
@@ -133,8 +143,9 @@ def main() -> None:
                 import pytorch_optimizer
             except ImportError:
                 continue
-            params, grads = make_params(n, args.tensors, args.device)
-            opt = getattr(pytorch_optimizer, peer)(params, lr=1e-3)
+            params, grads = make_params(n, args.tensors, args.device, spec in MATRIX_SPECS)
+            groups = [{"params": params, "use_muon": True}] if spec == "muon" else params  # its Muon's protocol
+            opt = getattr(pytorch_optimizer, peer)(groups, lr=1e-3)
             first, ms = time_steps(opt, params, grads, args.steps, args.device, True)
             rows.append((f"pytorch_optimizer.{peer}", ms, first, n_states))
 
