@@ -327,25 +327,32 @@ NEWTON_SCHULZ_STEPS = 5
 def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool) -> torch.Tensor:
     """Muon's Newton-Schulz iteration on each tensor of a flat bucket, as a (rows, columns)
     matrix: normalised by its Frobenius norm (+ 1e-7), worked in its wide orientation, five
-    quintic steps, in bfloat16 when ``bf16`` else in the bucket's dtype. Traced as a loop
-    over the bucket's tensors (their shapes are fixed when the step is compiled)."""
-    out, offset = [], 0
-    a, b, c = NEWTON_SCHULZ
+    quintic steps, in bfloat16 when ``bf16`` else in the bucket's dtype. Tensors of one shape
+    go through the iteration together as a batch, so the traced graph grows with the number
+    of distinct shapes, not of tensors."""
+    offsets = [0]
     for rows, cols in shapes:
-        x = flat[offset:offset + rows * cols].view(rows, cols)
-        offset += rows * cols
+        offsets.append(offsets[-1] + rows * cols)
+    by_shape: dict = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(i)
+    pieces: list = [None] * len(shapes)
+    a, b, c = NEWTON_SCHULZ
+    for (rows, cols), members in by_shape.items():
+        x = torch.stack([flat[offsets[i]:offsets[i + 1]].view(rows, cols) for i in members])
         x = x.to(torch.bfloat16) if bf16 else x
         wide = rows > cols
         if wide:
-            x = x.T
-        x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+            x = x.mT
+        x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
         for _ in range(NEWTON_SCHULZ_STEPS):
-            gram = x @ x.T
+            gram = x @ x.mT
             x = a * x + (b * gram + c * gram @ gram) @ x
         if wide:
-            x = x.T
-        out.append(x.reshape(-1).to(flat.dtype))
-    return torch.cat(out)
+            x = x.mT
+        for i, result in zip(members, x.to(flat.dtype).unbind()):
+            pieces[i] = result.reshape(-1)
+    return torch.cat(pieces)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
