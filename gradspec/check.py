@@ -31,8 +31,8 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
     switches, so that an error in a branch not taken by default is found too."""
     try:
         spec = load(spec) if isinstance(spec, str) else spec
-        base = load("sgd")
-        target = apply_adaptor(spec, base) if spec.kind == "adaptor" else spec
+        base = load("sgd") if spec.kind == "adaptor" else None
+        target = apply_adaptor(spec, base) if base is not None else spec
     except SpecError as error:
         return error.diagnostics
     found = domains.diagnostics(target)
@@ -51,7 +51,7 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
             default = program
     if default is not None and not any(d.severity == "error" for d in found):
         if prove_laws:
-            pinned = base.hyper_defaults if spec.kind == "adaptor" else None
+            pinned = base.hyper_defaults if base is not None else None
             found += laws.check_laws(default, pinned)
         if dtype is not None:
             found += domains.underflow(default, dtype)

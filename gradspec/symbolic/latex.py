@@ -45,8 +45,9 @@ _GREEK_LETTERS = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "
                   "mu", "nu", "rho", "sigma", "tau", "phi", "chi", "psi", "omega"}
 
 
-def _sympy(expr, program: Program, names: dict):
-    """An AST expression as SymPy, with each name a symbol that prints as ``display`` says."""
+def _sympy(expr, program: Program, names: dict, shown: dict):
+    """An AST expression as SymPy, with each name a symbol; ``shown`` maps each symbol to its
+    LaTeX (what ``display`` says), for sympy.latex's symbol_names."""
     if isinstance(expr, ast.Num):
         return number(expr.value)
     if isinstance(expr, ast.Bool):
@@ -55,14 +56,14 @@ def _sympy(expr, program: Program, names: dict):
         key = str(expr)
         if key not in names:
             names[key] = ElementSymbol(f"n{len(names)}")  # nothing factors out of a reduction
-            display_names[names[key]] = display(expr.name, expr.primed, program)
+            shown[names[key]] = display(expr.name, expr.primed, program)
         return names[key]
-    recurse = [_sympy(a, program, names) for a in getattr(expr, "args", ())]
+    recurse = [_sympy(a, program, names, shown) for a in getattr(expr, "args", ())]
     if isinstance(expr, ast.UnOp):
-        inner = _sympy(expr.operand, program, names)
+        inner = _sympy(expr.operand, program, names, shown)
         return -inner if expr.op == "-" else sympy.Not(inner)
     if isinstance(expr, ast.BinOp):
-        a, b = _sympy(expr.left, program, names), _sympy(expr.right, program, names)
+        a, b = _sympy(expr.left, program, names, shown), _sympy(expr.right, program, names, shown)
         op = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow", "==": "eq", "!=": "ne",
               "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "and": "and", "or": "or"}[expr.op]
         return OPS[op](a, b)
@@ -73,12 +74,9 @@ def _sympy(expr, program: Program, names: dict):
     return OPS[expr.func](*recurse)
 
 
-display_names: dict = {}
-
-
 def equations(program: Program) -> list[str]:
     """``["m_{t} = \\beta_{1} m_{t-1} + ...", ...]``: the active statements, then the update."""
-    lines, names = [], {}
+    lines, names, shown = [], {}, {}
     for _, item in program.statements:
         left = display(item.name, getattr(item, "primed", False), program)
         if isinstance(item, ast.State):
@@ -86,7 +84,7 @@ def equations(program: Program) -> list[str]:
             right = item.init
         else:
             right = item.expr
-        value = sympy.latex(_sympy(right, program, names), symbol_names=display_names, mul_symbol=None)
+        value = sympy.latex(_sympy(right, program, names, shown), symbol_names=shown, mul_symbol=None)
         lines.append(f"{left} &= {value}")
     return lines
 
