@@ -28,7 +28,8 @@ def check(spec: Spec | str, dtype=None) -> Spec:
 def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diagnostic]:
     """All diagnostics of ``spec``, errors and warnings, in source order. Adaptors are checked
     applied to ``sgd``, the simplest base; a spec is built under every setting of its boolean
-    switches, so that an error in a branch not taken by default is found too."""
+    switches, so that an error in a branch not taken by default is found too; a spec with
+    probes is also built as at a step where every probe runs."""
     try:
         spec = load(spec) if isinstance(spec, str) else spec
         base = load("sgd") if spec.kind == "adaptor" else None
@@ -47,6 +48,15 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
             continue
         found += safety.diagnostics(program)
         found += _other_branches(target, setting, program)
+        if program.probe_periods:  # the steps where every probe runs, too
+            probing = frozenset(range(len(program.probe_periods)))
+            try:
+                probed = build(target, setting, probing=probing)
+            except SpecError as error:
+                found += [d for d in error.diagnostics if d.code != "GS043"]
+            else:
+                found += safety.diagnostics(probed)
+                found += _other_branches(target, setting, probed, probing=probing)
         if all(setting[n] == target.hypers[n].default for n in switches):
             default = program
     if default is not None and not any(d.severity == "error" for d in found):
@@ -67,7 +77,7 @@ def safety_checked(spec: Spec) -> None:
         raise SpecError(errors)
 
 
-def _other_branches(spec, setting, program, limit: int = 6) -> list[Diagnostic]:
+def _other_branches(spec, setting, program, limit: int = 6, probing=frozenset()) -> list[Diagnostic]:
     """Build and check the branches of numeric ``if`` conditions (``if momentum > 0``) that
     these values do not take, each with its condition assumed (momentum > 0 inside)."""
     indices = [index for index, _, _ in program.assumed][:limit]
@@ -77,7 +87,7 @@ def _other_branches(spec, setting, program, limit: int = 6) -> list[Diagnostic]:
         if all(program.switches[i] == taken for i, taken in forced.items()):
             continue
         try:
-            other = build(spec, setting, forced)
+            other = build(spec, setting, forced, probing)
         except SpecError as error:
             found += [d for d in error.diagnostics if d.code != "GS043"]
             continue

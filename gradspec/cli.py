@@ -11,7 +11,8 @@ import sys
 from . import stdlib
 from .check import diagnose
 from .docs import stdlib_reference
-from .compiler.ir import build
+from .compiler.cost import step_cost
+from .compiler.ir import build, build_probing
 from .compiler.lower import BucketShape, lower_step
 from .dsl import printer
 from .dsl.errors import Diagnostic, SpecError
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     form.add_argument("--fx", action="store_true", help="the torch.fx graph of one step")
     form.add_argument("--python", action="store_true", help="the Python code of that graph")
     form.add_argument("--latex", action="store_true", help="the equations, one per statement")
+    form.add_argument("--cost", action="store_true",
+                      help="model evaluations and bytes moved per step, at the default hyperparameters")
+    p.add_argument("--dtype", default="float32", help="parameter dtype for --cost's bytes (default float32)")
 
     args = parser.parse_args(argv)
     try:
@@ -131,7 +135,12 @@ def _show(args) -> int:
     if args.latex:
         if spec.kind == "adaptor":
             spec = apply_adaptor(spec, load("sgd"))
-        print(latex.render(build(spec)))
+        print(latex.render(build_probing(spec)))
+        return 0
+    if args.cost:
+        if spec.kind == "adaptor":
+            spec = apply_adaptor(spec, load("sgd"))
+        print(_cost_text(spec, args.dtype))
         return 0
     if not (args.fx or args.python):
         is_file = stdlib.source(args.spec) is not None or args.spec.endswith(".opt")
@@ -157,6 +166,27 @@ def _show(args) -> int:
         print(graph.code.strip() if args.python else graph.graph)
         print()
     return 0
+
+
+def _cost_text(spec, dtype: str) -> str:
+    import torch
+    itemsize = getattr(torch, dtype).itemsize
+    cost = step_cost(spec)
+    lines = [f"{spec.name}: per step, averaged over the probe periods, at the default hyperparameters",
+             f"  closure calls (forward passes)   {cost.closure_calls:g}",
+             f"  gradients (backward passes)      {cost.gradients:g}",
+             f"  Hessian-vector products          {cost.hvps:g}"]
+    for probe in cost.probes:
+        calls = "; ".join(f"{name}: {c} closure call, {g} gradient, {h} HVP" for name, c, g, h in probe.calls
+                          if c or g or h) or "no model evaluation"
+        lines.append(f"  probe every {probe.period} steps: {calls}")
+    if cost.differentiates_gradient:
+        lines.append("  on probe steps the gradient is taken with create_graph=True (exact HVPs)")
+    lines.append(f"  optimizer memory traffic         {cost.elements_moved * itemsize} bytes per parameter "
+                 f"({cost.elements_moved} {dtype} buffers read or written)")
+    if cost.probes:
+        lines.append(f"    on a step where every probe runs {cost.elements_moved_probing * itemsize} bytes per parameter")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

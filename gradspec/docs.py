@@ -3,7 +3,7 @@ docstring), its hyperparameters with constraints, its equations and its proven l
 from __future__ import annotations
 
 from . import stdlib
-from .compiler.ir import build
+from .compiler.ir import build_probing
 from .dsl import printer
 from .dsl.resolve import apply_adaptor, load
 from .symbolic import latex
@@ -28,7 +28,7 @@ def stdlib_reference() -> str:
 def _section(name: str) -> str:
     spec = load(name)
     shown = apply_adaptor(spec, load("sgd")) if spec.kind == "adaptor" else spec
-    program = build(shown)
+    program = build_probing(shown)
     source = stdlib.source(name)
     header = next(line for line in source.splitlines() if line.startswith(("optimizer", "adaptor")))
     lines = [f"## {name}", "", f"`{header}`", "", spec.doc or "", ""]

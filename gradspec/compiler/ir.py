@@ -41,6 +41,15 @@ MATRIX = {"orthogonalize": 2, "aspect": 1}
 quintic Newton-Schulz iteration on each tensor viewed as a matrix (rows = first dimension)
 and gives a value per element, ``bf16`` (a switch) picking the iteration's dtype;
 ``tensor.aspect(x)`` is size(-2) / size(-1) of each tensor's shape (1 for a vector)."""
+PROBES = {"grad_at": 1, "hvp": 1, "randn": 0, "gauss_newton": 0, "hessian_eigvecs": 2}
+"""Functions that evaluate the model again, allowed only inside ``probe every k { }``:
+``grad_at(x)`` is the gradient at parameters x (one closure call, same batch); ``hvp(v)`` the
+exact Hessian-vector product H v (double backward); ``randn()`` a standard Gaussian per
+element (also allowed in initial values); ``gauss_newton()`` the Gauss-Newton-Bartlett
+diagonal B * grad(L^)^2 with labels sampled from the closure's logits; and
+``hessian_eigvecs(k, iters)`` the top-k Hessian eigenvectors by ``iters`` Lanczos steps
+with full reorthogonalisation, a subspace. ``onto(v, U)`` (anywhere) projects v onto a
+subspace: U U^T v, U's columns orthonormal over the whole group."""
 ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow"}
 COMPARE = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 LOGIC = {"and": "and", "or": "or"}
@@ -97,6 +106,15 @@ class Program:
     context: object = None  # the builder, to build a law's expressions in the spec's namespace
     statements: tuple = ()  # (source, State | Define) under these switches, in source order
     assumed: tuple = ()  # (index, condition node, taken): numeric ``if`` conditions, as facts
+    probe_periods: tuple = ()  # each probe block's period: an int hyperparameter's name or an int
+    probing: frozenset = frozenset()  # the indices of the probe blocks that run in this program
+    state_ranks: dict = None  # subspace state -> its number of directions k
+
+    @property
+    def probes(self) -> list:
+        """The probe nodes (grad_at, hvp, ...) in an order where each comes after those its
+        arguments need."""
+        return [n for n in self.nodes() if n.op == "probe"]
 
     def law_expr(self, source, expr, free_names=False):
         """``expr`` (a law's claim, given or substitution) as a node, built like the spec's own
@@ -181,8 +199,12 @@ def _fold(op, values):
     return None
 
 
-def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None) -> Program:
+def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None,
+          probing=frozenset()) -> Program:
     """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
+
+    ``probing`` holds the indices of the probe blocks that run at this step (a spec with
+    probes has one program per set of probes due at a step); the others keep their states.
 
     ``forced`` maps the index of an ``if`` condition (in the order they are met) to the branch
     to take whatever the values say: the symbolic checker uses it to check the branches of a
@@ -194,7 +216,16 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
     if spec.kind == "adaptor":
         raise SpecError(_adaptor_alone(spec))
     values = {**spec.hyper_defaults, **(hyper_values or {})}
-    return _ProgramBuilder(spec, values, forced or {}).run()
+    return _ProgramBuilder(spec, values, forced or {}, frozenset(probing)).run()
+
+
+def build_probing(spec: Spec, hyper_values: dict | None = None) -> Program:
+    """The program of a step where every probe of ``spec`` runs (the plain one if it has none):
+    the whole method, for showing and checking."""
+    plain = build(spec, hyper_values)
+    if not plain.probe_periods:
+        return plain
+    return build(spec, hyper_values, probing=frozenset(range(len(plain.probe_periods))))
 
 
 def _adaptor_alone(spec):
@@ -204,10 +235,16 @@ def _adaptor_alone(spec):
 
 
 class _ProgramBuilder:
-    def __init__(self, spec: Spec, values: dict, forced: dict | None = None):
+    def __init__(self, spec: Spec, values: dict, forced: dict | None = None, probing=frozenset()):
         self.spec = spec
         self.values = values
         self.forced = forced or {}
+        self.probing = probing
+        self.probe_periods: list = []
+        self.kept: dict = {}  # state -> (source, Define): its next value is in a probe not run now
+        self.probe_locals: set = set()  # definitions inside probes not run now
+        self.probe_items: set = set()  # ids of the definitions inside probes run now
+        self._in_probe = False
         self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
         self.b = Builder()
         self.errors = Collector(spec.source)
@@ -228,7 +265,7 @@ class _ProgramBuilder:
     def run(self) -> Program:
         self._collect(self.spec.items)
         for name, (src, state) in self.states.items():
-            if name not in self.nexts:
+            if name not in self.nexts and name not in self.kept:
                 self.errors.error("GS040", f"state '{name}' has no next value", state.span,
                                   f"add {name}' = ... (write {name}' = {name} to keep it constant)", src)
         for name, (src, define) in self.nexts.items():
@@ -240,7 +277,7 @@ class _ProgramBuilder:
             self.errors.error("GS042", f"'{self.spec.name}' defines no update",
                               None, "add param' = param - lr * ...")
         # build whatever is defined, so one run reports every error in the spec
-        nexts = {name: self._next(name) for name in ["param", *self.states] if name in self.nexts}
+        nexts = {name: self._next(name) for name in ["param", *self.states] if name in self.nexts or name in self.kept}
         inits = {name: self._init(name) for name in self.states}
         for name, located in self.locals.items():  # unused definitions are checked too
             self._definition(("local", name), located)
@@ -255,12 +292,35 @@ class _ProgramBuilder:
                 self.errors.error("GS061", f"the next value of global state '{name}' has one value per "
                                            f"{'tensor' if nxt.scope == Scope.TENSOR else 'element'}",
                                   self.nexts[name][1].span, "reduce it with global.sum(...) or similar", src)
+        ranks = self._subspaces(nexts, inits)
         self.errors.raise_if_any()
         element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
                        self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self,
-                       tuple(self.active), tuple(self.assumed))
+                       tuple(self.active), tuple(self.assumed), tuple(self.probe_periods),
+                       self.probing, ranks)
+
+    def _subspaces(self, nexts, inits) -> dict:
+        """Each ``state U: subspace(k)``'s k, checked against its initial and next values."""
+        ranks = {}
+        for name, (src, state) in self.states.items():
+            if state.scope != "subspace":
+                continue
+            hyper = self.spec.hypers.get(state.rank)
+            if hyper is None or hyper.kind != "int" or int(self.values[state.rank]) < 1:
+                self.errors.error("GS064", f"the rank of subspace '{name}' must be an int hyperparameter >= 1",
+                                  state.span, f"hyper {state.rank}: int = 10 >= 1", src)
+                continue
+            ranks[name] = int(self.values[state.rank])
+            init, nxt = inits.get(name), nexts.get(name)
+            if init is not None and not (init.is_const and init.attr == 0):
+                self.errors.error("GS064", f"subspace '{name}' starts empty: its initial value must be 0",
+                                  state.init.span, f"state {name}: subspace({state.rank}) = 0", src)
+            if nxt is not None and (nxt.type != "subspace" or nxt.attr[-2] != ranks[name]) and nxt.op != "state":
+                self.errors.error("GS064", f"the next value of subspace '{name}' must be "
+                                           f"hessian_eigvecs({state.rank}, ...)", self.nexts[name][1].span, None, src)
+        return ranks
 
     def extra_expr(self, src, expr, free_names=False):
         """Build one more expression after :meth:`run`; raise SpecError if it is unsound."""
@@ -278,6 +338,8 @@ class _ProgramBuilder:
             if isinstance(item, ast.If):
                 taken = self._condition(src, item.cond)
                 self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
+            elif isinstance(item, ast.Probe):
+                self._probe(src, item)
             elif isinstance(item, ast.State):
                 self.active.append((src, item))
                 self._declare(self.states, item.name, src, item, "state")
@@ -291,6 +353,22 @@ class _ProgramBuilder:
                 if not self._condition(src, item.cond, record=False):
                     self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
                                       item.span, _describe_values(item.cond, self.values), src)
+
+    def _probe(self, src, probe: ast.Probe):
+        """A probe block: collected as usual when it runs at this step; otherwise its states
+        keep their values and its definitions are out of reach."""
+        index = len(self.probe_periods)
+        self.probe_periods.append(probe.every)
+        if index in self.probing:
+            before = len(self.active)
+            self._collect([(src, i) for i in probe.items])
+            self.probe_items |= {id(item) for _, item in self.active[before:]}
+            return
+        for _, item in _defines(src, probe.items, self):
+            if item.primed:
+                self.kept[item.name] = (src, item)
+            else:
+                self.probe_locals.add(item.name)
 
     def _declare(self, table, name, src, item, what):
         if name in table:
@@ -326,6 +404,8 @@ class _ProgramBuilder:
 
     # ---- building expressions
     def _next(self, name):
+        if name in self.kept:
+            return self._state_node(name)
         return self._definition(("next", name), self.nexts[name])
 
     def _init(self, name):
@@ -345,7 +425,9 @@ class _ProgramBuilder:
                               src)
             return None
         self._building.append(key)
+        outer, self._in_probe = self._in_probe, id(define) in self.probe_items
         node = self._expr(src, define.expr, in_init=in_init)
+        self._in_probe = outer
         self._building.pop()
         self._memo[memo_key] = node
         return node
@@ -353,6 +435,7 @@ class _ProgramBuilder:
     def _expr(self, src, expr, static=False, in_init=False):
         """``expr`` as a node, or None after recording an error; remembers where each node was
         first written, so the symbolic checker can point at it."""
+        self._in_init = in_init
         node = self._expr_node(src, expr, static, in_init)
         if node is not None and getattr(expr, "span", None) is not None:
             self.origins.setdefault(id(node), []).append((src, expr.span))
@@ -402,6 +485,10 @@ class _ProgramBuilder:
         return self.b.op(op, *args)
 
     def _call(self, src, expr, recurse):
+        if expr.func in PROBES:
+            return self._probe_call(src, expr, recurse)
+        if expr.func == "onto":
+            return self._onto(src, expr, recurse)
         if expr.func not in FUNCTIONS:
             hint = did_you_mean(expr.func, FUNCTIONS)
             if expr.func in REDUCTIONS:
@@ -422,6 +509,62 @@ class _ProgramBuilder:
                 return None
             return self.b.op("where", *args)
         return self._typed(src, expr, expr.func, args, "real")
+
+    def _probe_call(self, src, expr, recurse):
+        func = expr.func
+        if not (self._in_probe or (func == "randn" and self._in_init)):
+            where = "inside a 'probe every k { }' block" + (" or in an initial value" if func == "randn" else "")
+            self.errors.error("GS063", f"{func}(...) evaluates the model, so it may appear only {where}"
+                              if func != "randn" else f"randn() may appear only {where}", expr.span,
+                              "put the definition that uses it inside the probe block", src)
+            return None
+        if func == "hessian_eigvecs":
+            return self._eigvecs(src, expr)
+        args = self._arguments(src, expr, func, PROBES[func], recurse)
+        if args is None:
+            return None
+        for a, text in zip(args, expr.args):
+            if a.type != "real":
+                self.errors.error("GS050", f"{func} needs numbers", text.span, None, src)
+                return None
+        return self.b.node("probe", tuple(args), (func, id(expr)), "real", Scope.ELEMENT)
+
+    def _eigvecs(self, src, expr):
+        if len(expr.args) != 2:
+            self.errors.error("GS052", f"hessian_eigvecs takes 2 arguments (k, iters), got {len(expr.args)}",
+                              expr.span, None, src)
+            return None
+        sizes = []
+        for arg in expr.args:
+            hyper = self.spec.hypers.get(arg.name) if isinstance(arg, ast.Name) else None
+            value = self.values[arg.name] if hyper is not None and hyper.kind == "int" else \
+                arg.value if isinstance(arg, ast.Num) and float(arg.value).is_integer() else None
+            if value is None or int(value) < 1:
+                self.errors.error("GS064", "hessian_eigvecs's k and iters are whole numbers >= 1 fixed when the "
+                                           "step is compiled", arg.span, "pass int hyperparameters, as in "
+                                                                         "hessian_eigvecs(k, lanczos_steps)", src)
+                return None
+            sizes.append(int(value))
+        k, iters = sizes
+        if iters < k:
+            self.errors.error("GS064", f"Lanczos needs at least k = {k} steps to find k eigenvectors, got {iters}",
+                              expr.span, f"use iters >= {k} (2k + 10 is a common choice)", src)
+            return None
+        return self.b.node("probe", (), ("hessian_eigvecs", id(expr), k, iters), "subspace", Scope.ELEMENT)
+
+    def _onto(self, src, expr, recurse):
+        args = self._arguments(src, expr, "onto", 2, recurse)
+        if args is None:
+            return None
+        v, subspace = args
+        if subspace.type != "subspace":
+            self.errors.error("GS065", "onto(v, U) projects onto a subspace: U must be a subspace state or "
+                                       "hessian_eigvecs(...)", expr.args[1].span, None, src)
+            return None
+        if v.type != "real":
+            self.errors.error("GS050", "onto needs numbers to project", expr.args[0].span, None, src)
+            return None
+        return self.b.node("onto", (v, subspace), None, "real", Scope.ELEMENT)
 
     def _arguments(self, src, expr, what, arity, recurse):
         """The call's arguments as nodes, or None after an arity or argument error."""
@@ -495,14 +638,15 @@ class _ProgramBuilder:
         if expr.primed:
             if name in self.nexts:
                 return self._definition(("next", name), self.nexts[name], in_init)
+            if name in self.kept:
+                return self._state_node(name)
             hint = f"'{name}' is not a state" if name not in self.states else f"define {name}' = ..."
             self.errors.error("GS059", f"'{name}' has no next value", expr.span, hint, src)
             return None
         if name in self.locals:
             return self._definition(("local", name), self.locals[name], in_init)
         if name in self.states:
-            scope = Scope.GLOBAL if self.states[name][1].scope == "global" else Scope.ELEMENT
-            return self.b.node("state", (), name, "real", scope)
+            return self._state_node(name)
         if name in self.spec.hypers:
             hyper = self.spec.hypers[name]
             if hyper.kind == "bool" or static:
@@ -516,10 +660,35 @@ class _ProgramBuilder:
             return self.b.node("input", (), name, "real", scope)
         if self._free_names:
             return self.b.node("free", (), name, "real", Scope.SCALAR)
+        if name in self.probe_locals:
+            self.errors.error("GS066", f"'{name}' is defined inside a probe, which runs only every few steps",
+                              expr.span, f"carry it in a state: state {name}_kept = 0, and inside the probe "
+                                         f"{name}_kept' = {name}", src)
+            return None
         visible = set(self.locals) | set(self.states) | set(self.spec.hypers) | set(INPUTS)
         self.errors.error("GS030", f"unknown name '{name}'", expr.span,
                           did_you_mean(name, visible) or "declare it as a hyperparameter, state or definition", src)
         return None
+
+
+    def _state_node(self, name):
+        state = self.states[name][1]
+        if state.scope == "subspace":
+            return self.b.node("state", (), name, "subspace", Scope.ELEMENT)
+        scope = Scope.GLOBAL if state.scope == "global" else Scope.ELEMENT
+        return self.b.node("state", (), name, "real", scope)
+
+
+def _defines(src, items, builder):
+    """The definitions of a probe block under the current switches (its ``if`` conditions are
+    hyperparameter switches, evaluated without recording them)."""
+    for item in items:
+        if isinstance(item, ast.Define):
+            yield src, item
+        elif isinstance(item, ast.If):
+            node = builder._expr(src, item.cond, static=True)
+            taken = bool(node.attr) if node is not None and node.is_const else True
+            yield from _defines(src, item.then if taken else item.otherwise, builder)
 
 
 def _show_key(key) -> str:

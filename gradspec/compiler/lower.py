@@ -12,6 +12,11 @@ and, for specs with ``tensor.*`` reductions, its segment ids. It writes every ne
 into its buffer with ``copy_`` after computing all of them, so the step is the pure
 function the spec describes, and returns nothing.
 
+Specs with probes get, for the steps where a probe runs, a program whose main phase also
+takes each probe's result per bucket (``b{i}_probe_{j}``), and one small *probe-argument*
+graph per probe, with the main phase's inputs, that computes what the probe evaluates at
+(``param + dR * n`` for ``grad_at``); the runtime runs those eagerly between closure calls.
+
 A bucket is one (device, dtype, step) slice of a parameter group. ``tensor.*`` reductions
 become segment reductions (``segment_reduce`` over each tensor's length), so no Python loop
 over tensors is traced; ``global.*`` reductions sum the buckets' partial results.
@@ -80,25 +85,45 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
     scalar_inputs = [f"hyper_{h}" for h in program.hypers_used] + (["loss"] if program.uses_loss else [])
     scalar_inputs += [f"b{i}_step" for i in range(len(buckets))]
     graph = fx.Graph()
-    lowerer = _Lowerer(graph, {n: graph.placeholder(n) for n in scalar_inputs}, buckets)
+    lowerer = _Lowerer(graph, {n: graph.placeholder(n) for n in scalar_inputs}, buckets, program)
     graph.output(tuple(lowerer.value(node, b if b is not None else 0) for node, b in roots))
     scalar = fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_scalars")
-
-    main_inputs = [f"scalar_{i}" for i in range(len(roots))] + (["skipped"] if nonfinite == "skip" else [])
-    main_inputs += [f"global_{_ident(s)}" for s in program.global_states]
-    segments = Scope.TENSOR in _scopes(program)
-    for i in range(len(buckets)):
-        main_inputs += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
-        main_inputs += [f"b{i}_state_{_ident(s)}" for s in program.state_names]
-        main_inputs += [f"b{i}_segments", f"b{i}_lengths"] if segments else []
-    main = _lower_main(program, buckets, nonfinite, roots, main_inputs)
+    main = _lower_main(program, buckets, nonfinite, roots, main_inputs(program, len(buckets), len(roots), nonfinite))
     return StepGraphs(scalar, main)
+
+
+def main_inputs(program: Program, n_buckets: int, n_scalars: int, nonfinite: str = "propagate") -> list:
+    """The main phase's input names, in the order the runtime passes them."""
+    names = [f"scalar_{i}" for i in range(n_scalars)] + (["skipped"] if nonfinite == "skip" else [])
+    names += [f"global_{_ident(s)}" for s in program.global_states]
+    segments = Scope.TENSOR in _scopes(program)
+    for i in range(n_buckets):
+        names += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
+        names += [f"b{i}_state_{_ident(s)}" for s in program.state_names]
+        names += [f"b{i}_segments", f"b{i}_lengths"] if segments else []
+        names += [f"b{i}_probe_{j}" for j in range(len(program.probes))]
+    return names
+
+
+def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -> fx.GraphModule:
+    """A graph from the main phase's inputs to the arguments of probe ``index``, per bucket:
+    ((args of bucket 0), (args of bucket 1), ...). Probes after ``index`` are not read."""
+    roots = _scalar_roots(program, len(buckets))
+    graph = fx.Graph()
+    placeholders = {n: graph.placeholder(n) for n in main_inputs(program, len(buckets), len(roots))}
+    lowerer = _Lowerer(graph, placeholders, buckets, program)
+    for i, (node, b) in enumerate(roots):
+        lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
+    probe = program.probes[index]
+    graph.output(tuple(tuple(lowerer.value(a, i, broadcast_to=Scope.ELEMENT) for a in probe.args)
+                       for i in range(len(buckets))))
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + f"_probe{index}")
 
 
 def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
     graph = fx.Graph()
     placeholders = {name: graph.placeholder(name) for name in names}
-    lowerer = _Lowerer(graph, placeholders, buckets)
+    lowerer = _Lowerer(graph, placeholders, buckets, program)
     for i, (node, b) in enumerate(roots):
         lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
     if nonfinite == "skip":
@@ -133,13 +158,14 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
 
 
 def lower_init(program: Program, bucket: BucketShape) -> fx.GraphModule:
-    """A graph from (hyperparameters, param, grad) of one bucket to each state's initial value."""
+    """A graph from (hyperparameters, param, grad, random generator) of one bucket to each
+    state's initial value."""
     graph = fx.Graph()
     names = [f"hyper_{h}" for h in program.hypers_used] + ["b0_param", "b0_grad"]
     if Scope.TENSOR in _scopes(program):
         names += ["b0_segments", "b0_lengths"]
-    placeholders = {name: graph.placeholder(name) for name in names}
-    lowerer = _Lowerer(graph, placeholders, [bucket])
+    placeholders = {name: graph.placeholder(name) for name in names + ["generator"]}
+    lowerer = _Lowerer(graph, placeholders, [bucket], program)
     outputs = [lowerer.value(program.init[name], 0, broadcast_to=Scope.ELEMENT) for name in program.state_names]
     graph.output(tuple(outputs))  # scalars are broadcast when copied into the state buffers
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_init")
@@ -161,10 +187,11 @@ class _Lowerer:
     """Emits FX nodes for IR nodes, once per (node, bucket) — or once per group for nodes that
     do not depend on a bucket (hyperparameter arithmetic, global reductions)."""
 
-    def __init__(self, graph: fx.Graph, placeholders: dict, buckets: list[BucketShape]):
+    def __init__(self, graph: fx.Graph, placeholders: dict, buckets: list[BucketShape], program: Program):
         self.graph = graph
         self.ph = placeholders
         self.buckets = buckets
+        self.probe_index = {id(node): j for j, node in enumerate(program.probes)}
         self.memo: dict = {}
         self.ok = None  # all gradients finite, under nonfinite="skip"
         self._steps: dict = {}
@@ -247,6 +274,14 @@ class _Lowerer:
             return self._reduce(node, bucket)
         if op == "matrix":
             return self._matrix(node, bucket)
+        if op == "probe":
+            if node.attr[0] == "randn" and "generator" in self.ph:  # an initial value
+                param = self.ph[f"b{bucket}_param"]
+                return self.call(torch.randn, self.buckets[bucket].numel, generator=self.ph["generator"],
+                                 dtype=_compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(param))
+            return self.load(self.ph[f"b{bucket}_probe_{self.probe_index[id(node)]}"], bucket)
+        if op == "onto":
+            return self._onto(node, bucket)
         args = self._args(node, bucket)
         if all(_is_python(a) for a in args):  # constants folding could not settle, e.g. rsqrt(4)
             args[0] = self.call(torch.tensor, float(args[0]), dtype=torch.float64)
@@ -265,6 +300,18 @@ class _Lowerer:
         if op == "where":
             return self.call(torch.where, *args)
         raise NotImplementedError(f"no lowering for {op}")  # pragma: no cover - IR is closed
+
+    def _onto(self, node: Node, bucket: int):
+        """U U^T v: the coefficients U^T v summed over the buckets, then combined per bucket."""
+        key = ("coefficients", id(node))
+        if key not in self.memo:
+            total = None
+            for i in range(len(self.buckets)):
+                v = self.value(node.args[0], i, broadcast_to=Scope.ELEMENT)
+                part = self.call(torch.mv, self.value(node.args[1], i), v)
+                total = part if total is None else self.call(operator.add, total, part)
+            self.memo[key] = total
+        return self.call(torch.matmul, self.memo[key], self.value(node.args[1], bucket))
 
     def _minmax(self, op, a, b):
         if _is_python(a):

@@ -177,12 +177,14 @@ class Hyper:
 @dataclass(frozen=True)
 class State:
     """``state m = 0``: a moment carried between steps, shaped like its parameter;
-    ``state s: global = 0``: one value per parameter group (an EMA of a global norm, say)."""
+    ``state s: global = 0``: one value per parameter group (an EMA of a global norm, say);
+    ``state U: subspace(k) = 0``: k directions shaped like the parameters (``rank`` names k)."""
 
     name: str
     init: Expr
     span: Span | None = field(default=None, compare=False)
     scope: str = "element"
+    rank: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,13 +246,25 @@ class If:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """``probe every k { ... }``: statements that run only at steps 1, k + 1, 2k + 1, ...,
+    where they may evaluate the model again (``grad_at``, ``hvp``, ...). A state whose next
+    value is set inside keeps its value on the other steps. ``every`` is an int
+    hyperparameter's name or a number."""
+
+    every: str | int
+    items: tuple
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class Import:
     path: str
     alias: str
     span: Span | None = field(default=None, compare=False)
 
 
-Item = Union[Hyper, State, Define, Override, Require, Law, If, Import]
+Item = Union[Hyper, State, Define, Override, Require, Law, If, Probe, Import]
 
 # ---- specs and spec expressions -----------------------------------------------------------
 
@@ -295,4 +309,6 @@ class SpecAST:
                 if isinstance(item, If):
                     yield from go(item.then)
                     yield from go(item.otherwise)
+                elif isinstance(item, Probe):
+                    yield from go(item.items)
         yield from go(self.items)

@@ -16,7 +16,7 @@ from .errors import Diagnostic, Source, Span, SpecError
 
 RESERVED = {"optimizer", "adaptor", "hyper", "state", "require", "import", "as", "if", "else",
             "and", "or", "not", "true", "false", "tensor", "global",
-            "law", "equals", "invariant", "fixed_point", "at", "given"}
+            "law", "equals", "invariant", "fixed_point", "at", "given", "probe", "every"}
 
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "CMP": "a comparison",
@@ -203,11 +203,25 @@ class _ToAst(Transformer):
         return (str(children[0]), children[1])
 
     def state(self, meta, children):
-        name, scope, init = children
-        if scope is not None and str(scope) != "global":
-            raise SpecError(Diagnostic("GS004", f"a state is per element or ': global', not ': {scope}'",
-                                       self.source, Span.of(scope), "drop the annotation for a per-element state"))
-        return ast.State(str(name), init, _span(meta), "global" if scope is not None else "element")
+        name, kind, init = children
+        scope, rank = kind if kind is not None else ("element", None)
+        return ast.State(str(name), init, _span(meta), scope, rank)
+
+    def state_kind(self, meta, children):
+        word, rank = children if len(children) == 2 else (children[0], None)
+        if str(word) == "global" and rank is None:
+            return ("global", None)
+        if str(word) == "subspace" and rank is not None:
+            return ("subspace", str(rank))
+        hint = ("write ': subspace(k)', k an int hyperparameter" if str(word) == "subspace"
+                else "drop the annotation for a per-element state")
+        raise SpecError(Diagnostic("GS004", f"a state is per element, ': global' or ': subspace(k)', not ': {word}'",
+                                   self.source, Span.of(word), hint))
+
+    def probe_block(self, meta, children):
+        every, *body = children
+        every = int(every) if every.type == "NUMBER" and float(every).is_integer() else str(every)
+        return ast.Probe(every, tuple(body), _span(meta))
 
     def define(self, meta, children):
         return ast.Define(str(children[0]), children[1], False, _span(meta))

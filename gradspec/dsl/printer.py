@@ -35,7 +35,7 @@ def item(i, indent: str = "") -> list[str]:
     if isinstance(i, ast.Hyper):
         return [indent + hyper(i)]
     if isinstance(i, ast.State):
-        scope = ": global" if i.scope == "global" else ""
+        scope = {"global": ": global", "subspace": f": subspace({i.rank})"}.get(i.scope, "")
         return [f"{indent}state {i.name}{scope} = {expr(i.init)}"]
     if isinstance(i, ast.Define):
         return [f"{indent}{i.name}{chr(39) if i.primed else ''} = {expr(i.expr)}"]
@@ -54,6 +54,11 @@ def item(i, indent: str = "") -> list[str]:
             lines.append(f"{indent}}} else {{")
             for inner in i.otherwise:
                 lines += item(inner, indent + "    ")
+        return lines + [f"{indent}}}"]
+    if isinstance(i, ast.Probe):
+        lines = [f"{indent}probe every {i.every} {{"]
+        for inner in i.items:
+            lines += item(inner, indent + "    ")
         return lines + [f"{indent}}}"]
     return []
 

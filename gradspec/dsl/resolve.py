@@ -203,16 +203,53 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
     for item in tree.walk():
         if isinstance(item, ast.If):
             for inner in item.then + item.otherwise:
-                if isinstance(inner, (ast.Hyper, ast.Law)):
-                    what = "hyperparameters are" if isinstance(inner, ast.Hyper) else "laws are"
+                if isinstance(inner, (ast.Hyper, ast.Law, ast.Probe)):
+                    what = {ast.Hyper: "hyperparameters are", ast.Law: "laws are"}.get(type(inner), "probes are")
                     errors.error("GS012", f"{what} declared at the top level, not inside 'if'",
                                  inner.span, "move the declaration above the 'if'")
+        elif isinstance(item, ast.Probe):
+            for inner in tree_items(item.items):
+                if isinstance(inner, (ast.Hyper, ast.Law, ast.State, ast.Probe)):
+                    what = type(inner).__name__.lower()
+                    errors.error("GS018", f"a {what} cannot be declared inside a probe", inner.span,
+                                 "declare it at the top level; a probe sets next values (h' = ...)")
+            _check_every(item, hypers, errors)
         name = getattr(item, "name", None)
         if name in RESERVED and not isinstance(item, ast.Override):
             errors.error("GS013", f"'{name}' is a reserved word", item.span, "choose another name")
     errors.raise_if_any()
     return Spec(tree.name, tree.kind, hypers, tuple(items), tree.doc, tree.source,
                 tree if tree.kind == "adaptor" else None)
+
+
+def tree_items(items):
+    """``items`` and the items nested in their ``if`` blocks."""
+    for item in items:
+        yield item
+        if isinstance(item, ast.If):
+            yield from tree_items(item.then + item.otherwise)
+
+
+def _check_every(probe: ast.Probe, hypers: dict, errors: Collector) -> None:
+    """A probe's period is a positive int: a literal, or an int hyperparameter that is >= 1."""
+    every = probe.every
+    if isinstance(every, str):
+        hyper = hypers.get(every)
+        if hyper is None:
+            errors.error("GS019", f"a probe runs every k steps, k an int hyperparameter; '{every}' is not one",
+                         probe.span, did_you_mean(every, hypers) or f"declare hyper {every}: int = 10 >= 1")
+        elif hyper.kind != "int" or hyper.check(1) or not _at_least_one(hyper):
+            errors.error("GS019", f"the probe period '{every}' must be an int hyperparameter constrained >= 1",
+                         hyper.span, f"hyper {every}: int = {hyper.default} >= 1")
+    elif not isinstance(every, int) or every < 1:
+        errors.error("GS019", f"a probe period must be a whole number of steps >= 1, not {every}", probe.span)
+
+
+def _at_least_one(hyper: ast.Hyper) -> bool:
+    c = hyper.constraint
+    if isinstance(c, ast.Bound):
+        return (c.op == ">=" and c.value >= 1) or (c.op == ">" and c.value >= 0)
+    return isinstance(c, ast.Interval) and (c.low > 0 or (c.low == 0 and not c.low_closed))
 
 
 def _check_default(hyper: ast.Hyper, errors: Collector) -> None:
@@ -350,6 +387,8 @@ def _walk(items):
         yield src, item
         if isinstance(item, ast.If):
             yield from _walk([(src, i) for i in item.then + item.otherwise])
+        elif isinstance(item, ast.Probe):
+            yield from _walk([(src, i) for i in item.items])
 
 
 def _defined_names(items) -> set[str]:
@@ -390,4 +429,6 @@ def _map_item(item, rename, recurse):
     if isinstance(item, ast.If):
         return ast.If(_map_names(item.cond, rename), tuple(recurse(i) for i in item.then),
                       tuple(recurse(i) for i in item.otherwise), item.span)
+    if isinstance(item, ast.Probe):
+        return ast.Probe(item.every, tuple(recurse(i) for i in item.items), item.span)
     return item

@@ -26,7 +26,8 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 class Bucket:
     """Parameters of one (device, dtype, step) with their flat buffers."""
 
-    def __init__(self, params: list, state: dict, state_names: tuple, step: float, needs_segments: bool):
+    def __init__(self, params: list, state: dict, state_names: tuple, step: float, needs_segments: bool,
+                 ranks: dict | None = None):
         self.params = params
         self.sizes = [p.numel() for p in params]
         self.offsets = [0]
@@ -56,7 +57,9 @@ class Bucket:
         self.states = {}
         self.missing = []  # states to initialise from the spec's initial values
         for name in state_names:
-            buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            rank = (ranks or {}).get(name)  # a subspace: k rows of the bucket's length
+            buffer = torch.empty(self.numel if rank is None else (rank, self.numel), dtype=self.dtype,
+                                 device=self.device)
             known = [name in state.get(p, {}) for p in params]
             if not all(known):
                 self.missing.append(name)
@@ -66,6 +69,11 @@ class Bucket:
             self.states[name] = buffer
 
     def views(self, flat: torch.Tensor) -> list:
+        """Each parameter's part of a flat buffer, in its shape; a subspace buffer (k, numel)
+        gives (k, *shape) views."""
+        if flat.dim() == 2:
+            return [flat[:, a:b].view(flat.shape[0], *p.shape)
+                    for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
         return [flat[a:b].view_as(p) for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
 
     def initialise(self, init_values, state: dict) -> None:
@@ -78,11 +86,12 @@ class Bucket:
                 if has_none:
                     view.copy_(v)
         self.missing = []
+        views = {name: self.views(buffer) for name, buffer in self.states.items()}
         for i, p in enumerate(self.params):
             entry = state.setdefault(p, {})
             entry["step"] = self.step.view(())
-            for name, buffer in self.states.items():
-                entry[name] = buffer[self.offsets[i]:self.offsets[i + 1]].view_as(p)
+            for name in self.states:
+                entry[name] = views[name][i]
 
     def params_moved(self) -> bool:
         """Whether a parameter no longer lives in the flat buffer (``model.to(...)``,

@@ -16,13 +16,14 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
-from ..compiler.lower import lower_init, lower_step
+from ..compiler.lower import lower_init, lower_probe_args, lower_step, main_inputs
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
 from ..symbolic.simplify import simplified
 from .buckets import Bucket, scalar_dtype
+from .probes import ClosureDriver, Evaluations
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -40,10 +41,16 @@ class Optimizer(torch.optim.Optimizer):
     states and step count stay as they were; ``skipped_steps`` counts them), or ``"raise"``
     FloatingPointError before anything changes. Other keyword arguments set the spec's
     hyperparameters for every group; param-group dicts may override them per group.
+
+    Specs with probes (``probe every k { ... }``) must be stepped with ``step(closure)``; see
+    :mod:`gradspec.runtime.probes` for what the closure returns. ``seed`` seeds the
+    generator behind ``randn()`` (initial directions, Hutchinson vectors, sampled labels,
+    Lanczos starts); its state is part of ``state_dict()``, so a resumed run draws the same
+    numbers. ``evaluations`` counts closure calls, gradients and Hessian-vector products.
     """
 
     def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
-                 nonfinite: str = "propagate", **hyper):
+                 nonfinite: str = "propagate", seed: int = 0, **hyper):
         self.spec = load(spec) if isinstance(spec, str) else spec
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
@@ -66,10 +73,14 @@ class Optimizer(torch.optim.Optimizer):
         self._programs: dict = {}
         self._betas_seen: dict = {}
         self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
+        self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
+        self.evaluations = Evaluations()
         defaults = {**self.spec.hyper_defaults, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
+        device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     # ---- torch.optim.Optimizer protocol
     def add_param_group(self, param_group: dict) -> None:
@@ -90,7 +101,15 @@ class Optimizer(torch.optim.Optimizer):
             for warning in underflow(self._program(group), dtype, group):
                 warnings.warn(warning.render(), UnderflowWarning, stacklevel=4)
 
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["generator"] = self.generator.get_state()
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict.pop("generator"))
         for plan in self._plans.values():
             plan.detach(self.state)
         self._plans.clear()
@@ -108,6 +127,8 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure=None, *, loss=None):
         """One step for every group; calls ``closure`` (with grad enabled) first if given and
         returns its loss. Specs that read ``loss`` take it from the closure or from ``loss=``."""
+        if self._has_probes:
+            return self._probing_step(closure)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -119,6 +140,47 @@ class Optimizer(torch.optim.Optimizer):
         for plan, group in plans:
             plan.run(group, loss)
         return loss
+
+    def _probing_step(self, closure):
+        """A step of a spec with probes: the closure gives the gradient (and keeps its graph when
+        a due probe differentiates it), the due probes run for every group, then the steps."""
+        if closure is None:
+            calls = sorted({n.attr[0] for n in self._program(self.param_groups[0], self._all_probes()).probes})
+            raise RuntimeError(f"{self.spec.name} probes the model ({', '.join(calls)}): call step(closure), "
+                               "where closure() computes and returns the loss on the current batch")
+        due = [self._due(group) for group in self.param_groups]
+        probes = [n.attr[0] for group, probing in zip(self.param_groups, due)
+                  for n in self._program(group, probing).probes]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        driver = ClosureDriver(closure, params, self.generator, self.evaluations,
+                               needs_graph=bool({"hvp", "hessian_eigvecs"} & set(probes)),
+                               needs_logits="gauss_newton" in probes, who=self.spec.name)
+        try:
+            loss = driver.step_gradient()
+            plans = [(self._plan(i, group), group, probing)
+                     for i, (group, probing) in enumerate(zip(self.param_groups, due))]
+            plans = [entry for entry in plans if entry[0] is not None]
+            if self.nonfinite == "raise":
+                for plan, _, _ in plans:
+                    plan.raise_if_nonfinite()
+            for plan, group, probing in plans:
+                plan.probe(group, probing, driver, loss)
+            for plan, group, probing in plans:
+                plan.run(group, loss, probing)
+        finally:
+            driver.release()
+        return loss
+
+    def _due(self, group: dict) -> frozenset:
+        """The probe blocks that run at this step of ``group``: those whose period divides t - 1."""
+        periods = self._program(group).probe_periods
+        step = next((self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})), 0)
+        done = int(step.item() if isinstance(step, torch.Tensor) else step)
+        return frozenset(j for j, every in enumerate(periods)
+                         if done % int(group[every] if isinstance(every, str) else every) == 0)
+
+    def _all_probes(self) -> frozenset:
+        return frozenset(range(len(self._program(self.param_groups[0]).probe_periods)))
 
     @property
     def skipped_steps(self) -> int:
@@ -165,11 +227,12 @@ class Optimizer(torch.optim.Optimizer):
         except SpecError as error:
             raise ValueError(f"{self.spec.name}: {error.message}") from None
 
-    def _program(self, group: dict) -> Program:
-        key = tuple(group[name] for name in self._static_names)
+    def _program(self, group: dict, probing: frozenset = frozenset()) -> Program:
+        key = (tuple(group[name] for name in self._static_names), probing)
         if key not in self._programs:
             # SymPy runs here once per setting of the switches, never in step()
-            self._programs[key] = simplified(build(self.spec, {n: group[n] for n in self.spec.hypers}))
+            values = {n: group[n] for n in self.spec.hypers}
+            self._programs[key] = simplified(build(self.spec, values, probing=probing))
         return self._programs[key]
 
     def _plan(self, index: int, group: dict):
@@ -186,7 +249,7 @@ class Optimizer(torch.optim.Optimizer):
         if plan is None or plan.layout != layout or any(b.params_moved() for b in plan.buckets):
             if plan is not None:
                 plan.detach(self.state)
-            plan = _Plan(self, program, params, layout, group)
+            plan = _Plan(self, group, params, layout)
             if plan.skipped is not None:
                 plan.skipped = self._skipped.setdefault(index, plan.skipped).to(plan.device)
                 self._skipped[index] = plan.skipped
@@ -194,15 +257,29 @@ class Optimizer(torch.optim.Optimizer):
         return plan
 
 
-class _Plan:
-    """One group's buckets, hyperparameter tensors and compiled step."""
+class _Variant:
+    """The compiled step for one set of due probes (the empty set: an ordinary step)."""
 
-    def __init__(self, optimizer: Optimizer, program: Program, params: list, layout, group: dict):
+    def __init__(self, program: Program, shapes: list, optimizer: Optimizer):
         self.program = program
+        graphs = lower_step(program, shapes, optimizer.nonfinite)
+        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend)
+        # probes run every few steps, after model evaluations that cost far more: eagerly
+        self.probe_args = [lower_probe_args(program, shapes, j) if node.args else None
+                           for j, node in enumerate(program.probes)]
+
+
+class _Plan:
+    """One group's buckets, hyperparameter tensors and compiled steps."""
+
+    def __init__(self, optimizer: Optimizer, group: dict, params: list, layout):
+        self.optimizer = optimizer
+        self.program = program = optimizer._program(group)
         self.layout = layout
         self.nonfinite = optimizer.nonfinite
         state = optimizer.state
-        needs_segments = Scope.TENSOR in {n.scope for n in program.nodes()}
+        every_probe = optimizer._program(group, frozenset(range(len(program.probe_periods))))
+        needs_segments = any(Scope.TENSOR in {n.scope for n in p.nodes()} for p in (program, every_probe))
         groups: dict = {}
         for p in params:
             if p.grad.is_sparse:
@@ -210,24 +287,32 @@ class _Plan:
             step = state.get(p, {}).get("step", 0)
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
-        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments)
+        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments, program.state_ranks)
                         for (_, _, step), ps in groups.items()]
+        self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device
         dtype = scalar_dtype(self.device)
-        self.hypers = {name: torch.zeros((), dtype=dtype, device=self.device) for name in program.hypers_used}
+        numeric = [n for n, h in optimizer.spec.hypers.items() if h.kind != "bool"]
+        self.hypers = {name: torch.zeros((), dtype=dtype, device=self.device) for name in numeric}
         self._hyper_values: dict = {}
         self.skipped = torch.zeros(1, dtype=dtype, device=self.device) if self.nonfinite == "skip" else None
         self.global_states = self._global_states(state, params)
-
-        self.graphs = lower_step(program, [b.shape for b in self.buckets], optimizer.nonfinite)
-        self.scalar_fn, self.main_fn = backends.cached(self.graphs, [b.shape for b in self.buckets],
-                                                       optimizer.backend)
+        self._variants: dict = {}
+        self._group = group
+        self._probed = None  # (probing, scalars, probe values per bucket) of this step
+        self.variant(frozenset())
         self.refresh_hypers(group)
         for bucket in self.buckets:
             bucket.initialise(self._initial_values(bucket) if bucket.missing else (), state)
         for p in params:  # every parameter's state shows the group's value, as it shows step
             for name, value in self.global_states.items():
                 state[p][name] = value.view(())
+
+    def variant(self, probing: frozenset) -> _Variant:
+        if probing not in self._variants:
+            self._variants[probing] = _Variant(self.optimizer._program(self._group, probing), self.shapes,
+                                               self.optimizer)
+        return self._variants[probing]
 
     def _global_states(self, state: dict, params: list) -> dict:
         """``state s: global`` buffers: restored from any parameter's state, else the initial
@@ -251,7 +336,7 @@ class _Plan:
         args = [self.hypers[h] for h in self.program.hypers_used] + [bucket.param, bucket.grad]
         if bucket.segments is not None:
             args += [bucket.segments, bucket.lengths]
-        return lower_init(self.program, bucket.shape)(*args)
+        return lower_init(self.program, bucket.shape)(*args, self.optimizer.generator)
 
     def refresh_hypers(self, group: dict) -> None:
         """Copy the group's numeric hyperparameters into their 0-d tensors, where they changed."""
@@ -263,25 +348,76 @@ class _Plan:
                 tensor.fill_(value)
                 self._hyper_values[name] = value
 
-    def run(self, group: dict, loss) -> None:
-        self.refresh_hypers(group)
-        scalar_args = [self.hypers[h] for h in self.program.hypers_used]
-        if self.program.uses_loss:
+    def _scalars(self, variant: _Variant, loss) -> list:
+        program = variant.program
+        scalar_args = [self.hypers[h] for h in program.hypers_used]
+        if program.uses_loss:
             if loss is None:
-                raise RuntimeError(f"{self.program.spec.name} reads the loss: call step(closure) or step(loss=...)")
+                raise RuntimeError(f"{program.spec.name} reads the loss: call step(closure) or step(loss=...)")
             scalar_args.append(torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device)))
         scalar_args += [bucket.step for bucket in self.buckets]
-        for bucket in self.buckets:
-            bucket.gather_grads()
-        args = list(self.scalar_fn(*scalar_args))
-        if self.skipped is not None:
+        return list(variant.scalar_fn(*scalar_args))
+
+    def _inputs(self, variant: _Variant, scalars: list, probe_values, with_skipped: bool) -> list:
+        """The main phase's arguments (see lower.main_inputs for the order)."""
+        args = list(scalars)
+        if with_skipped and self.skipped is not None:
             args.append(self.skipped)
         args += self.global_states.values()
-        for bucket in self.buckets:
+        for i, bucket in enumerate(self.buckets):
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
             if bucket.segments is not None:
                 args += [bucket.segments, bucket.lengths]
-        self.main_fn(*args)
+            args += probe_values[i] if probe_values else []
+        return args
+
+    def probe(self, group: dict, probing: frozenset, driver: ClosureDriver, loss) -> None:
+        """Run the due probes, in dependency order, and keep their results for :meth:`run`."""
+        self.refresh_hypers(group)
+        variant = self.variant(probing)
+        probes = variant.program.probes
+        for bucket in self.buckets:
+            bucket.gather_grads()
+        scalars = self._scalars(variant, loss)
+        values = [[None] * len(probes) for _ in self.buckets]
+        params = [p for bucket in self.buckets for p in bucket.params]
+        for j, node in enumerate(probes):
+            args = variant.probe_args[j](*self._inputs(variant, scalars, values, False)) if node.args else None
+            for i, out in enumerate(self._evaluate(node, args, params, driver)):
+                values[i][j] = out
+        self._probed = (probing, scalars, values)
+
+    def _evaluate(self, node, args, params: list, driver: ClosureDriver) -> list:
+        """One probe's result per bucket, as flat buffers ((k, numel) for a subspace)."""
+        func = node.attr[0]
+        buckets = self.buckets
+        starts = [0]
+        for b in buckets:
+            starts.append(starts[-1] + len(b.params))
+        if func == "randn":
+            return [driver.randn(b.numel, _compute(b.dtype), b.device) for b in buckets]
+        if func in ("grad_at", "hvp"):
+            vectors = [view for b, (x,) in zip(buckets, args) for view in b.views(x.to(b.dtype).contiguous())]
+            result = driver.gradient_at(params, vectors) if func == "grad_at" else driver.hvp(params, vectors)
+        elif func == "gauss_newton":
+            result = driver.gauss_newton(params)
+        else:
+            _, _, k, iters = node.attr
+            result = driver.eigenvectors(params, k, iters, torch.float64)
+            return [torch.cat([r.reshape(k, -1) for r in result[a:z]], dim=1).to(b.dtype)
+                    for b, a, z in zip(buckets, starts, starts[1:])]
+        return [torch.cat([r.reshape(-1) for r in result[a:z]]).to(b.dtype) for b, a, z in zip(buckets, starts, starts[1:])]
+
+    def run(self, group: dict, loss, probing: frozenset = frozenset()) -> None:
+        variant = self.variant(probing)
+        probed, self._probed = self._probed, None
+        if probing and (probed is None or probed[0] != probing):
+            raise RuntimeError("internal: a probing step without its probes")  # pragma: no cover
+        self.refresh_hypers(group)
+        for bucket in self.buckets:
+            bucket.gather_grads()
+        scalars = probed[1] if probed else self._scalars(variant, loss)
+        variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True))
 
     def raise_if_nonfinite(self):
         for bucket in self.buckets:
@@ -298,6 +434,10 @@ class _Plan:
             bucket.detach(state)
 
 
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _static_hypers(spec: Spec) -> tuple:
     """Hyperparameters that decide the compiled program: booleans, and those read by an
     ``if`` or ``require`` condition. Their values key the program cache."""
@@ -306,11 +446,31 @@ def _static_hypers(spec: Spec) -> tuple:
         for node in _walk_items(item):
             if isinstance(node, (ast.If, ast.Require)):
                 names |= {n.name for n in ast.names_in(node.cond) if n.name in spec.hypers}
-    return tuple(sorted(names))
+            elif isinstance(node, ast.State) and node.rank is not None:
+                names.add(node.rank)  # a subspace's size is a buffer's shape
+            for expr in _expressions(node):
+                names |= {a.name for call in _calls(expr, "hessian_eigvecs") for a in call.args
+                          if isinstance(a, ast.Name)}
+    return tuple(sorted(names & set(spec.hypers)))
+
+
+def _expressions(item):
+    if isinstance(item, ast.Define):
+        yield item.expr
+    elif isinstance(item, ast.State):
+        yield item.init
+
+
+def _calls(expr, func: str):
+    if isinstance(expr, ast.Call) and expr.func == func:
+        yield expr
+    for child in getattr(expr, "args", ()) + tuple(getattr(expr, a) for a in ("left", "right", "operand")
+                                                   if hasattr(expr, a)):
+        yield from _calls(child, func)
 
 
 def _walk_items(item):
     yield item
-    if isinstance(item, ast.If):
-        for inner in item.then + item.otherwise:
+    if isinstance(item, (ast.If, ast.Probe)):
+        for inner in (item.then + item.otherwise if isinstance(item, ast.If) else item.items):
             yield from _walk_items(inner)

@@ -10,6 +10,23 @@ from .translate import OPS, Aspect, ElementSymbol, Orthogonalize, number, reduct
 
 MATRIX_CLASSES = {"orthogonalize": Orthogonalize, "aspect": Aspect}
 
+
+def _notation(name: str, template: str):
+    """An opaque function printed as ``template`` (with {0}, {1} for its arguments)."""
+    def latex(self, printer):
+        return template.format(*(printer._print(a) for a in self.args))
+    return type(name, (sympy.Function,), {"_latex": latex})
+
+
+PROBE_NOTATION = {
+    "grad_at": _notation("GradAtLatex", r"\nabla L\left({0}\right)"),
+    "hvp": _notation("HvpLatex", r"H_{{t}} {0}"),
+    "randn": _notation("RandnLatex", r"u \sim \mathcal{{N}}(0, I)"),
+    "gauss_newton": _notation("GaussNewtonLatex", r"B \, \hat{{g}}_{{t}} \odot \hat{{g}}_{{t}}"),
+    "hessian_eigvecs": _notation("EigvecsLatex", r"\operatorname{{top}}_{{{0}}}\operatorname{{eig}}(H_{{t}})"),
+    "onto": _notation("OntoLatex", r"{1} {1}^{{\top}} {0}"),
+}
+
 _GREEK = {"lr": r"\eta", "eps": r"\epsilon", "xi": r"\xi"}
 _INPUTS = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t", "loss": "L_{t}"}
 
@@ -71,6 +88,8 @@ def _sympy(expr, program: Program, names: dict, shown: dict):
         if expr.func in MATRIX_CLASSES:
             return MATRIX_CLASSES[expr.func](recurse[0])
         return reduction(expr.scope, expr.func)(*recurse)
+    if expr.func in PROBE_NOTATION:
+        return PROBE_NOTATION[expr.func](*(recurse if expr.func != "hessian_eigvecs" else recurse[:1]))
     return OPS[expr.func](*recurse)
 
 
@@ -85,6 +104,8 @@ def equations(program: Program) -> list[str]:
         else:
             right = item.expr
         value = sympy.latex(_sympy(right, program, names, shown), symbol_names=shown, mul_symbol=None)
+        if id(item) in program.context.probe_items:
+            value += r" \quad \text{(probe)}"
         lines.append(f"{left} &= {value}")
     return lines
 

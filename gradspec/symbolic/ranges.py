@@ -67,9 +67,12 @@ class Range:
 ANY = Range()
 
 
-def _pick(a, a_closed, b, b_closed, better):
+def _pick(a, a_closed, b, b_closed, better, tie_needs_both=False):
+    """The better of two interval ends. On a tie the end is attained if either side attains
+    it (a union), or, with ``tie_needs_both``, only if both do (max's lower end: max(x, y)
+    with y > 0 is > 0 even where x can be 0; an intersection)."""
     if a == b:
-        return a, a_closed or b_closed
+        return a, (a_closed and b_closed) if tie_needs_both else (a_closed or b_closed)
     return (a, a_closed) if better(a, b) == a else (b, b_closed)
 
 
@@ -347,13 +350,13 @@ class Analysis:
         return Range(lo, hi, True, True, True)
 
     def _max(self, node, a, b):
-        lo, lo_closed = _pick(a.lo, a.lo_closed, b.lo, b.lo_closed, max)
+        lo, lo_closed = _pick(a.lo, a.lo_closed, b.lo, b.lo_closed, max, tie_needs_both=True)
         hi, hi_closed = _pick(a.hi, a.hi_closed, b.hi, b.hi_closed, max)
         return Range(lo, hi, lo_closed, hi_closed)
 
     def _min(self, node, a, b):
         lo, lo_closed = _pick(a.lo, a.lo_closed, b.lo, b.lo_closed, min)
-        hi, hi_closed = _pick(a.hi, a.hi_closed, b.hi, b.hi_closed, min)
+        hi, hi_closed = _pick(a.hi, a.hi_closed, b.hi, b.hi_closed, min, tie_needs_both=True)
         return Range(lo, hi, lo_closed, hi_closed)
 
     def _clamp(self, node, x, lo, hi):
@@ -366,6 +369,12 @@ class Analysis:
         if node.attr[0] == "aspect":
             return Range(0, INF, False, False)
         return ANY  # Newton-Schulz output: singular values near [0.5, 1.5], entries unbounded a priori
+
+    def _probe(self, node, *args):
+        return Range(0, INF, True, False) if node.attr[0] == "gauss_newton" else ANY
+
+    def _onto(self, node, v, subspace):
+        return ANY
 
     def _reduce(self, node, *args):
         scope, func = node.attr
@@ -397,8 +406,8 @@ def _factors(node: Node):
 def intersect(r: Range | None, fact: Range) -> Range | None:
     if r is None:
         return None
-    lo, lo_closed = _pick(r.lo, r.lo_closed, fact.lo, fact.lo_closed, max)
-    hi, hi_closed = _pick(r.hi, r.hi_closed, fact.hi, fact.hi_closed, min)
+    lo, lo_closed = _pick(r.lo, r.lo_closed, fact.lo, fact.lo_closed, max, tie_needs_both=True)
+    hi, hi_closed = _pick(r.hi, r.hi_closed, fact.hi, fact.hi_closed, min, tie_needs_both=True)
     if r.lo == fact.lo:
         lo_closed = r.lo_closed and fact.lo_closed
     if r.hi == fact.hi:

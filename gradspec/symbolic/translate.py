@@ -108,6 +108,38 @@ class Aspect(sympy.Function):
 ASPECT = ElementSymbol("aspect", positive=True)  # varies between tensors, so it stays inside sums
 
 
+class GradAt(sympy.Function):
+    """``grad_at(x)``: the gradient at displaced parameters, an opaque function of x."""
+
+    is_real = True
+
+
+class HessianVector(sympy.Function):
+    """``hvp(v)``: H v, linear in v (a factor that does not vary per element comes out)."""
+
+    is_real = True
+
+    @classmethod
+    def eval(cls, v):
+        const, rest = _split_constant(v)
+        if rest == 1 and const != 0:  # H times a constant vector: keep it opaque
+            return None
+        return const * cls(rest) if const != 1 else None
+
+
+class Onto(sympy.Function):
+    """``onto(v, U)``: U U^T v, linear in v."""
+
+    is_real = True
+
+    @classmethod
+    def eval(cls, v, subspace):
+        if v.is_zero:
+            return sympy.Integer(0)
+        const, rest = _split_constant(v)
+        return const * cls(rest, subspace) if const != 1 and rest != 1 else None
+
+
 _REDUCTIONS: dict = {}
 
 
@@ -166,6 +198,7 @@ class Translator:
         self.symbols = {name: hyper_symbol(h) for name, h in spec_hypers.items()}
         self.symbols.update(hypers or {})
         self._memo: dict = {}
+        self._probes = 0
 
     def state(self, name: str) -> sympy.Symbol:
         facts = {"real": True}
@@ -202,11 +235,27 @@ class Translator:
             except (OverflowError, ValueError):
                 return sympy.nan if base < 0 else sympy.oo  # SymPy would try to compute it exactly
         args = [self(a) for a in node.args]
+        if op == "probe":
+            return self._probe(attr[0], args)
+        if op == "onto":
+            return Onto(*args)
         if op == "matrix":
             return ASPECT if attr[0] == "aspect" else Orthogonalize(*args)
         if op == "reduce":
             return reduction(*attr)(*args)
         return OPS[op](*args)
+
+
+    def _probe(self, func: str, args):
+        """A probe's result: an opaque per-element value (each call its own), or a function
+        of its argument."""
+        self._probes += 1
+        if func == "grad_at":
+            return GradAt(*args)
+        if func == "hvp":
+            return HessianVector(*args)
+        facts = {"nonnegative": True} if func == "gauss_newton" else {}
+        return ElementSymbol(f"{func}_{self._probes}", real=True, **facts)
 
 
 def _where(cond, a, b):

@@ -1,0 +1,65 @@
+"""Top Hessian eigenpairs by the Lanczos iteration, over vectors split in pieces.
+
+A vector is a list of flat tensors (one per bucket of a parameter group, or one per
+parameter), so the iteration never concatenates the model's parameters. Every new Lanczos
+vector is reorthogonalised against all previous ones, twice ("twice is enough"): without it
+the basis loses orthogonality after a few dozen steps and the Ritz values repeat.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dot(a: list, b: list) -> torch.Tensor:
+    """<a, b> over all pieces, accumulated in float64."""
+    return sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b))
+
+
+def axpy(alpha, x: list, y: list) -> list:
+    """y + alpha * x, piece by piece."""
+    return [yi + (alpha * xi.double()).to(yi.dtype) for xi, yi in zip(x, y)]
+
+
+def lanczos(hvp, start: list, k: int, iters: int) -> tuple[torch.Tensor, list]:
+    """The ``k`` largest (algebraic) eigenvalues of the symmetric operator ``hvp`` and their
+    eigenvectors, from ``iters`` Lanczos steps started at ``start`` (any nonzero vector).
+
+    Returns (eigenvalues, descending, float64; vectors as pieces shaped (k, n) like ``start``'s
+    pieces, orthonormal). If the Krylov space closes early (the start lies in an invariant
+    subspace of dimension m < k), the missing directions are zero.
+    """
+    norm = dot(start, start).sqrt()
+    if not norm > 0:
+        raise ValueError("Lanczos needs a nonzero start vector")
+    basis = [[(s.double() / norm).to(s.dtype) for s in start]]
+    alphas, betas = [], []
+    for j in range(iters):
+        w = hvp(basis[j])
+        alpha = dot(w, basis[j])
+        alphas.append(alpha)
+        for _ in range(2):
+            for q in basis:
+                w = axpy(-dot(w, q), q, w)
+        beta = dot(w, w).sqrt()
+        if j == iters - 1 or beta <= 1e-10 * max(1.0, float(abs(alpha))):
+            break
+        betas.append(beta)
+        basis.append([(wi.double() / beta).to(wi.dtype) for wi in w])
+    m = len(alphas)
+    tridiagonal = torch.diag(torch.stack(alphas))
+    if m > 1:
+        off = torch.stack(betas[:m - 1])
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    order = torch.argsort(values, descending=True)[:k]
+    pieces = []
+    for p, piece in enumerate(start):
+        stacked = torch.stack([q[p].reshape(-1).double() for q in basis[:m]])  # (m, n)
+        ritz = vectors[:, order].T.to(stacked.device) @ stacked  # (min(k, m), n)
+        if ritz.shape[0] < k:
+            ritz = torch.cat([ritz, ritz.new_zeros(k - ritz.shape[0], ritz.shape[1])])
+        pieces.append(ritz.to(piece.dtype))
+    values = values[order]
+    if values.numel() < k:
+        values = torch.cat([values, values.new_zeros(k - values.numel())])
+    return values, pieces

@@ -1,0 +1,170 @@
+"""The closure driver: every model evaluation a probe needs, with the autograd plumbing.
+
+Users pass ``step(closure)``. The closure computes the loss on the current batch and returns
+it, or ``(loss, logits)`` for ``gauss_newton()``; it may call ``loss.backward()`` itself (as
+torch.optim closures do) unless the step takes exact Hessian-vector products or samples
+labels, which need the graph: then the driver differentiates the returned loss with
+``create_graph=True``, takes its products, and drops the graph when the step ends. Users
+never call ``backward(create_graph=True)``, and no gradient holds a graph after ``step()``
+(the memory leak of AdaHessian and Sophia-H users elsewhere).
+
+Probe evaluations must not disturb the step's own gradients, which the optimizer keeps in
+its flat buffers: during a probe every ``p.grad`` is ``None``, and parameters are displaced
+by pointing ``p.data`` at a displaced copy, never by writing into the parameters, so the
+saved graph of the step's gradient stays valid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .lanczos import lanczos
+
+
+class Evaluations:
+    """Counts of model evaluations since the optimizer was made: ``closure_calls`` (forward
+    passes), ``gradients`` (backward passes, the step's own included) and ``hvps``
+    (double-backward Hessian-vector products)."""
+
+    def __init__(self):
+        self.closure_calls = 0
+        self.gradients = 0
+        self.hvps = 0
+
+    def as_dict(self) -> dict:
+        return {"closure_calls": self.closure_calls, "gradients": self.gradients, "hvps": self.hvps}
+
+
+class ClosureDriver:
+    """One step's evaluations. ``needs_graph``: keep the gradient's graph for exact HVPs;
+    ``needs_logits``: the closure must return (loss, logits) for label sampling."""
+
+    def __init__(self, closure, params: list, generator: torch.Generator, counts: Evaluations,
+                 needs_graph: bool, needs_logits: bool, who: str):
+        self.closure = closure
+        self.params = params
+        self.generator = generator
+        self.counts = counts
+        self.needs_graph = needs_graph
+        self.needs_logits = needs_logits
+        self.who = who
+        self._graph_grads = None  # the step's gradient, differentiable, while the step runs
+        self._logits = None
+        self._sampled = None
+
+    # ---- the step's own gradient
+    def step_gradient(self):
+        """Call the closure at the current parameters and leave the gradient in ``p.grad``
+        (detached); returns the loss."""
+        for p in self.params:
+            p.grad = None
+        loss, logits = self._call()
+        if self.needs_logits:
+            if logits is None:
+                raise RuntimeError(f"{self.who} samples labels (gauss_newton): its closure must return "
+                                   "(loss, logits), the logits of the batch the loss was computed on")
+            self._logits = logits
+        if any(p.grad is not None for p in self.params):
+            if self.needs_graph or self.needs_logits:
+                raise RuntimeError(f"{self.who} differentiates the gradient at this step (exact Hessian-vector "
+                                   "products or sampled labels): its closure must return the loss without "
+                                   "calling backward(); gradspec computes the gradient itself")
+            return loss
+        keep = self.needs_graph or self.needs_logits
+        grads = self._grad(loss, create_graph=self.needs_graph, retain_graph=keep)
+        if self.needs_graph:
+            self._graph_grads = grads
+        for p, g in zip(self.params, grads):
+            p.grad = g.detach()
+        return loss.detach()
+
+    # ---- probe primitives: per parameter lists in, per parameter lists out
+    def gradient_at(self, params: list, displaced: list) -> list:
+        """The gradient of the loss with ``params`` moved to ``displaced`` (one closure call)."""
+        saved_grads = [p.grad for p in self.params]
+        originals = [p.data for p in params]
+        for p in self.params:
+            p.grad = None
+        try:
+            for p, x in zip(params, displaced):
+                p.data = x
+            loss, _ = self._call()
+            if all(p.grad is None for p in self.params):
+                grads = {id(q): g.detach() for q, g in
+                         zip(self.params, self._grad(loss, create_graph=False, retain_graph=False))}
+                out = [grads[id(p)] for p in params]
+            else:
+                out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        finally:
+            for p, original in zip(params, originals):
+                p.data = original
+            for p, g in zip(self.params, saved_grads):
+                p.grad = g
+        return out
+
+    def hvp(self, params: list, vectors: list) -> list:
+        """H v at the current parameters, restricted to ``params`` (v is 0 elsewhere)."""
+        if self._graph_grads is None:
+            raise RuntimeError("internal: hvp without the gradient's graph")  # pragma: no cover
+        index = {id(p): i for i, p in enumerate(self.params)}
+        outputs = [self._graph_grads[index[id(p)]] for p in params]
+        self.counts.hvps += 1
+        products = torch.autograd.grad(outputs, params, grad_outputs=vectors, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, products)]
+
+    def gauss_newton(self, params: list) -> list:
+        """B * grad(L^)^2, L^ the mean cross-entropy against labels sampled from the model's
+        own softmax (Sophia-G's Gauss-Newton-Bartlett estimator); one backward per step,
+        shared by every group."""
+        if self._sampled is None:
+            logits = self._logits.reshape(-1, self._logits.shape[-1])
+            probabilities = torch.softmax(logits.detach().float(), dim=-1)
+            labels = torch.multinomial(probabilities.to(self.generator.device), 1,
+                                       generator=self.generator).reshape(-1).to(logits.device)
+            with torch.enable_grad():
+                sampled = F.cross_entropy(logits, labels)
+            grads = self._grad(sampled, create_graph=False, retain_graph=self.needs_graph)
+            rows = logits.shape[0]
+            self._sampled = {id(p): rows * g.detach() * g.detach() for p, g in zip(self.params, grads)}
+        return [self._sampled[id(p)] for p in params]
+
+    def eigenvectors(self, params: list, k: int, iters: int, dtype) -> list:
+        """The top-k Hessian eigenvectors over ``params`` (Lanczos from a random start); each
+        (k, *p.shape)."""
+        start = [torch.randn(p.shape, generator=self.generator, dtype=dtype,
+                             device=self.generator.device).to(p.device) for p in params]
+        _, vectors = lanczos(lambda v: self.hvp(params, [x.to(p.dtype) for x, p in zip(v, params)]),
+                             start, k, iters)
+        return [v.reshape(k, *p.shape) for v, p in zip(vectors, params)]
+
+    def randn(self, numel: int, dtype, device) -> torch.Tensor:
+        return torch.randn(numel, generator=self.generator, dtype=dtype,
+                           device=self.generator.device).to(device)
+
+    def release(self) -> None:
+        """Drop the graph and the logits, so nothing from this step outlives it."""
+        self._graph_grads = self._logits = self._sampled = None
+
+    # ---- internals
+    def _call(self):
+        self.counts.closure_calls += 1
+        with torch.enable_grad():
+            out = self.closure()
+        if isinstance(out, (tuple, list)):
+            loss, logits = out
+        else:
+            loss, logits = out, None
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError(f"{self.who}'s closure must return the loss as a tensor, got {type(loss).__name__}")
+        if any(p.grad is not None for p in self.params):
+            self.counts.gradients += 1
+        return loss, logits
+
+    def _grad(self, loss, create_graph: bool, retain_graph: bool) -> list:
+        if not loss.requires_grad:
+            raise RuntimeError(f"{self.who}: the closure's loss does not depend on the parameters "
+                               "(was it computed under torch.no_grad()?)")
+        self.counts.gradients += 1
+        grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, retain_graph=retain_graph,
+                                    allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
