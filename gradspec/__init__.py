@@ -7,8 +7,9 @@
 from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, load
 from .dsl.resolve import parse_spec as parse
+from .runtime.lanczos import hessian_eigenpairs
 from .runtime.optimizer import Optimizer
 from .check import check
 
-__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "check", "load", "parse"]
+__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "check", "hessian_eigenpairs", "load", "parse"]
 __version__ = "0.1.0"

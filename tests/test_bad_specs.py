@@ -63,6 +63,18 @@ CASES = [
     ("negative_power_of_zero", H + "hyper k = 0 >= 0\nparam' = param - lr * k^(-1) * grad\n", "GS072", 4, 23),
     ("mod_by_zero", "optimizer t\nhyper lr = 0.1 >= 0\nhyper k: int = 1 >= 0\nparam' = where(step % k == 0, param - lr * grad, param)\n", "GS072", 4, 23),
     ("divide_by_one_minus_beta", H + "hyper beta = 0.9 in [0, 1]\nparam' = param - lr * grad / (1 - beta)\n", "GS072", 4, 31),
+    # probes
+    ("grad_at_outside_probe", H + "param' = param - lr * grad_at(param)\n", "GS063", 3, 23),
+    ("randn_in_the_step", H + "param' = param - lr * randn()\n", "GS063", 3, 23),
+    ("probe_local_used_outside", H + "hyper k: int = 2 >= 1\nprobe every k {\n  h = hvp(grad)\n}\nparam' = param - lr * h\n", "GS066", 7, 23),
+    ("state_inside_probe", H + "probe every 2 {\n  state h = 0\n}\n" + U, "GS018", 4, 3),
+    ("probe_period_real", H + "hyper k = 2\nstate h = 0\nprobe every k {\n  h' = hvp(grad)\n}\n" + U, "GS019", 3, 1),
+    ("probe_period_unknown", H + "state h = 0\nprobe every kk {\n  h' = hvp(grad)\n}\n" + U, "GS019", 4, 1),
+    ("probe_in_if", H + "if true {\nprobe every 2 {\n}\n}\n" + U, "GS012", 4, 1),
+    ("onto_a_vector", H + "param' = param - lr * onto(grad, grad)\n", "GS065", 3, 34),
+    ("lanczos_too_short", H + "hyper k: int = 5 >= 1\nstate U: subspace(k) = 0\nprobe every 1 {\n  U' = hessian_eigvecs(k, 3)\n}\nparam' = param - lr * onto(grad, U)\n", "GS064", 6, 8),
+    ("subspace_rank_not_a_hyper", H + "state U: subspace(kk) = 0\nU' = U\nparam' = param - lr * onto(grad, U)\n", "GS064", 3, 1),
+    ("subspace_scope_without_rank", H + "state U: subspace = 0\nU' = U\n" + U, "GS004", 3, 10),
     # refuted and unproven laws
     ("refuted_equals", H + "law equals adam\n" + U, "GS081", 3, 1),
     ("refuted_fixed_point", H + "law fixed_point\nparam' = param - lr * (grad + 1)\n", "GS081", 3, 1),

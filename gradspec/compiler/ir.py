@@ -317,7 +317,9 @@ class _ProgramBuilder:
             if init is not None and not (init.is_const and init.attr == 0):
                 self.errors.error("GS064", f"subspace '{name}' starts empty: its initial value must be 0",
                                   state.init.span, f"state {name}: subspace({state.rank}) = 0", src)
-            if nxt is not None and (nxt.type != "subspace" or nxt.attr[-2] != ranks[name]) and nxt.op != "state":
+            kept = nxt is not None and nxt.op == "state" and nxt.attr == name
+            found = nxt is not None and nxt.op == "probe" and nxt.type == "subspace" and nxt.attr[2] == ranks[name]
+            if nxt is not None and not (kept or found):
                 self.errors.error("GS064", f"the next value of subspace '{name}' must be "
                                            f"hessian_eigvecs({state.rank}, ...)", self.nexts[name][1].span, None, src)
         return ranks

@@ -240,7 +240,7 @@ def _check_every(probe: ast.Probe, hypers: dict, errors: Collector) -> None:
                          probe.span, did_you_mean(every, hypers) or f"declare hyper {every}: int = 10 >= 1")
         elif hyper.kind != "int" or hyper.check(1) or not _at_least_one(hyper):
             errors.error("GS019", f"the probe period '{every}' must be an int hyperparameter constrained >= 1",
-                         hyper.span, f"hyper {every}: int = {hyper.default} >= 1")
+                         hyper.span, f"hyper {every}: int = {max(1, round(float(hyper.default)))} >= 1")
     elif not isinstance(every, int) or every < 1:
         errors.error("GS019", f"a probe period must be a whole number of steps >= 1, not {every}", probe.span)
 

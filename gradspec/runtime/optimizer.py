@@ -223,7 +223,9 @@ class Optimizer(torch.optim.Optimizer):
             if problem:
                 raise ValueError(f"{self.spec.name}: {problem}")
         try:
-            self._program(group)
+            plain = self._program(group)
+            if plain.probe_periods:  # the probing step's program too: its errors show now
+                self._program(group, frozenset(range(len(plain.probe_periods))))
         except SpecError as error:
             raise ValueError(f"{self.spec.name}: {error.message}") from None
 

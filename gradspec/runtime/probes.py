@@ -117,11 +117,11 @@ class ClosureDriver:
         own softmax (Sophia-G's Gauss-Newton-Bartlett estimator); one backward per step,
         shared by every group."""
         if self._sampled is None:
-            logits = self._logits.reshape(-1, self._logits.shape[-1])
-            probabilities = torch.softmax(logits.detach().float(), dim=-1)
-            labels = torch.multinomial(probabilities.to(self.generator.device), 1,
-                                       generator=self.generator).reshape(-1).to(logits.device)
-            with torch.enable_grad():
+            with torch.enable_grad():  # the reshape too: a view made under no_grad cuts the graph
+                logits = self._logits.reshape(-1, self._logits.shape[-1])
+                probabilities = torch.softmax(logits.detach().float(), dim=-1)
+                labels = torch.multinomial(probabilities.to(self.generator.device), 1,
+                                           generator=self.generator).reshape(-1).to(logits.device)
                 sampled = F.cross_entropy(logits, labels)
             grads = self._grad(sampled, create_graph=False, retain_graph=self.needs_graph)
             rows = logits.shape[0]
@@ -167,4 +167,6 @@ class ClosureDriver:
         self.counts.gradients += 1
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, retain_graph=retain_graph,
                                     allow_unused=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(f"{self.who}: the closure's loss does not depend on any parameter of the optimizer")
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
