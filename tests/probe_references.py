@@ -117,6 +117,7 @@ class SophiaBase:
         dtype = params[0].dtype
         self.m = torch.zeros(d, dtype=dtype)
         self.h = torch.zeros(d, dtype=dtype)
+        self.unclipped = []  # per step, the fraction of coordinates where |m| < gamma h (h matters)
 
     def due(self, t):
         return (t - 1) % self.k == 0
@@ -126,7 +127,9 @@ class SophiaBase:
         if self.due(t):
             h_hat = hessian_tools.estimate(self.estimator)
             self.h = self.b2 * self.h + (1 - self.b2) * h_hat
-        ratio = torch.clamp(self.m / torch.clamp(self.gamma * self.h, min=self.eps), -1.0, 1.0)
+        ratio = self.m / torch.clamp(self.gamma * self.h, min=self.eps)
+        self.unclipped.append(float((ratio.abs() < 1).double().mean()))
+        ratio = torch.clamp(ratio, -1.0, 1.0)
         with torch.no_grad():
             theta = flat([p.detach() for p in self.params])
             theta = theta - self.lr * self.wd * theta - self.lr * ratio

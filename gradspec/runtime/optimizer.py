@@ -183,6 +183,13 @@ class Optimizer(torch.optim.Optimizer):
         return frozenset(range(len(self._program(self.param_groups[0]).probe_periods)))
 
     @property
+    def has_probes(self) -> bool:
+        """Whether the spec evaluates the model itself (``probe every k { }``): then
+        ``step(closure)`` is required, and the closure returns the loss, or (loss, logits),
+        without calling backward."""
+        return self._has_probes
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (``nonfinite="skip"``), summed over groups."""
         return int(sum(int(count.item()) for count in self._skipped.values()))
