@@ -161,7 +161,12 @@ def _show(args) -> int:
           f"FX nodes: {counts[0]} before, {counts[1]} after; "
           f"compiled: {'the SymPy form' if used is not written else 'as written (not smaller)'}\n")
     graphs = lower_step(used, shapes)
-    for title, graph in (("scalar phase", graphs.scalar), ("elementwise phase, one bucket", graphs.main)):
+    phases = [("scalar phase", graphs.scalar), ("elementwise phase, one bucket", graphs.main)]
+    if written.probe_periods:  # the step where every probe runs is its own graph
+        probing = lower_step(simplified(build_probing(spec)), shapes)
+        phases.append(("elementwise phase on a step where every probe runs (probe results are inputs)",
+                       probing.main))
+    for title, graph in phases:
         print(f"# {title}: {len(graph.graph.nodes)} FX nodes")
         print(graph.code.strip() if args.python else graph.graph)
         print()

@@ -229,3 +229,55 @@ def test_show_cost_prints_the_declared_evaluations():
     adam = subprocess.run([sys.executable, "-m", "gradspec.cli", "show", "adam", "--cost"],
                           capture_output=True, text=True, check=True).stdout
     assert "28 bytes per parameter (7 float32 buffers" in adam  # param r/w, grad, m and v r/w
+
+
+def test_sophia_matches_pytorch_optimizers_sophia_h_given_the_same_probe_vectors():
+    """pytorch-optimizer's SophiaH clips m / max(h, eps) at p; ours clips m / max(gamma h, eps)
+    at 1, so theirs with p = gamma, eps / gamma, lr / gamma and weight decay * gamma is ours.
+    Its Hutchinson vectors come from torch.randn_like per parameter: here they are handed the
+    slices of the flat vector our generator draws, so both runs see the same u."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    hyper = {"lr": 2e-2, "beta1": 0.9, "beta2": 0.95, "gamma": 0.05, "eps": 1e-4, "weight_decay": 0.1, "k": 3}
+
+    def model_and_data():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+        return model, torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+
+    model, inputs, targets = model_and_data()
+    ours = gradspec.Optimizer(model.parameters(), "sophia", backend="eager", seed=5, **hyper)
+    for _ in range(60):
+        ours.step(lambda: torch.nn.functional.mse_loss(model(inputs), targets))
+    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    model, inputs, targets = model_and_data()
+    params = list(model.parameters())
+    gamma = hyper["gamma"]
+    theirs = pytorch_optimizer.SophiaH(params, lr=hyper["lr"] / gamma, betas=(hyper["beta1"], hyper["beta2"]),
+                                       weight_decay=hyper["weight_decay"] * gamma, weight_decouple=True,
+                                       p=gamma, eps=hyper["eps"] / gamma, update_period=hyper["k"])
+    generator = torch.Generator().manual_seed(5)
+    slices = []
+
+    def randn_like(p, *args, **kwargs):  # our draw order: one flat vector per probe, cut per parameter
+        if not slices:
+            flat = torch.randn(sum(q.numel() for q in params), generator=generator, dtype=torch.float64)
+            slices.extend(torch.split(flat, [q.numel() for q in params]))
+        return slices.pop(0).view_as(p).clone()
+
+    def closure():
+        theirs.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        loss.backward(create_graph=True)
+        return loss
+
+    original = torch.randn_like
+    torch.randn_like = randn_like
+    try:
+        for _ in range(60):
+            theirs.step(closure)
+    finally:
+        torch.randn_like = original
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), float((got - expected).abs().max())
+    assert float((got - expected).abs().max()) < 1e-10
