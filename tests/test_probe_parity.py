@@ -196,8 +196,6 @@ BULK_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec, hyper, base, reference_hyper", BULK_CASES)
 def test_bulk_dom_matches_the_exact_eigenspace(spec, hyper, base, reference_hyper, backend):
-    if backend == "compiled" and spec in ("dom_sgd", "bulk_dom(sgd)"):
-        pytest.skip("the compiled backend runs bulk_sgd and both bulk_dom(adam) cases: same program shape")
     ours = _ours(spec, backend, **hyper, **SUBSPACE)
     expected, reference = _train(lambda p: BulkDom(p, base, k=3, **reference_hyper))
     _assert_close(ours, expected)
