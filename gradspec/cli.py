@@ -1,4 +1,4 @@
-"""The ``gradspec`` command line: list, check, show, diff, docs.
+"""The ``gradspec`` command line: list, check, show, diff, docs, compare.
 
 A bad spec is reported as located diagnostics and exit status 1, never as a traceback.
 """
@@ -54,9 +54,24 @@ def main(argv=None) -> int:
                       help="model evaluations and bytes moved per step, at the default hyperparameters")
     p.add_argument("--dtype", default="float32", help="parameter dtype for --cost's bytes (default float32)")
 
+    p = verbs.add_parser("compare", help="train variants on a built-in task over seeds: table, CSV, plots, report")
+    p.add_argument("specs", nargs="+", help="stdlib names, spec expressions, .opt files; or comparison files (.toml)")
+    p.add_argument("--task", help="a built-in task (gradspec list) or path/to/file.py:function")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the task's)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
+    p.add_argument("--lr-grid", type=float, nargs="+", help="pick each variant's lr on the validation loss first")
+    p.add_argument("--lr", type=float, help="one learning rate for every variant (default: each spec's own)")
+    p.add_argument("--backend", default="eager", choices=["eager", "compiled"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sharpness", action="store_true", help="report the top Hessian eigenvalue at the end")
+    p.add_argument("--out", help="write runs.csv, loss_vs_step.png, loss_vs_time.png and report.md here")
+    p.add_argument("--results", help="with comparison files: run them all and write this results page")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     args = parser.parse_args(argv)
     try:
-        return {"list": _list, "check": _check, "show": _show, "diff": _diff, "docs": _docs}[args.verb](args)
+        return {"list": _list, "check": _check, "show": _show, "diff": _diff, "docs": _docs,
+                "compare": _compare}[args.verb](args)
     except SpecError as error:
         print(error.render(), file=sys.stderr)
         return 1
@@ -75,6 +90,12 @@ def _list(args) -> int:
     width = max(len(r[0]) for r in rows)
     for name, kind, summary in rows:
         print(f"{name:<{width}}  {kind:<9}  {summary}")
+    from . import tasks
+    print("\nbuilt-in tasks (gradspec compare SPEC... --task NAME):")
+    width = max(len(n) for n in tasks.names())
+    for name in tasks.names():
+        task = tasks.get(name)
+        print(f"{name:<{width}}  {task.steps:>5} steps  {task.description}")
     return 0
 
 
@@ -170,6 +191,46 @@ def _show(args) -> int:
         print(f"# {title}: {len(graph.graph.nodes)} FX nodes")
         print(graph.code.strip() if args.python else graph.graph)
         print()
+    return 0
+
+
+def _compare(args) -> int:
+    from . import compare
+    files = [s for s in args.specs if s.endswith(".toml")]
+    if files and len(files) != len(args.specs):
+        print("gradspec compare: give either comparison files or specs, not both", file=sys.stderr)
+        return 2
+    try:
+        if args.results:
+            if not files:
+                print("gradspec compare: --results takes comparison files (.toml)", file=sys.stderr)
+                return 2
+            compare.write_results(files, args.results, progress=not args.quiet)
+            print(f"wrote {args.results}")
+            return 0
+        if files:
+            results = [compare.run_file(f, args.out if len(files) == 1 else None, not args.quiet, args.steps,
+                                        args.seeds) for f in files]
+        else:
+            if not args.task:
+                print("gradspec compare: --task is required (see gradspec list)", file=sys.stderr)
+                return 2
+            for spec in args.specs:  # every spec is sound before any training starts
+                load(spec)
+            results = [compare.compare(args.specs, args.task, args.steps, args.seeds or 3, args.lr_grid, args.lr,
+                                       args.backend, args.device, args.sharpness, args.out, not args.quiet)]
+    except ValueError as error:
+        print(f"gradspec compare: {error}", file=sys.stderr)
+        return 2
+    for result in results:
+        title = result.settings.get("title")
+        print((f"## {title}\n\n" if title else "") + f"task {result.task.name}: {result.task.description}\n")
+        print(result.table())
+        for text, verdict, detail in result.verdicts:
+            print(f"- {verdict}: {text}: {detail}")
+        print()
+    if args.out:
+        print(f"wrote {args.out}/runs.csv, loss_vs_step.png, loss_vs_time.png, report.md")
     return 0
 
 

@@ -24,13 +24,15 @@ TOLERANCE = 1e-10
 BACKENDS = ["eager", pytest.param("compiled", marks=pytest.mark.compiled)]
 
 
-def _train(make, backward=False, classify=False, steps=STEPS):
+def _train(make, backward=False, classify=False, bumpy=0.0, steps=STEPS):
     """``steps`` steps through a closure; returns (the parameters as one flat vector, the optimizer).
 
     Regression: Linear(4, 3) - tanh - Linear(3, 2) (23 parameters), MSE on 16 fixed rows.
     Classification (``classify``): Linear(4, 3) - tanh - Linear(3, 3) (27 parameters), mean
     cross-entropy on 16 rows; the closure returns (loss, logits), as Sophia-G asks.
-    ``backward``: the closure calls loss.backward() itself (allowed for DEO)."""
+    ``backward``: the closure calls loss.backward() itself (allowed for DEO). ``bumpy``: adds
+    bumpy * sum(cos(theta)), which lowers the Hessian by about bumpy, so that its most
+    negative eigenvalues outweigh the positive ones in magnitude."""
     torch.manual_seed(0)
     classes = 3 if classify else 2
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, classes)).double()
@@ -48,6 +50,8 @@ def _train(make, backward=False, classify=False, steps=STEPS):
         if classify:
             return F.cross_entropy(out, y), out
         loss = F.mse_loss(out, y)
+        if bumpy:
+            loss = loss + bumpy * sum(torch.cos(p).sum() for p in params)
         if backward:
             loss.backward()
         return loss
@@ -60,12 +64,12 @@ def _train(make, backward=False, classify=False, steps=STEPS):
 _OURS = {}
 
 
-def _ours(spec, backend, backward=False, classify=False, **hyper):
+def _ours(spec, backend, backward=False, classify=False, bumpy=0.0, **hyper):
     """gradspec's run (cached: the can-fail tests reuse the eager runs of the parity tests)."""
-    key = (spec, backend, backward, classify, tuple(sorted(hyper.items())))
+    key = (spec, backend, backward, classify, bumpy, tuple(sorted(hyper.items())))
     if key not in _OURS:
         _OURS[key] = _train(lambda p: gradspec.Optimizer(p, spec, backend=backend, seed=SEED, **hyper),
-                            backward=backward, classify=classify)[0]
+                            backward=backward, classify=classify, bumpy=bumpy)[0]
     return _OURS[key]
 
 
@@ -182,25 +186,30 @@ def test_sophia_matches_algorithm_3(spec, hyper, gauss_newton, unclipped, backen
 SUBSPACE = dict(k=3, lanczos_steps=40)
 
 BULK_CASES = [
-    pytest.param("bulk_sgd", dict(lr=0.1), _sgd(lr=0.1), dict(a=0.0, b=1.0), id="bulk-sgd"),
-    pytest.param("dom_sgd", dict(lr=0.1), _sgd(lr=0.1), dict(a=1.0, b=0.0), id="dom-sgd"),
-    pytest.param("bulk_dom(sgd)", dict(lr=0.1, a=0.25, b=1.0), _sgd(lr=0.1), dict(a=0.25, b=1.0),
+    pytest.param("bulk_sgd", dict(lr=0.1), _sgd(lr=0.1), dict(a=0.0, b=1.0), 0.0, id="bulk-sgd"),
+    pytest.param("dom_sgd", dict(lr=0.1), _sgd(lr=0.1), dict(a=1.0, b=0.0), 0.0, id="dom-sgd"),
+    pytest.param("bulk_dom(sgd)", dict(lr=0.1, a=0.25, b=1.0), _sgd(lr=0.1), dict(a=0.25, b=1.0), 0.0,
                  id="interpolated-sgd"),
-    pytest.param("bulk_dom(adam)", dict(lr=1e-2, a=0.25, b=1.0), _adam(lr=1e-2), dict(a=0.25, b=1.0),
+    pytest.param("bulk_dom(adam)", dict(lr=1e-2, a=0.25, b=1.0), _adam(lr=1e-2), dict(a=0.25, b=1.0), 0.0,
                  id="interpolated-adam"),
     pytest.param("bulk_dom(adam)", dict(lr=1e-2, a=0.25, b=1.0, R=3), _adam(lr=1e-2), dict(a=0.25, b=1.0, R=3),
-                 id="interpolated-adam-R3"),
+                 0.0, id="interpolated-adam-R3"),
+    # "top" is by value: here the k largest |lambda| are other, negative, eigenvalues at most refreshes
+    pytest.param("bulk_dom(adam)", dict(lr=1e-2, a=0.25, b=1.0), _adam(lr=1e-2), dict(a=0.25, b=1.0), 2.0,
+                 id="interpolated-adam-negative-curvature"),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec, hyper, base, reference_hyper", BULK_CASES)
-def test_bulk_dom_matches_the_exact_eigenspace(spec, hyper, base, reference_hyper, backend):
-    ours = _ours(spec, backend, **hyper, **SUBSPACE)
-    expected, reference = _train(lambda p: BulkDom(p, base, k=3, **reference_hyper))
+@pytest.mark.parametrize("spec, hyper, base, reference_hyper, bumpy", BULK_CASES)
+def test_bulk_dom_matches_the_exact_eigenspace(spec, hyper, base, reference_hyper, bumpy, backend):
+    ours = _ours(spec, backend, bumpy=bumpy, **hyper, **SUBSPACE)
+    expected, reference = _train(lambda p: BulkDom(p, base, k=3, **reference_hyper), bumpy=bumpy)
     _assert_close(ours, expected)
     # no tie at the k-th eigenvalue anywhere: the top-3 subspace is well defined
-    assert min(reference.gaps) > 1e-2, f"eigengap {min(reference.gaps):.2e} relative to |lambda|max"
+    assert min(reference.gaps) > 1e-2, f"eigengap {min(reference.gaps):.2e} relative to max |lambda|"
+    if bumpy:
+        assert reference.magnitude_differs > len(reference.gaps) // 2
 
 
 # ---------------------------------------------------------------- each reference can fail
@@ -214,6 +223,9 @@ WRONG_SETTINGS = [
     pytest.param(lambda: _ours("deo(sgd)", "eager", lr=0.05, momentum=0.9, **ROTATION),
                  lambda: _train(lambda p: DEO(p, _sgd(lr=0.05, momentum=0.9), seed=SEED, T=6, rot_lr=0.5))[0],
                  id="deo-T-off-by-one"),
+    pytest.param(lambda: _ours("deo(sgd)", "eager", lr=0.05, momentum=0.9, **ROTATION),
+                 lambda: _train(lambda p: DEO(p, _sgd(lr=0.05, momentum=0.9), seed=SEED, phase=0, **ROTATION))[0],
+                 id="deo-rotations-at-t-mod-T-zero"),
     pytest.param(lambda: _ours("deo(adamw)", "eager", backward=True, lr=1e-2, weight_decay=0.1, alpha=0.5,
                                **ROTATION),
                  lambda: _train(lambda p: DEO(p, _adamw(lr=1e-2, weight_decay=0.1), seed=SEED, alpha=0.6,
@@ -238,6 +250,10 @@ WRONG_SETTINGS = [
     pytest.param(lambda: _ours("bulk_sgd", "eager", lr=0.1, **SUBSPACE),
                  lambda: _train(lambda p: BulkDom(p, _sgd(lr=0.1), a=0.0, b=1.0, k=2))[0],
                  id="bulk-sgd-k-off-by-one"),
+    pytest.param(lambda: _ours("bulk_dom(adam)", "eager", bumpy=2.0, lr=1e-2, a=0.25, b=1.0, **SUBSPACE),
+                 lambda: _train(lambda p: BulkDom(p, _adam(lr=1e-2), a=0.25, b=1.0, k=3, rank_by="magnitude"),
+                                bumpy=2.0)[0],
+                 id="bulk-dom-top-k-by-magnitude"),
 ]
 
 
