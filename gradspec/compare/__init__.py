@@ -165,7 +165,7 @@ def judge(expectation: dict, by_variant: dict, task: Task) -> tuple[str, str, st
     if math.isnan(ma) or math.isnan(mb):
         return text, "inconclusive", "a variant diverged or was not measured"
     gain = (mb - ma) if lower_better else (ma - mb)
-    noise = max(sa_, sb_)
+    noise = max(sa_, sb_, 1e-9 * max(abs(ma), abs(mb)))  # equal up to rounding is not a win
     detail = f"{ma:.4g} vs {mb:.4g} (std {sa_:.2g} / {sb_:.2g})"
     if gain > noise:
         return text, "reproduced", detail
