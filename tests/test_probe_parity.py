@@ -9,8 +9,8 @@ this CPU (torch 2.13), eager and compiled alike: DEO <= 1.1e-13 (the finite-diff
 divides rounding by dR = 1e-3), Sophia-H and Sophia-G 0 (bit for bit), Bulk/Dom/interpolated
 <= 2e-15 (Lanczos on 23 parameters with 40 steps is exact; the reference uses eigh).
 
-deo(sophia) is an expected failure: gradspec draws one discarded randn(numel) per step (see
-SOPHIA_EXTRA_DRAWS), which shifts Sophia-H's Hutchinson vectors off the documented stream.
+deo(sophia) also pins the generator protocol: a discarded draw per step (a bug this file
+found: DEO's initial randn() was re-drawn every step) shifts Sophia-H's Hutchinson vectors.
 
 The last section shows that each reference can fail: a reference given a wrong setting
 (the other rotation sign, a period off by one, another weight a) parts from gradspec by
@@ -108,12 +108,6 @@ def _sophia(**hyper):
 # rotations every 5 steps (20 in a run) with rot_lr = 0.5, so N moves far from its draw
 ROTATION = dict(T=5, rot_lr=0.5)
 
-SOPHIA_EXTRA_DRAWS = (
-    "gradspec bug: the initialiser 'state N = randn()' stays a probe of every step's program "
-    "(Optimizer.program().probes lists 'randn' even when no probe is due), so _Plan.probe draws "
-    "and discards randn(numel) at EVERY step; Sophia-H's u then comes from a shifted stream. "
-    "A reference that adds one discarded randn(numel) per step matches deo(sophia) to ~4e-14.")
-
 DEO_CASES = [
     pytest.param("deo(sgd)", dict(lr=0.05, momentum=0.9), _sgd(lr=0.05, momentum=0.9), False, {}, id="sgd-momentum"),
     pytest.param("deo(sgd)", dict(lr=0.05, momentum=0.9), _sgd(lr=0.05, momentum=0.9), True, {},
@@ -122,7 +116,7 @@ DEO_CASES = [
     pytest.param("deo(adamw)", dict(lr=1e-2, weight_decay=0.1), _adamw(lr=1e-2, weight_decay=0.1), True,
                  dict(alpha=0.5), id="adamw-alpha-half-closure-calls-backward"),
     pytest.param("deo(sophia)", dict(lr=3e-2, gamma=0.1, k=3), _sophia(lr=3e-2, gamma=0.1, k=3), False, {},
-                 id="sophia", marks=pytest.mark.xfail(strict=True, reason=SOPHIA_EXTRA_DRAWS)),
+                 id="sophia"),
 ]
 
 
@@ -144,7 +138,6 @@ def test_deo_changes_the_trajectory():
     assert _error(deo, frozen) > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=SOPHIA_EXTRA_DRAWS)
 def test_deo_draws_its_initial_direction_once():
     """The documented protocol: N = randn(numel) once, at the first step; nothing else of
     deo(sgd) draws, so after 20 steps the generator has advanced by exactly one draw."""

@@ -58,7 +58,7 @@ def elements_moved(program: Program) -> int:
     inputs and states it reads, the states it changes (a subspace state counts k times), the
     parameter, and each probe result it reads."""
     ranks = program.state_ranks or {}
-    nodes = program.nodes()
+    nodes = program.nodes(initial=False)
     reads = {n.attr for n in nodes if n.op in ("state", "input") and n.scope == Scope.ELEMENT}
     writes = {name for name, node in program.next.items()
               if name not in program.global_states and not (node.op == "state" and node.attr == name)}

@@ -112,17 +112,18 @@ class Program:
 
     @property
     def probes(self) -> list:
-        """The probe nodes (grad_at, hvp, ...) in an order where each comes after those its
-        arguments need."""
-        return [n for n in self.nodes() if n.op == "probe"]
+        """The probe nodes (grad_at, hvp, ...) of the step, in an order where each comes after
+        those its arguments need; a ``randn()`` initial value is drawn once, not here."""
+        return [n for n in self.nodes(initial=False) if n.op == "probe"]
 
     def law_expr(self, source, expr, free_names=False):
         """``expr`` (a law's claim, given or substitution) as a node, built like the spec's own
         expressions; with ``free_names``, unknown names become free symbols (``k`` in k * grad)."""
         return self.context.extra_expr(source, expr, free_names)
 
-    def nodes(self):
-        """Every node reachable from the outputs, each once, arguments before users."""
+    def nodes(self, initial: bool = True):
+        """Every node reachable from the next values (and, with ``initial``, the initial
+        values), each once, arguments before users."""
         seen, order = set(), []
 
         def visit(node):
@@ -133,7 +134,7 @@ class Program:
                 visit(a)
             order.append(node)
 
-        for root in list(self.next.values()) + list(self.init.values()):
+        for root in list(self.next.values()) + (list(self.init.values()) if initial else []):
             visit(root)
         return order
 
