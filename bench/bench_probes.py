@@ -57,8 +57,7 @@ def run(spec: str, args) -> dict:
     if not opt.has_probes:  # a plain closure's forward and backward, which the runtime does not see
         counted = {"closure_calls": 1.0, "gradients": 1.0, "hvps": 0.0}
     cost = step_cost(opt.spec)
-    return {"spec": spec, "ms": 1e3 * elapsed / args.steps, "loss": float(loss if not isinstance(loss, tuple)
-                                                                         else loss[0]),
+    return {"spec": spec, "ms": 1e3 * elapsed / args.steps, "loss": float(loss.detach()),
             "params": sum(p.numel() for p in model.parameters()), "counted": counted,
             "declared": (cost.closure_calls, cost.gradients, cost.hvps)}
 

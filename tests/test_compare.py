@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 import gradspec.tasks as tasks
 from gradspec.compare import compare, judge, load_file, run_file

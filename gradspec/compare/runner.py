@@ -11,8 +11,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ..runtime.lanczos import hessian_eigenpairs
 from ..runtime.optimizer import Optimizer
 from ..tasks import Task

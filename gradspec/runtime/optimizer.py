@@ -16,7 +16,7 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
-from ..compiler.lower import lower_init, lower_probe_args, lower_step, main_inputs
+from ..compiler.lower import lower_init, lower_probe_args, lower_step
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
