@@ -68,10 +68,22 @@ def main(argv=None) -> int:
     p.add_argument("--results", help="with comparison files: run them all and write this results page")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = verbs.add_parser("bench", help="step speed vs torch.optim, pytorch-optimizer and the memory roofline")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--params", type=float, default=10e6, help="parameters in all (default 1e7)")
+    p.add_argument("--tensors", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median) after 4 untimed")
+    p.add_argument("--backends", nargs="+", default=["compiled", "eager"], choices=["compiled", "eager"])
+    p.add_argument("--compile-tensors", type=int, nargs="*",
+                   help="also time cold and warm compiles in fresh processes, for these tensor counts")
+    p.add_argument("--no-peers", action="store_true", help="skip pytorch-optimizer")
+    p.add_argument("--json", help="write every measurement to this file")
+
     args = parser.parse_args(argv)
     try:
         return {"list": _list, "check": _check, "show": _show, "diff": _diff, "docs": _docs,
-                "compare": _compare}[args.verb](args)
+                "compare": _compare, "bench": _bench}[args.verb](args)
     except SpecError as error:
         print(error.render(), file=sys.stderr)
         return 1
@@ -192,6 +204,13 @@ def _show(args) -> int:
         print(graph.code.strip() if args.python else graph.graph)
         print()
     return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+    for spec in args.specs:
+        load(spec)
+    return bench.main(args)
 
 
 def _compare(args) -> int:

@@ -162,3 +162,31 @@ def test_the_cli_compares_and_reports_errors(tmp_path):
     bad_spec = subprocess.run([sys.executable, "-m", "gradspec.cli", "compare", "adm", "--task", "beale", "--quiet"],
                               capture_output=True, text=True)
     assert bad_spec.returncode == 1 and "unknown spec 'adm'" in bad_spec.stderr
+
+
+def test_the_results_page_is_generated_from_comparison_files(tmp_path):
+    from gradspec.compare import write_results
+    for name, better in (("one", "adam"), ("two", "sgd")):
+        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(f'''
+            title = "comparison {name}"
+            claim = "{better} wins"
+            task = "rosenbrock"
+            variants = ["sgd", "adam"]
+            steps = 40
+            seeds = 1
+            lr = 0.001
+            [[expect]]
+            better = "{better}"
+            than = "{'sgd' if better == 'adam' else 'adam'}"
+            on = "final_loss"
+        '''))
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    write_results([str(tmp_path / "one.toml"), str(tmp_path / "two.toml")], str(results), progress=False)
+    text = results.read_text()
+    assert "## comparison one" in text and "## comparison two" in text
+    # at lr 1e-3 for 40 steps on Rosenbrock, plain SGD is ahead of Adam (0.856 vs 0.924)
+    assert "| one | adam better than sgd on final loss | **not reproduced** |" in text
+    assert "| two | sgd better than adam on final loss | **reproduced** |" in text
+    assert (tmp_path / "docs" / "results" / "one" / "trajectories.png").exists()
+    assert "](results/one/loss_vs_step.png)" in text

@@ -42,6 +42,7 @@ class BucketShape:
     ntensors: int
     dtype: torch.dtype
     shapes: tuple = ()  # each tensor's shape, for per-tensor matrix functions
+    state_dtype: torch.dtype | None = None  # the states' dtype when not the parameters' (bfloat16 states)
 
     def matrix_shapes(self) -> list:
         """(rows, columns) of each tensor viewed as a matrix; equal 1-D slices if unknown."""
@@ -137,7 +138,7 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
                 continue  # m' = m: nothing to write
             new = lowerer.value(node, i, broadcast_to=Scope.ELEMENT)
             if lowerer.ok is not None:
-                new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i))
+                new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i, state=name != "param"))
             writes.append((old, new))
         writes.append((placeholders[f"b{i}_step"], lowerer.step(i)))
     for name in program.global_states:  # one value per group, written once
@@ -199,9 +200,11 @@ class _Lowerer:
     def call(self, fn, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(fn, args, kwargs)
 
-    def load(self, placeholder, bucket: int):
-        """A buffer in its compute dtype: half-precision buffers are computed in float32."""
-        if self.buckets[bucket].dtype in LOW_PRECISION:
+    def load(self, placeholder, bucket: int, state: bool = False):
+        """A buffer in its compute dtype: half-precision buffers (parameters, or states kept in
+        bfloat16) are computed in float32."""
+        shape = self.buckets[bucket]
+        if ((shape.state_dtype or shape.dtype) if state else shape.dtype) in LOW_PRECISION:
             key = ("upcast", placeholder.name)
             if key not in self.memo:
                 self.memo[key] = self.graph.call_method("float", (placeholder,))
@@ -269,7 +272,7 @@ class _Lowerer:
         if op == "state":
             if node.scope == Scope.GLOBAL:
                 return self.global_state(node.attr)
-            return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket)
+            return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket, state=True)
         if op == "reduce":
             return self._reduce(node, bucket)
         if op == "matrix":

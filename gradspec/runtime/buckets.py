@@ -27,7 +27,7 @@ class Bucket:
     """Parameters of one (device, dtype, step) with their flat buffers."""
 
     def __init__(self, params: list, state: dict, state_names: tuple, step: float, needs_segments: bool,
-                 ranks: dict | None = None):
+                 ranks: dict | None = None, state_dtype: torch.dtype | None = None):
         self.params = params
         self.sizes = [p.numel() for p in params]
         self.offsets = [0]
@@ -36,7 +36,9 @@ class Bucket:
         first = params[0]
         self.device, self.dtype = first.device, first.dtype
         self.numel = self.offsets[-1]
-        self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(tuple(p.shape) for p in params))
+        self.state_dtype = state_dtype if state_dtype not in (None, self.dtype) else None
+        self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(tuple(p.shape) for p in params),
+                                 self.state_dtype)
 
         self.param = _flatten([p.detach() for p in params])
         self.grad = _flatten([p.grad.detach() for p in params])
@@ -58,8 +60,8 @@ class Bucket:
         self.missing = []  # states to initialise from the spec's initial values
         for name in state_names:
             rank = (ranks or {}).get(name)  # a subspace: k rows of the bucket's length
-            buffer = torch.empty(self.numel if rank is None else (rank, self.numel), dtype=self.dtype,
-                                 device=self.device)
+            buffer = torch.empty(self.numel if rank is None else (rank, self.numel),
+                                 dtype=self.state_dtype or self.dtype, device=self.device)
             known = [name in state.get(p, {}) for p in params]
             if not all(known):
                 self.missing.append(name)

@@ -47,10 +47,15 @@ class Optimizer(torch.optim.Optimizer):
     generator behind ``randn()`` (initial directions, Hutchinson vectors, sampled labels,
     Lanczos starts); its state is part of ``state_dict()``, so a resumed run draws the same
     numbers. ``evaluations`` counts closure calls, gradients and Hessian-vector products.
+
+    ``state_dtype`` keeps the per-element states in another dtype than the parameters:
+    ``torch.bfloat16`` halves the state memory of a float32 model. The step computes in
+    float32 and rounds each state to nearest when it stores it (see docs/design.md for the
+    measured effect on accuracy).
     """
 
     def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
-                 nonfinite: str = "propagate", seed: int = 0, **hyper):
+                 nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None, **hyper):
         self.spec = load(spec) if isinstance(spec, str) else spec
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
@@ -66,8 +71,11 @@ class Optimizer(torch.optim.Optimizer):
                 hint = did_you_mean(name, self.spec.hypers)
                 raise TypeError(f"{self.spec.name} has no hyperparameter {name!r}" + (f"; {hint}" if hint else "")
                                 + f" (it has: {', '.join(self.spec.hypers)})")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating torch dtype such as torch.bfloat16, got {state_dtype!r}")
         self.backend = backend
         self.nonfinite = nonfinite
+        self.state_dtype = state_dtype
         self._static_names = _static_hypers(self.spec)
         self._plans: dict = {}
         self._programs: dict = {}
@@ -296,7 +304,8 @@ class _Plan:
             step = state.get(p, {}).get("step", 0)
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
-        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments, program.state_ranks)
+        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments, program.state_ranks,
+                               optimizer.state_dtype)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device
