@@ -249,7 +249,8 @@ class _Lowerer:
     def _per_element(self, per_tensor, bucket):
         key = ("gather", id(per_tensor), bucket)
         if key not in self.memo:
-            self.memo[key] = self.call(torch.index_select, per_tensor, 0, self.ph[f"b{bucket}_segments"])
+            ids = self.graph.call_method("int", (self.ph[f"b{bucket}_segments"],))  # int16 ids, widened in the kernel
+            self.memo[key] = self.call(torch.index_select, per_tensor, 0, ids)
         return self.memo[key]
 
     def _args(self, node: Node, bucket: int):

@@ -54,7 +54,10 @@ class Bucket:
         self.lengths = None  # per tensor, its size: for segment reductions
         if needs_segments:
             self.lengths = torch.tensor(self.sizes, device=self.device)
-            self.segments = torch.repeat_interleave(torch.arange(len(params), device=self.device), self.lengths)
+            # 2 bytes per element up to 32767 tensors (int64 ids cost 8, at the same speed)
+            small = torch.int16 if len(params) < 2 ** 15 else torch.int32
+            self.segments = torch.repeat_interleave(torch.arange(len(params), device=self.device, dtype=small),
+                                                    self.lengths)
 
         self.states = {}
         self.missing = []  # states to initialise from the spec's initial values

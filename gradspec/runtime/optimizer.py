@@ -277,10 +277,10 @@ class Optimizer(torch.optim.Optimizer):
 class _Variant:
     """The compiled step for one set of due probes (the empty set: an ordinary step)."""
 
-    def __init__(self, program: Program, shapes: list, optimizer: Optimizer):
+    def __init__(self, program: Program, shapes: list, optimizer: Optimizer, device: torch.device):
         self.program = program
         graphs = lower_step(program, shapes, optimizer.nonfinite)
-        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend)
+        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend, device)
         # probes run every few steps, after model evaluations that cost far more: eagerly
         self.probe_args = [lower_probe_args(program, shapes, j) if node.args else None
                            for j, node in enumerate(program.probes)]
@@ -329,7 +329,7 @@ class _Plan:
     def variant(self, probing: frozenset) -> _Variant:
         if probing not in self._variants:
             self._variants[probing] = _Variant(self.optimizer._program(self._group, probing), self.shapes,
-                                               self.optimizer)
+                                               self.optimizer, self.device)
         return self._variants[probing]
 
     def _global_states(self, state: dict, params: list) -> dict:
