@@ -67,3 +67,36 @@ def test_eager_and_compiled_agree_on_a_composed_spec_with_reductions():
             opt.step()
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_probe_spec_compiles_two_steps_once_each():
+    """deo(adam) compiles its ordinary step and its rotation step, once each, however the
+    scheduler moves lr."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 11), torch.nn.Tanh(), torch.nn.Linear(11, 2))
+    opt = gradspec.Optimizer(model.parameters(), "deo(adam)", backend="compiled", lr=1e-2, T=3)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.9)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(12):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        scheduler.step()
+    assert counters["stats"]["unique_graphs"] == before + 2
+
+
+def test_per_tensor_reductions_trace_a_graph_whose_size_does_not_grow_with_the_tensor_count():
+    """lamb's trust ratio: tensors are laid out by size, so the graph has one row reduction
+    per distinct size, whatever the number of tensors."""
+    from gradspec.compiler.ir import build
+    from gradspec.compiler.lower import BucketShape, lower_step
+    program = build(gradspec.load("lamb"))
+
+    def nodes(shapes):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        graphs = lower_step(program, [BucketShape(numel, len(shapes), torch.float32, tuple(shapes))])
+        return len(graphs.main.graph.nodes)
+
+    ten, thousand = nodes([(64, 32)] * 10), nodes([(64, 32)] * 1000)
+    assert ten == thousand
+    mixed = nodes([(32,)] * 500 + [(64, 32)] * 500)  # biases then weights: two runs
+    assert ten < mixed < 2 * ten

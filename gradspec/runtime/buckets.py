@@ -26,9 +26,10 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 class Bucket:
     """Parameters of one (device, dtype, step) with their flat buffers."""
 
-    def __init__(self, params: list, state: dict, state_names: tuple, step: float, needs_segments: bool,
+    def __init__(self, params: list, state: dict, state_names: tuple, step: float, by_size: bool,
                  ranks: dict | None = None, state_dtype: torch.dtype | None = None):
-        self.params = params
+        # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py)
+        self.params = params = sorted(params, key=lambda p: p.numel()) if by_size else list(params)
         self.sizes = [p.numel() for p in params]
         self.offsets = [0]
         for size in self.sizes:
@@ -50,14 +51,6 @@ class Bucket:
             p.grad = view
         # a 1-element buffer (see lower.py on 0-d inputs); state[p]["step"] is a 0-d view of it
         self.step = torch.full((1,), step, dtype=scalar_dtype(self.device), device=self.device)
-        self.segments = None  # per element, its tensor's index: to broadcast per-tensor values
-        self.lengths = None  # per tensor, its size: for segment reductions
-        if needs_segments:
-            self.lengths = torch.tensor(self.sizes, device=self.device)
-            # 2 bytes per element up to 32767 tensors (int64 ids cost 8, at the same speed)
-            small = torch.int16 if len(params) < 2 ** 15 else torch.int32
-            self.segments = torch.repeat_interleave(torch.arange(len(params), device=self.device, dtype=small),
-                                                    self.lengths)
 
         self.states = {}
         self.missing = []  # states to initialise from the spec's initial values

@@ -296,7 +296,7 @@ class _Plan:
         self.nonfinite = optimizer.nonfinite
         state = optimizer.state
         every_probe = optimizer._program(group, frozenset(range(len(program.probe_periods))))
-        needs_segments = any(Scope.TENSOR in {n.scope for n in p.nodes()} for p in (program, every_probe))
+        by_size = any(Scope.TENSOR in {n.scope for n in p.nodes()} for p in (program, every_probe))
         groups: dict = {}
         for p in params:
             if p.grad.is_sparse:
@@ -304,7 +304,7 @@ class _Plan:
             step = state.get(p, {}).get("step", 0)
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
-        self.buckets = [Bucket(ps, state, program.state_names, step, needs_segments, program.state_ranks,
+        self.buckets = [Bucket(ps, state, program.state_names, step, by_size, program.state_ranks,
                                optimizer.state_dtype)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
@@ -352,8 +352,6 @@ class _Plan:
     def _initial_values(self, bucket: Bucket):
         """The spec's initial state values for a bucket, computed eagerly once."""
         args = [self.hypers[h] for h in self.program.hypers_used] + [bucket.param, bucket.grad]
-        if bucket.segments is not None:
-            args += [bucket.segments, bucket.lengths]
         return lower_init(self.program, bucket.shape)(*args, self.optimizer.generator)
 
     def refresh_hypers(self, group: dict) -> None:
@@ -384,8 +382,6 @@ class _Plan:
         args += self.global_states.values()
         for i, bucket in enumerate(self.buckets):
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
-            if bucket.segments is not None:
-                args += [bucket.segments, bucket.lengths]
             args += probe_values[i] if probe_values else []
         return args
 
