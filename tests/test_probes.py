@@ -225,7 +225,7 @@ def test_show_cost_prints_the_declared_evaluations():
                          capture_output=True, text=True, check=True).stdout
     assert "closure calls (forward passes)   1.1" in out
     assert "probe every T = 10 steps: grad_at: 1 closure call, 1 gradient, 0 HVP" in out
-    assert "32 bytes per parameter (8 float32 buffers" in out  # adam's 7, plus reading N
+    assert "40 bytes per parameter (10 float32 buffers" in out  # adam's 7, N, and a pass over grad and N for <g, N>
     adam = subprocess.run([sys.executable, "-m", "gradspec.cli", "show", "adam", "--cost"],
                           capture_output=True, text=True, check=True).stdout
     assert "28 bytes per parameter (7 float32 buffers" in adam  # param r/w, grad, m and v r/w

@@ -54,13 +54,39 @@ def step_cost(spec: Spec, values: dict | None = None) -> StepCost:
 
 
 def elements_moved(program: Program) -> int:
-    """Buffer elements the elementwise phase reads and writes per parameter element: the
-    inputs and states it reads, the states it changes (a subspace state counts k times), the
-    parameter, and each probe result it reads."""
+    """Buffer elements a perfect step reads and writes per parameter element: the inputs,
+    states and probe results the elementwise phase reads, the states it changes (a subspace
+    counts k times) and the parameter; plus, for specs with reductions (global or per
+    tensor), one more pass that reads what the reductions need before the update can use
+    their results. A lower bound: reductions that depend on each other need more passes."""
     ranks = program.state_ranks or {}
     nodes = program.nodes(initial=False)
-    reads = {n.attr for n in nodes if n.op in ("state", "input") and n.scope == Scope.ELEMENT}
+
+    def width(leaf):
+        if leaf.op == "probe":
+            return leaf.attr[2] if leaf.type == "subspace" else 1
+        return ranks.get(leaf.attr, 1)
+
+    leaves = [n for n in nodes if n.op in ("state", "input", "probe") and n.scope == Scope.ELEMENT]
     writes = {name for name, node in program.next.items()
               if name not in program.global_states and not (node.op == "state" and node.attr == name)}
-    probe_reads = sum(n.attr[2] if n.type == "subspace" else 1 for n in nodes if n.op == "probe")
-    return sum(ranks.get(name, 1) for name in reads) + sum(ranks.get(name, 1) for name in writes) + probe_reads
+    reduced = [n for n in nodes if n.op in ("reduce", "onto") or (n.op == "matrix" and n.attr[0] != "aspect")]
+    pass_reads = set()
+    for node in reduced:
+        pass_reads |= {id(leaf) for leaf in _leaves(node.args)}
+    return (sum(width(leaf) for leaf in leaves) + sum(ranks.get(name, 1) for name in writes)
+            + sum(width(leaf) for leaf in leaves if id(leaf) in pass_reads))
+
+
+def _leaves(args) -> list:
+    """The elementwise buffers (inputs, states, probe results) the expressions read."""
+    seen, out, stack = set(), [], list(args)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op in ("state", "input", "probe") and node.scope == Scope.ELEMENT:
+            out.append(node)
+        stack.extend(node.args)
+    return out
