@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import stdlib
@@ -209,7 +210,13 @@ def _show(args) -> int:
 def _bench(args) -> int:
     from . import bench
     for spec in args.specs:
-        load(spec)
+        if any(type(item).__name__ == "Probe" for _, item in load(spec).items):
+            print(f"gradspec bench: {spec} evaluates the model in its probes; time it with a model: "
+                  "python bench/bench_probes.py --specs ...", file=sys.stderr)
+            return 2
+    if args.tensors < 1 or args.params < args.tensors:
+        print("gradspec bench: --tensors must be >= 1 and --params at least the tensor count", file=sys.stderr)
+        return 2
     return bench.main(args)
 
 
@@ -227,20 +234,26 @@ def _compare(args) -> int:
             compare.write_results(files, args.results, progress=not args.quiet)
             print(f"wrote {args.results}")
             return 0
-        if files:
-            results = [compare.run_file(f, args.out if len(files) == 1 else None, not args.quiet, args.steps,
-                                        args.seeds) for f in files]
+        if files:  # several files with --out: one folder each, named after the file
+            outs = [args.out if len(files) == 1 or not args.out else
+                    os.path.join(args.out, os.path.splitext(os.path.basename(f))[0]) for f in files]
+            results = [compare.run_file(f, out, not args.quiet, args.steps, args.seeds)
+                       for f, out in zip(files, outs)]
         else:
             if not args.task:
                 print("gradspec compare: --task is required (see gradspec list)", file=sys.stderr)
                 return 2
             for spec in args.specs:  # every spec is sound before any training starts
                 load(spec)
-            results = [compare.compare(args.specs, args.task, args.steps, args.seeds or 3, args.lr_grid, args.lr,
-                                       args.backend, args.device, args.sharpness, args.out, not args.quiet)]
+            results = [compare.compare(args.specs, args.task, args.steps, 3 if args.seeds is None else args.seeds,
+                                       args.lr_grid, args.lr, args.backend, args.device, args.sharpness, args.out,
+                                       not args.quiet)]
     except ValueError as error:
         print(f"gradspec compare: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a run that cannot go on (sophia_g on a task without logits)
+        print(f"gradspec compare: {error}", file=sys.stderr)
+        return 1
     for result in results:
         title = result.settings.get("title")
         print((f"## {title}\n\n" if title else "") + f"task {result.task.name}: {result.task.description}\n")
@@ -249,7 +262,7 @@ def _compare(args) -> int:
             print(f"- {verdict}: {text}: {detail}")
         print()
     if args.out:
-        print(f"wrote {args.out}/runs.csv, loss_vs_step.png, loss_vs_time.png, report.md")
+        print(f"wrote runs.csv, loss_vs_step.png, loss_vs_time.png and report.md under {args.out}")
     return 0
 
 
@@ -267,8 +280,8 @@ def _cost_text(spec, dtype: str) -> str:
         lines.append(f"  probe every {probe.period} steps: {calls}")
     if cost.differentiates_gradient:
         lines.append("  on probe steps the gradient is taken with create_graph=True (exact HVPs)")
-    lines.append(f"  optimizer memory traffic         {cost.elements_moved * itemsize} bytes per parameter "
-                 f"({cost.elements_moved} {dtype} buffers read or written)")
+    lines.append(f"  optimizer memory traffic, a step without probes: {cost.elements_moved * itemsize} bytes per "
+                 f"parameter ({cost.elements_moved} {dtype} buffers read or written)")
     if cost.probes:
         lines.append(f"    on a step where every probe runs {cost.elements_moved_probing * itemsize} bytes per parameter")
     return "\n".join(lines)

@@ -281,3 +281,38 @@ def test_sophia_matches_pytorch_optimizers_sophia_h_given_the_same_probe_vectors
     got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), float((got - expected).abs().max())
     assert float((got - expected).abs().max()) < 1e-10
+
+
+def test_parameters_outside_the_loss_or_linear_in_it_get_no_curvature_and_no_update():
+    """Found in review: exact HVPs crashed on a gradient without a graph. A parameter the
+    loss is linear in has H v = 0; one the loss does not use keeps p.grad None and is not
+    updated, as in torch.optim."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
+    opt = gradspec.Optimizer([w, b, unused], "sophia", backend="eager", k=1, weight_decay=0.1)
+    for _ in range(3):
+        opt.step(lambda: (w ** 2).sum() + b.sum())
+    assert float(opt.state[b]["h"].abs().sum()) == 0  # linear in b: no curvature
+    assert float(opt.state[w]["h"].abs().sum()) > 0
+    assert unused.grad is None and float(unused) == 3.0
+
+
+def test_review_findings_give_clear_errors_or_work():
+    with pytest.raises(gradspec.SpecError, match="GS018"):
+        gradspec.parse("optimizer t\nhyper lr = 0.1 >= 0\nhyper k: int = 2 >= 1\n"
+                       "probe every k {\n  param' = param - lr * grad\n}\n")
+    # a global state set inside a probe is kept in between; a scalar probe argument broadcasts
+    spec = gradspec.parse("optimizer t\nhyper lr = 0.1 >= 0\nhyper k: int = 2 >= 1\nstate s: global = 0\n"
+                          "probe every k {\n  s' = global.sum(hvp(lr) * 0 + 1)\n}\n"
+                          "param' = param - lr * grad / (1 + abs(s'))\n")
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = gradspec.Optimizer([p], spec, backend="eager")
+    for _ in range(3):
+        opt.step(lambda: (p ** 2).sum())
+    assert float(opt.state[p]["s"]) == 3.0
+    opt.param_groups[0]["k"] = 0
+    with pytest.raises(ValueError, match="probe period k must be a whole number >= 1, got 0"):
+        opt.step(lambda: (p ** 2).sum())
+    with pytest.raises(RuntimeError, match=r"must return the loss or \(loss, logits\), got 3 values"):
+        gradspec.Optimizer([p], "sophia", backend="eager").step(lambda: ((p ** 2).sum(), None, None))

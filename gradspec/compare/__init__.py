@@ -53,7 +53,9 @@ def compare(variants: list[str], task: str | Task, steps: int | None = None, see
     runs.csv, loss_vs_step.png, loss_vs_time.png (and trajectories.png for 2-D functions)
     and report.md there."""
     task = get(task) if isinstance(task, str) else task
-    steps = steps or task.steps
+    steps = task.steps if steps is None else steps
+    if steps < 1 or seeds < 1:
+        raise ValueError(f"a comparison needs at least one step and one seed (got steps={steps}, seeds={seeds})")
     bar = _progress(progress)
     summaries, grids = [], {}
     for variant in variants:
@@ -138,7 +140,8 @@ def run_file(path: str, out: str | None = None, progress: bool = True, steps: in
     data = load_file(path)
     settings = {"title": data.get("title"), "claim": data.get("claim"), "source": data.get("source"),
                 "command": f"gradspec compare {path}"}
-    return compare(data["variants"], data["task"], steps or data.get("steps"), seeds or data.get("seeds", 3),
+    return compare(data["variants"], data["task"], steps if steps is not None else data.get("steps"),
+                   seeds if seeds is not None else data.get("seeds", 3),
                    data.get("lr_grid"), data.get("lr"), data.get("backend", "eager"), data.get("device", "cpu"),
                    data.get("sharpness", False), out, progress, settings, data.get("expect", []))
 

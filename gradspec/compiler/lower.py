@@ -157,6 +157,8 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
         writes.append((placeholders[f"b{i}_step"], lowerer.step(i)))
     for name in program.global_states:  # one value per group, written once
         old = placeholders[f"global_{_ident(name)}"]
+        if program.next[name].op == "state" and program.next[name].attr == name:
+            continue  # kept, as between probes: nothing to write
         new = lowerer.value(program.next[name], 0)
         if lowerer.ok is not None:
             new = lowerer.call(torch.where, lowerer.ok, new, lowerer.global_state(name))

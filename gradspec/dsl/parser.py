@@ -220,7 +220,10 @@ class _ToAst(Transformer):
 
     def probe_block(self, meta, children):
         every, *body = children
-        every = int(every) if every.type == "NUMBER" and float(every).is_integer() else str(every)
+        if every.type == "NUMBER":
+            every = int(float(every)) if float(every).is_integer() else float(every)
+        else:
+            every = str(every)
         return ast.Probe(every, tuple(body), _span(meta))
 
     def define(self, meta, children):

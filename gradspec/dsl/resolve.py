@@ -213,6 +213,9 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
                     what = type(inner).__name__.lower()
                     errors.error("GS018", f"a {what} cannot be declared inside a probe", inner.span,
                                  "declare it at the top level; a probe sets next values (h' = ...)")
+                elif isinstance(inner, ast.Define) and inner.primed and inner.name == "param":
+                    errors.error("GS018", "the update param' cannot be inside a probe: every step updates",
+                                 inner.span, "compute what the probe finds into a state, and use it in param'")
             _check_every(item, hypers, errors)
         name = getattr(item, "name", None)
         if name in RESERVED and not isinstance(item, ast.Override):
@@ -242,7 +245,8 @@ def _check_every(probe: ast.Probe, hypers: dict, errors: Collector) -> None:
             errors.error("GS019", f"the probe period '{every}' must be an int hyperparameter constrained >= 1",
                          hyper.span, f"hyper {every}: int = {max(1, round(float(hyper.default)))} >= 1")
     elif not isinstance(every, int) or every < 1:
-        errors.error("GS019", f"a probe period must be a whole number of steps >= 1, not {every}", probe.span)
+        errors.error("GS019", f"a probe period must be a whole number of steps >= 1, not {every}", probe.span,
+                     "write a whole number, or an int hyperparameter: hyper k: int = 10 >= 1")
 
 
 def _at_least_one(hyper: ast.Hyper) -> bool:

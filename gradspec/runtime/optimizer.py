@@ -184,8 +184,14 @@ class Optimizer(torch.optim.Optimizer):
         periods = self._program(group).probe_periods
         step = next((self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})), 0)
         done = int(step.item() if isinstance(step, torch.Tensor) else step)
-        return frozenset(j for j, every in enumerate(periods)
-                         if done % int(group[every] if isinstance(every, str) else every) == 0)
+        due = set()
+        for j, every in enumerate(periods):
+            k = group[every] if isinstance(every, str) else every
+            if k != int(k) or int(k) < 1:
+                raise ValueError(f"{self.spec.name}: the probe period {every} must be a whole number >= 1, got {k}")
+            if done % int(k) == 0:
+                due.add(j)
+        return frozenset(due)
 
     def _all_probes(self) -> frozenset:
         return frozenset(range(len(self._program(self.param_groups[0]).probe_periods)))
@@ -410,8 +416,10 @@ class _Plan:
             starts.append(starts[-1] + len(b.params))
         if func == "randn":
             return [driver.randn(b.numel, _compute(b.dtype), b.device) for b in buckets]
-        if func in ("grad_at", "hvp"):
-            vectors = [view for b, (x,) in zip(buckets, args) for view in b.views(x.to(b.dtype).contiguous())]
+        if func in ("grad_at", "hvp"):  # a scalar or per-group argument is the same for every element
+            vectors = [view for b, (x,) in zip(buckets, args)
+                       for view in b.views(torch.as_tensor(x, dtype=b.dtype, device=b.device).reshape(-1)
+                                           .expand(b.numel).contiguous())]
             result = driver.gradient_at(params, vectors) if func == "grad_at" else driver.hvp(params, vectors)
         elif func == "gauss_newton":
             result = driver.gauss_newton(params)

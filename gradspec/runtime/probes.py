@@ -74,8 +74,8 @@ class ClosureDriver:
         grads = self._grad(loss, create_graph=self.needs_graph, retain_graph=keep)
         if self.needs_graph:
             self._graph_grads = grads
-        for p, g in zip(self.params, grads):
-            p.grad = g.detach()
+        for p, g in zip(self.params, grads):  # a parameter the loss does not use keeps no gradient
+            p.grad = None if g is None else g.detach()
         return loss.detach()
 
     # ---- probe primitives: per parameter lists in, per parameter lists out
@@ -90,9 +90,9 @@ class ClosureDriver:
                 p.data = x
             loss, _ = self._call()
             if all(p.grad is None for p in self.params):
-                grads = {id(q): g.detach() for q, g in
-                         zip(self.params, self._grad(loss, create_graph=False, retain_graph=False))}
-                out = [grads[id(p)] for p in params]
+                grads = {id(q): g for q, g in zip(self.params, self._grad(loss, create_graph=False,
+                                                                           retain_graph=False))}
+                out = [torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)].detach() for p in params]
             else:
                 out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         finally:
@@ -107,9 +107,15 @@ class ClosureDriver:
         if self._graph_grads is None:
             raise RuntimeError("internal: hvp without the gradient's graph")  # pragma: no cover
         index = {id(p): i for i, p in enumerate(self.params)}
-        outputs = [self._graph_grads[index[id(p)]] for p in params]
+        # a gradient without a graph (a parameter the loss is linear in, or does not use)
+        # contributes nothing to H v
+        pairs = [(self._graph_grads[index[id(p)]], v) for p, v in zip(params, vectors)]
+        pairs = [(g, v) for g, v in pairs if g is not None and g.requires_grad]
         self.counts.hvps += 1
-        products = torch.autograd.grad(outputs, params, grad_outputs=vectors, retain_graph=True, allow_unused=True)
+        if not pairs:
+            return [torch.zeros_like(p) for p in params]
+        products = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
+                                       retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, products)]
 
     def gauss_newton(self, params: list) -> list:
@@ -125,7 +131,8 @@ class ClosureDriver:
                 sampled = F.cross_entropy(logits, labels)
             grads = self._grad(sampled, create_graph=False, retain_graph=self.needs_graph)
             rows = logits.shape[0]
-            self._sampled = {id(p): rows * g.detach() * g.detach() for p, g in zip(self.params, grads)}
+            self._sampled = {id(p): torch.zeros_like(p) if g is None else rows * g.detach() * g.detach()
+                             for p, g in zip(self.params, grads)}
         return [self._sampled[id(p)] for p in params]
 
     def eigenvectors(self, params: list, k: int, iters: int, dtype) -> list:
@@ -151,6 +158,9 @@ class ClosureDriver:
         with torch.enable_grad():
             out = self.closure()
         if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise RuntimeError(f"{self.who}'s closure must return the loss or (loss, logits), "
+                                   f"got {len(out)} values")
             loss, logits = out
         else:
             loss, logits = out, None
@@ -169,4 +179,4 @@ class ClosureDriver:
                                     allow_unused=True)
         if all(g is None for g in grads):
             raise RuntimeError(f"{self.who}: the closure's loss does not depend on any parameter of the optimizer")
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        return list(grads)  # None where the loss does not use a parameter

@@ -24,7 +24,7 @@ PROBE_NOTATION = {
     "randn": _notation("RandnLatex", r"u \sim \mathcal{{N}}(0, I)"),
     "gauss_newton": _notation("GaussNewtonLatex", r"B \, \hat{{g}}_{{t}} \odot \hat{{g}}_{{t}}"),
     "hessian_eigvecs": _notation("EigvecsLatex", r"\operatorname{{top}}_{{{0}}}\operatorname{{eig}}(H_{{t}})"),
-    "onto": _notation("OntoLatex", r"{1} {1}^{{\top}} {0}"),
+    "onto": _notation("OntoLatex", r"{{{1}}} {{{1}}}^{{\top}} {0}"),
 }
 
 _GREEK = {"lr": r"\eta", "eps": r"\epsilon", "xi": r"\xi"}
@@ -47,7 +47,7 @@ def _symbol(name: str) -> str:
     r"""beta1 -> \beta_{1}, mhat -> \hat{m}, e.a -> a^{(e)}, direction -> \mathrm{direction}."""
     if "." in name:
         owner, rest = name.split(".", 1)
-        return f"{_symbol(rest)}^{{({owner})}}"
+        return f"{_symbol(rest)}^{{({owner.replace('_', chr(92) + '_')})}}"
     if name in _GREEK:
         return _GREEK[name]
     if name.endswith("hat") and len(name) > 3:

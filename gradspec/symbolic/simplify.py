@@ -10,6 +10,8 @@ cheaper to compute (it writes x / y as x * y^-1, which we lower back to a divisi
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 
 import sympy
 from sympy.core.relational import Relational
@@ -18,11 +20,41 @@ from ..compiler.ir import Builder, Node, Program, Scope
 from .translate import STEP, ElementSymbol, Translator, _Reduction, outputs
 
 
+BUDGET_SECONDS = 3.0
+"""SymPy can take minutes on some compositions (deo(lamb): a global projection inside
+per-tensor norms inside a where); the rewrite is an optimisation, so past this budget the
+program is compiled as written."""
+
+
+class _OverBudget(Exception):
+    pass
+
+
 def simplified(program: Program) -> Program:
     """``program`` with SymPy-simplified next values, or ``program`` itself if that is not
-    smaller (or if a value has no IR form)."""
-    candidate = rewritten(program)
+    smaller, if a value has no IR form, or if SymPy needs more than BUDGET_SECONDS."""
+    candidate = _within_budget(rewritten, program)
     return candidate if candidate is not None and len(candidate.nodes()) < len(program.nodes()) else program
+
+
+def _within_budget(fn, *args):
+    """fn(*args), or None once BUDGET_SECONDS have passed (a SIGALRM timer: only in the main
+    thread of a Unix process; elsewhere fn runs unbounded)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+
+    def stop(signum, frame):
+        raise _OverBudget
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, BUDGET_SECONDS)
+    try:
+        return fn(*args)
+    except _OverBudget:
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def rewritten(program: Program) -> Program | None:
