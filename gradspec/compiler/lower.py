@@ -63,7 +63,7 @@ class BucketShape:
     def matrix_shapes(self) -> list:
         """(rows, columns) of each tensor viewed as a matrix; equal 1-D slices if unknown."""
         shapes = self.shapes or [(self.numel // self.ntensors,)] * self.ntensors
-        return [(s[0], max(1, int(torch.Size(s).numel()) // max(1, s[0]))) if len(s) >= 2 else (1, s[0] if s else 1)
+        return [(s[0], int(torch.Size(s).numel()) // s[0] if s[0] else 0) if len(s) >= 2 else (1, s[0] if s else 1)
                 for s in shapes]
 
 
@@ -383,7 +383,7 @@ class _Lowerer:
         shape = self.buckets[bucket]
         x = self.value(node.args[0], bucket, broadcast_to=Scope.ELEMENT)
         if node.attr[0] == "aspect":
-            ratios = [s[-2] / s[-1] if len(s) >= 2 else 1.0 for s in (shape.shapes or [()] * shape.ntensors)]
+            ratios = [s[-2] / s[-1] if len(s) >= 2 and s[-1] else 1.0 for s in (shape.shapes or [()] * shape.ntensors)]
             return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
         return self.call(orthogonalize, x, tuple(shape.matrix_shapes()), node.attr[1])
 
