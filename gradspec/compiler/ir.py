@@ -269,7 +269,7 @@ class _ProgramBuilder:
             if name not in self.nexts and name not in self.kept:
                 self.errors.error("GS040", f"state '{name}' has no next value", state.span,
                                   f"add {name}' = ... (write {name}' = {name} to keep it constant)", src)
-        for name, (src, define) in self.nexts.items():
+        for name, (src, define) in list(self.nexts.items()) + list(self.kept.items()):
             if name != "param" and name not in self.states:
                 hint = f"declare it with 'state {name} = 0'" if name not in self.locals else \
                     f"'{name}' is a definition; only states have next values"
@@ -407,7 +407,7 @@ class _ProgramBuilder:
 
     # ---- building expressions
     def _next(self, name):
-        if name in self.kept:
+        if name in self.kept and name not in self.nexts:
             return self._state_node(name)
         return self._definition(("next", name), self.nexts[name])
 
@@ -641,7 +641,7 @@ class _ProgramBuilder:
         if expr.primed:
             if name in self.nexts:
                 return self._definition(("next", name), self.nexts[name], in_init)
-            if name in self.kept:
+            if name in self.kept and name in self.states:
                 return self._state_node(name)
             hint = f"'{name}' is not a state" if name not in self.states else f"define {name}' = ..."
             self.errors.error("GS059", f"'{name}' has no next value", expr.span, hint, src)
