@@ -40,12 +40,7 @@ def loss_curves(path: str, task: Task, summaries, against: str) -> str:
         axes.set_yscale("log")
     axes.set_xlabel("step" if against == "step" else "wall time (s, first step excluded)")
     axes.set_ylabel("training loss")
-    axes.set_title(f"{task.name}: mean over seeds, band = min..max")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(plt, figure, axes, f"{task.name}: mean over seeds, band = min..max", path)
 
 
 def trajectories(path: str, task: Task, summaries) -> str:
@@ -68,7 +63,12 @@ def trajectories(path: str, task: Task, summaries) -> str:
         axes.plot(*m, marker="*", color="black", markersize=10)
     axes.set_xlim(x0, x1)
     axes.set_ylim(y0, y1)
-    axes.set_title(f"{task.name}: trajectories (stars: global minima)")
+    return _finish(plt, figure, axes, f"{task.name}: trajectories (stars: global minima)", path)
+
+
+def _finish(plt, figure, axes, title: str, path: str) -> str:
+    """Title, legend, layout; write the figure and free it."""
+    axes.set_title(title)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
