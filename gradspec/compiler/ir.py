@@ -14,6 +14,7 @@ subexpressions are shared for free) and constant subtrees are folded as they are
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -110,10 +111,11 @@ class Program:
     probing: frozenset = frozenset()  # the indices of the probe blocks that run in this program
     state_ranks: dict = None  # subspace state -> its number of directions k
 
-    @property
+    @functools.cached_property
     def probes(self) -> list:
         """The probe nodes (grad_at, hvp, ...) of the step, in an order where each comes after
-        those its arguments need; a ``randn()`` initial value is drawn once, not here."""
+        those its arguments need; a ``randn()`` initial value is drawn once, not here. Cached:
+        a probing step asks for it every step, and a program never changes once built."""
         return [n for n in self.nodes(initial=False) if n.op == "probe"]
 
     def law_expr(self, source, expr, free_names=False):
