@@ -5,8 +5,10 @@ counts steps t = 1, 2, ...; a method that looks at the model every k steps does 
 t = 1, k + 1, 2k + 1, ... (``(t - 1) % k == 0``), before that step's update, whose update then
 uses the fresh result. Random draws follow gradspec's documented protocol, so a reference
 given the same seed sees the same numbers: one ``torch.Generator`` seeded with ``seed``;
-DEO's initial direction is ``randn(d)`` at the first step; Sophia-H draws ``u = randn(d)`` at
-each estimate; Sophia-G samples labels with ``torch.multinomial(softmax(logits.float()), 1)``.
+a Gaussian vector is drawn parameter by parameter (``normal(params)``): DEO's initial
+direction at the first step, Sophia-H's ``u`` at each estimate; Sophia-G samples each row's
+label by inverse CDF, the first class whose cumulative float64 softmax exceeds a uniform
+``rand(rows)`` draw.
 
 Sources (equations only, see shared/papers/):
 * Sophia: Liu et al., ICLR 2024, Algorithm 3 (dualadam_baselines.md §2.1), max form.
@@ -28,6 +30,11 @@ import torch.nn.functional as F
 
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def normal(params, generator):
+    """A Gaussian vector over the model: one draw per parameter, in ``params`` order."""
+    return flat([torch.randn(p.numel(), generator=generator, dtype=p.dtype) for p in params])
 
 
 def unflat(vector, params):
@@ -144,14 +151,14 @@ class HessianTools:
         self.params, self.graph_g, self.logits, self.generator = params, graph_g, logits, generator
 
     def estimate(self, estimator):
-        d = sum(p.numel() for p in self.params)
         if estimator == "hutchinson":
-            u = torch.randn(d, generator=self.generator, dtype=self.params[0].dtype)
+            u = normal(self.params, self.generator)
             return u * hessian_vector(self.params, self.graph_g, u)
         # Gauss-Newton-Bartlett: labels from the model's own softmax, B = rows of logits
         logits = self.logits.reshape(-1, self.logits.shape[-1])
-        probabilities = torch.softmax(logits.detach().float(), dim=-1)
-        labels = torch.multinomial(probabilities, 1, generator=self.generator).reshape(-1)
+        cumulative = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1)
+        uniforms = torch.rand(logits.shape[0], generator=self.generator, dtype=torch.float64)
+        labels = (cumulative <= uniforms[:, None]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
         with torch.enable_grad():
             sampled = F.cross_entropy(logits, labels)
             pieces = torch.autograd.grad(sampled, self.params, retain_graph=True)
@@ -215,7 +222,7 @@ class DEO:
         sophia_due = isinstance(self.base, SophiaBase) and self.base.due(self.t)
         loss, logits, g, graph = gradient(self.params, closure, create_graph=sophia_due)
         if self.N is None:
-            self.N = torch.randn(g.numel(), generator=self.generator, dtype=g.dtype)
+            self.N = normal(self.params, self.generator)
             if (1 - self.phase) % self.T != 0:  # no rotation at t = 1 normalises it: start from a unit N
                 self.N = self.N / self.N.norm()
         if (self.t - self.phase) % self.T == 0:

@@ -257,13 +257,9 @@ def test_sophia_matches_pytorch_optimizers_sophia_h_given_the_same_probe_vectors
                                        weight_decay=hyper["weight_decay"] * gamma, weight_decouple=True,
                                        p=gamma, eps=hyper["eps"] / gamma, update_period=hyper["k"])
     generator = torch.Generator().manual_seed(5)
-    slices = []
 
-    def randn_like(p, *args, **kwargs):  # our draw order: one flat vector per probe, cut per parameter
-        if not slices:
-            flat = torch.randn(sum(q.numel() for q in params), generator=generator, dtype=torch.float64)
-            slices.extend(torch.split(flat, [q.numel() for q in params]))
-        return slices.pop(0).view_as(p).clone()
+    def randn_like(p, *args, **kwargs):  # our draw order: one draw per parameter, at its size
+        return torch.randn(p.numel(), generator=generator, dtype=torch.float64).view_as(p)
 
     def closure():
         theirs.zero_grad()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..runtime.distributed import Sharding, all_reduce, gather_full
 from .ir import Node, Program, Scope
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -46,6 +47,12 @@ class BucketShape:
     dtype: torch.dtype
     shapes: tuple = ()  # each tensor's shape, for per-tensor matrix functions
     state_dtype: torch.dtype | None = None  # the states' dtype when not the parameters' (bfloat16 states)
+    sharding: Sharding | None = None  # FSDP2: the tensors are local shards of larger ones
+
+    @property
+    def full_shapes(self) -> tuple:
+        """Each tensor's shape as the model sees it: the global shape of a sharded tensor."""
+        return self.sharding.global_shapes if self.sharding else self.shapes
 
     def runs(self) -> list:
         """(offset, size, count) of each run of consecutive equal-size tensors."""
@@ -61,10 +68,14 @@ class BucketShape:
         return runs
 
     def matrix_shapes(self) -> list:
-        """(rows, columns) of each tensor viewed as a matrix; equal 1-D slices if unknown."""
-        shapes = self.shapes or [(self.numel // self.ntensors,)] * self.ntensors
+        """(rows, columns) of each (full) tensor viewed as a matrix; equal 1-D slices if unknown."""
+        shapes = self.full_shapes or [(self.numel // self.ntensors,)] * self.ntensors
         return [(s[0], int(torch.Size(s).numel()) // s[0] if s[0] else 0) if len(s) >= 2 else (1, s[0] if s else 1)
                 for s in shapes]
+
+    def full_numels(self) -> list:
+        shapes = self.full_shapes or [(self.numel // self.ntensors,)] * self.ntensors
+        return [int(torch.Size(s).numel()) for s in shapes]
 
 
 @dataclass
@@ -244,7 +255,20 @@ class _Lowerer:
         result = flags[0]
         for flag in flags[1:]:
             result = self.call(torch.logical_and, result, flag)
+        if self.sharding:  # a non-finite gradient in any shard skips the step on every rank
+            result = self.call(operator.gt, self.collective(self.call(torch.Tensor.to, result, torch.float32), "min"), 0)
         return result
+
+    @property
+    def sharding(self):
+        """The shard group of the step's buckets (one per parameter group), or None."""
+        return self.buckets[0].sharding
+
+    def collective(self, value, op: str):
+        """``value`` reduced over the shard group: a partial sum, max or min made whole."""
+        if not self.sharding:
+            return value
+        return self.call(all_reduce, value, op, self.sharding.group_name)
 
     def value(self, node: Node, bucket: int, broadcast_to: Scope | None = None):
         """The FX value (or Python constant) of ``node`` in ``bucket``."""
@@ -297,8 +321,10 @@ class _Lowerer:
         if op == "probe":
             if node.attr[0] == "randn" and "generator" in self.ph:  # an initial value
                 param = self.ph[f"b{bucket}_param"]
-                return self.call(torch.randn, self.buckets[bucket].numel, generator=self.ph["generator"],
-                                 dtype=_compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(param))
+                shape = self.buckets[bucket]
+                ranges = tuple(map(shape.sharding.local_range, range(shape.ntensors))) if shape.sharding else None
+                return self.call(bucket_normal, self.ph["generator"], tuple(shape.full_numels()), ranges,
+                                 _compute_dtype(shape.dtype), self.graph_device(param))
             return self.load(self.ph[f"b{bucket}_probe_{self.probe_index[id(node)]}"], bucket)
         if op == "onto":
             return self._onto(node, bucket)
@@ -330,7 +356,7 @@ class _Lowerer:
                 v = self.value(node.args[0], i, broadcast_to=Scope.ELEMENT)
                 part = self.call(torch.mv, self.value(node.args[1], i), v)
                 total = part if total is None else self.call(operator.add, total, part)
-            self.memo[key] = total
+            self.memo[key] = self.collective(total, "sum")
         return self.call(torch.matmul, self.memo[key], self.value(node.args[1], bucket))
 
     def _minmax(self, op, a, b):
@@ -342,50 +368,65 @@ class _Lowerer:
 
     def _reduce(self, node: Node, bucket: int):
         scope, func = node.attr
+        combine = {"max": "max", "min": "min"}.get(func, "sum")
         if scope == "global":
             partials = [self._reduce_part(func, node, i, per_tensor=False) for i in range(len(self.buckets))]
             total = partials[0]
-            combine = {"max": torch.maximum, "min": torch.minimum}.get(func, operator.add)
             for p in partials[1:]:
-                total = self.call(combine, total, p)
+                total = self.call({"max": torch.maximum, "min": torch.minimum}.get(func, operator.add), total, p)
+            total = self.collective(total, combine)
             if func == "norm":
                 total = self.call(torch.sqrt, total)
             if func == "mean":
-                total = self.call(operator.truediv, total, float(sum(b.numel for b in self.buckets)))
+                total = self.call(operator.truediv, total, float(sum(sum(b.full_numels()) for b in self.buckets)))
             return total
-        result = self._reduce_part(func, node, bucket, per_tensor=True)
+        result = self.collective(self._reduce_part(func, node, bucket, per_tensor=True), combine)
         if func == "norm":
             result = self.call(torch.sqrt, result)
+        if func == "mean":
+            sizes = self.call(torch.tensor, [float(n) for n in self.buckets[bucket].full_numels()],
+                              dtype=_compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(result))
+            result = self.call(operator.truediv, result, sizes)
         return result
 
     def _reduce_part(self, func, node, bucket, per_tensor):
-        """sum, sum of squares (norm), dot, max or min over a bucket, whole or per tensor."""
+        """sum (also of a mean), sum of squares (norm), dot, max or min over a bucket, whole or
+        per tensor: the part this process holds, which a sharded bucket all-reduces."""
         args = [self.value(a, bucket, broadcast_to=Scope.ELEMENT) for a in node.args]
         x = args[0]
         if func == "norm":
             x = self.call(operator.mul, x, x)
         elif func == "dot":
             x = self.call(operator.mul, x, args[1])
+        extreme = {"max": torch.amax, "min": torch.amin}.get(func)
         if not per_tensor:
-            return self.call({"max": torch.amax, "min": torch.amin}.get(func, torch.sum), x)
+            if extreme and self.sharding and self.buckets[bucket].numel == 0:
+                return self.call(torch.tensor, float("-inf" if func == "max" else "inf"), dtype=torch.float64)
+            return self.call(extreme or torch.sum, x)
         # a row reduction per run of equal-size tensors: segment_reduce took 30 ms per 10M
         # elements on our CPU against 1.3 ms (and index_add serialised on atomics on CUDA)
         shape = self.buckets[bucket]
-        x = self.call(torch.Tensor.to, x, _compute_dtype(shape.dtype))
-        reduce = {"max": torch.amax, "min": torch.amin, "mean": torch.mean}.get(func, torch.sum)
+        dtype = _compute_dtype(shape.dtype)
+        x = self.call(torch.Tensor.to, x, dtype)
         pieces = []
         for offset, size, count in shape.runs():
+            if size == 0:  # an empty shard: the reduction's identity
+                identity = {"max": float("-inf"), "min": float("inf")}.get(func, 0.0)
+                pieces.append(self.call(torch.full, (count,), identity, dtype=dtype, device=self.graph_device(x)))
+                continue
             rows = self.call(operator.getitem, x, slice(offset, offset + size * count))
-            pieces.append(self.call(reduce, self.graph.call_method("view", (rows, count, size)), -1))
+            pieces.append(self.call(extreme or torch.sum, self.graph.call_method("view", (rows, count, size)), -1))
         return pieces[0] if len(pieces) == 1 else self.call(torch.cat, pieces)
 
     def _matrix(self, node: Node, bucket: int):
         shape = self.buckets[bucket]
         x = self.value(node.args[0], bucket, broadcast_to=Scope.ELEMENT)
         if node.attr[0] == "aspect":
-            ratios = [s[-2] / s[-1] if len(s) >= 2 and s[-1] else 1.0 for s in (shape.shapes or [()] * shape.ntensors)]
+            ratios = [s[-2] / s[-1] if len(s) >= 2 and s[-1] else 1.0
+                      for s in (shape.full_shapes or [()] * shape.ntensors)]
             return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
-        return self.call(orthogonalize, x, tuple(shape.matrix_shapes()), node.attr[1])
+        sharded = shape.sharding.gather_args() if shape.sharding else None
+        return self.call(orthogonalize, x, tuple(shape.matrix_shapes()), node.attr[1], sharded)
 
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))
@@ -395,22 +436,28 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller
 NEWTON_SCHULZ_STEPS = 5
 
 
-def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool) -> torch.Tensor:
+def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool, sharded: tuple | None = None) -> torch.Tensor:
     """Muon's Newton-Schulz iteration on each tensor of a flat bucket, as a (rows, columns)
     matrix: normalised by its Frobenius norm (+ 1e-7), worked in its wide orientation, five
     quintic steps, in bfloat16 when ``bf16`` else in the bucket's dtype. Tensors of one shape
     go through the iteration together as a batch, so the traced graph grows with the number
-    of distinct shapes, not of tensors."""
-    offsets = [0]
-    for rows, cols in shapes:
-        offsets.append(offsets[-1] + rows * cols)
+    of distinct shapes, not of tensors. A sharded bucket (``sharded``: Sharding.gather_args)
+    gathers every full matrix, runs the iteration on each rank (the same numbers everywhere)
+    and keeps its own part."""
+    if sharded is None:
+        offsets = [0]
+        for rows, cols in shapes:
+            offsets.append(offsets[-1] + rows * cols)
+        matrices = [flat[a:b].view(rows, cols) for a, b, (rows, cols) in zip(offsets, offsets[1:], shapes)]
+    else:
+        matrices = [full.view(rows, cols) for full, (rows, cols) in zip(gather_full(flat, *sharded), shapes)]
     by_shape: dict = {}
     for i, shape in enumerate(shapes):
         by_shape.setdefault(shape, []).append(i)
     pieces: list = [None] * len(shapes)
     a, b, c = NEWTON_SCHULZ
     for (rows, cols), members in by_shape.items():
-        x = torch.stack([flat[offsets[i]:offsets[i + 1]].view(rows, cols) for i in members])
+        x = torch.stack([matrices[i] for i in members])
         x = x.to(torch.bfloat16) if bf16 else x
         wide = rows > cols
         if wide:
@@ -422,8 +469,23 @@ def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool) -> torch.Tensor
         if wide:
             x = x.mT
         for i, result in zip(members, x.to(flat.dtype).unbind()):
-            pieces[i] = result.reshape(-1)
+            result = result.reshape(-1)
+            if sharded is not None:
+                start, stop = sharded[1][i]
+                result = result[start:stop]
+            pieces[i] = result
     return torch.cat(pieces)
+
+
+def bucket_normal(generator: torch.Generator, numels: tuple, ranges: tuple | None, dtype, device) -> torch.Tensor:
+    """A Gaussian vector over a bucket, drawn tensor by tensor at each tensor's full size
+    (``numels``) and, for a sharded bucket, sliced to the ``ranges`` held here: every layout
+    draws the numbers one process would."""
+    pieces = []
+    for i, numel in enumerate(numels):
+        full = torch.randn(numel, generator=generator, dtype=dtype, device=generator.device)
+        pieces.append(full if ranges is None else full[ranges[i][0]:ranges[i][1]])
+    return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=dtype, device=device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

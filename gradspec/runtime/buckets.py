@@ -10,12 +10,19 @@ buffer, which backward accumulates into in place. ``zero_grad(set_to_none=True)`
 default) drops those views; the next step then copies the fresh gradients in (about 8 more
 bytes moved per parameter) and restores the views. ``zero_grad(set_to_none=False)`` keeps
 them and the copy never happens.
+
+Under FSDP2 the parameters are DTensors whose local shards live in FSDP2's own storage,
+which its all-gathers read, so they cannot be re-pointed: a sharded bucket copies the shards
+in before a step and back after it (8 more bytes per fp32 parameter each way), copies the
+reduce-scattered gradients in, and shows each state as a DTensor over its flat view, the
+form torch.distributed.checkpoint saves.
 """
 from __future__ import annotations
 
 import torch
 
 from ..compiler.lower import BucketShape
+from .distributed import local, sharding_of, state_view
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -28,34 +35,41 @@ class Bucket:
 
     def __init__(self, params: list, state: dict, state_names: tuple, step: float, by_size: bool,
                  ranks: dict | None = None, state_dtype: torch.dtype | None = None):
-        # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py)
+        # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py);
+        # p.numel() is the full size of a sharded tensor, so every rank sorts alike
         self.params = params = sorted(params, key=lambda p: p.numel()) if by_size else list(params)
-        self.sizes = [p.numel() for p in params]
+        self.sharding = sharding_of(params)
+        shards = [local(p.detach()) for p in params]
+        self.local_shapes = [t.shape for t in shards]  # shapes only: no reference to replaced storage
+        self.sizes = [t.numel() for t in shards]
         self.offsets = [0]
         for size in self.sizes:
             self.offsets.append(self.offsets[-1] + size)
-        first = params[0]
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.dtype = shards[0].device, shards[0].dtype
         self.numel = self.offsets[-1]
         self.state_dtype = state_dtype if state_dtype not in (None, self.dtype) else None
-        self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(tuple(p.shape) for p in params),
-                                 self.state_dtype)
+        self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(map(tuple, self.local_shapes)),
+                                 self.state_dtype, self.sharding)
 
-        self.param = _flatten([p.detach() for p in params])
-        self.grad = _flatten([p.grad.detach() for p in params])
-        for p, view in zip(params, self.views(self.param)):
-            p.data = view
-        self.param_pointers = [p.data_ptr() for p in params]
+        self.param = _flatten(shards)
+        del shards
+        self.grad = _flatten([local(p.grad.detach()) for p in params])
+        if not self.sharding:
+            for p, view in zip(params, self.views(self.param)):
+                p.data = view
+        self.param_pointers = [t.data_ptr() for t in self._current_locals()]
         self.grad_views = self.views(self.grad)
-        for p, view in zip(params, self.grad_views):
-            p.grad = view
+        if not self.sharding:
+            for p, view in zip(params, self.grad_views):
+                p.grad = view
         # a 1-element buffer (see lower.py on 0-d inputs); state[p]["step"] is a 0-d view of it
         self.step = torch.full((1,), step, dtype=scalar_dtype(self.device), device=self.device)
 
         self.states = {}
+        self.ranks = ranks or {}
         self.missing = []  # states to initialise from the spec's initial values
         for name in state_names:
-            rank = (ranks or {}).get(name)  # a subspace: k rows of the bucket's length
+            rank = self.ranks.get(name)  # a subspace: k rows of the bucket's length
             buffer = torch.empty(self.numel if rank is None else (rank, self.numel),
                                  dtype=self.state_dtype or self.dtype, device=self.device)
             known = [name in state.get(p, {}) for p in params]
@@ -63,16 +77,16 @@ class Bucket:
                 self.missing.append(name)
             for p, view, has in zip(params, self.views(buffer), known):
                 if has:
-                    view.copy_(state[p][name].reshape(view.shape))
+                    view.copy_(local(state[p][name]).reshape(view.shape))
             self.states[name] = buffer
 
     def views(self, flat: torch.Tensor) -> list:
         """Each parameter's part of a flat buffer, in its shape; a subspace buffer (k, numel)
         gives (k, *shape) views."""
         if flat.dim() == 2:
-            return [flat[:, a:b].view(flat.shape[0], *p.shape)
-                    for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
-        return [flat[a:b].view_as(p) for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+            return [flat[:, a:b].view(flat.shape[0], *shape)
+                    for a, b, shape in zip(self.offsets, self.offsets[1:], self.local_shapes)]
+        return [flat[a:b].view(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.local_shapes)]
 
     def initialise(self, init_values, state: dict) -> None:
         """Fill states no parameter had yet, then point ``state[p]`` at views of the buffers."""
@@ -89,25 +103,42 @@ class Bucket:
             entry = state.setdefault(p, {})
             entry["step"] = self.step.view(())
             for name in self.states:
-                entry[name] = views[name][i]
+                entry[name] = state_view(views[name][i], p, 1 if name in self.ranks else 0)
 
     def params_moved(self) -> bool:
-        """Whether a parameter no longer lives in the flat buffer (``model.to(...)``,
+        """Whether a parameter no longer lives where the bucket left it (``model.to(...)``,
         ``p.data = ...``): the bucket must then be rebuilt from the parameters."""
-        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self.param_pointers))
+        return any(t.data_ptr() != ptr for t, ptr in zip(self._current_locals(), self.param_pointers))
+
+    def _current_locals(self) -> list:
+        return [local(p.detach()) for p in self.params]
+
+    def gather_params(self) -> None:
+        """A sharded bucket's copy of the shards made current (a checkpoint may have been
+        loaded into them); a plain bucket's parameters are its views already."""
+        if self.sharding:
+            torch._foreach_copy_(self.views(self.param), self._current_locals())
+
+    def scatter_params(self) -> None:
+        """A sharded bucket's updated parameters written back into the shards."""
+        if self.sharding:
+            torch._foreach_copy_(self._current_locals(), self.views(self.param))
 
     def gather_grads(self) -> None:
         """Make the flat gradient buffer current: copy in gradients that are not our views."""
         for p, view in zip(self.params, self.grad_views):
             grad = p.grad
-            if grad is not view:
-                view.copy_(grad)
+            if grad is view:
+                continue
+            view.copy_(local(grad))
+            if not self.sharding:
                 p.grad = view
 
     def detach(self, state: dict) -> None:
         """Give parameters and states their own storage again, before this bucket is dropped."""
         for p in self.params:
-            p.data = p.data.clone()
+            if not self.sharding:
+                p.data = p.data.clone()
             entry = state.get(p, {})
             for name, value in list(entry.items()):
                 if isinstance(value, torch.Tensor):
@@ -121,5 +152,5 @@ def _flatten(tensors: list) -> torch.Tensor:
 def _split(value, bucket: Bucket):
     """Per-parameter slices of an initial value: a flat tensor, a 0-d tensor or a number."""
     if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == bucket.numel:
-        return [value[a:b].view_as(p) for a, b, p in zip(bucket.offsets, bucket.offsets[1:], bucket.params)]
+        return bucket.views(value)
     return [value] * len(bucket.params)

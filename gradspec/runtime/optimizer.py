@@ -16,12 +16,13 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
-from ..compiler.lower import lower_init, lower_probe_args, lower_step
+from ..compiler.lower import bucket_normal, lower_init, lower_probe_args, lower_step
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
 from ..symbolic.simplify import simplified
+from . import distributed
 from .buckets import Bucket, scalar_dtype
 from .probes import ClosureDriver, Evaluations
 
@@ -52,10 +53,17 @@ class Optimizer(torch.optim.Optimizer):
     ``torch.bfloat16`` halves the state memory of a float32 model. The step computes in
     float32 and rounds each state to nearest when it stores it (see docs/design.md for the
     measured effect on accuracy).
+
+    Under torch.distributed (see :mod:`gradspec.runtime.distributed` and docs/distributed.md)
+    DDP needs nothing, and FSDP2's DTensor parameters are stepped shard by shard with the
+    reductions all-reduced. ``process_group`` is the group over which probes average the
+    gradients they compute themselves under DDP: ``"auto"`` (the default group when more
+    than one process runs and the parameters are plain tensors), a group, or None.
     """
 
     def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
-                 nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None, **hyper):
+                 nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
+                 process_group="auto", **hyper):
         self.spec = load(spec) if isinstance(spec, str) else spec
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
@@ -87,8 +95,22 @@ class Optimizer(torch.optim.Optimizer):
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
-        device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+        first = self.param_groups[0]["params"][:1]
+        device = distributed.local(first[0]).device if first else "cpu"
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        everything = [p for group in self.param_groups for p in group["params"]]
+        self.process_group = distributed.data_parallel_group(process_group, everything)
+        self._sharded = any(distributed.is_sharded(p) for p in everything)
+        # the processes whose batches make one step's batch: the loss a spec reads is their mean
+        self._batch_group = distributed.batch_group(self.process_group, self._sharded)
+        if self._sharded and self._has_probes:
+            differentiated = {n.attr[0] for n in self._program(self.param_groups[0], self._all_probes()).probes}
+            differentiated &= {"hvp", "hessian_eigvecs"}
+            if differentiated:
+                raise ValueError(
+                    f"{self.spec.name} takes exact Hessian-vector products ({', '.join(sorted(differentiated))}), "
+                    "which need a double backward that FSDP2 does not support (pytorch/pytorch#172543); "
+                    "train it under DDP, or write the product as a finite difference of grad_at")
 
     # ---- torch.optim.Optimizer protocol
     def add_param_group(self, param_group: dict) -> None:
@@ -110,26 +132,47 @@ class Optimizer(torch.optim.Optimizer):
                 warnings.warn(warning.render(), UnderflowWarning, stacklevel=4)
 
     def state_dict(self) -> dict:
+        """torch.optim's state dict, with the probe generator's state in the first parameter
+        group: torch.distributed.checkpoint keeps only "state" and "param_groups"."""
         out = super().state_dict()
-        out["generator"] = self.generator.get_state()
+        out["param_groups"][0]["generator"] = self.generator.get_state()
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        if "generator" in state_dict:
-            self.generator.set_state(state_dict.pop("generator"))
+        state_dict = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
+        saved = state_dict["param_groups"][0].pop("generator", None)
+        if saved is not None:
+            self.generator.set_state(saved.to(torch.uint8).cpu())
         for plan in self._plans.values():
             plan.detach(self.state)
         self._plans.clear()
         # torch.optim casts every state but "step" to the parameter's dtype; global states are
         # kept in float32 for half-precision groups, so they are put back uncast
         global_names = {n for program in self._programs.values() for n in program.global_states}
-        kept = {index: {n: v.clone() for n, v in entry.items() if n in global_names}
-                for index, entry in state_dict["state"].items()}
+        kept = {key: {n: v.clone() for n, v in entry.items() if n in global_names}
+                for key, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, values in kept.items():
-            self.state[params[index]].update(values)
+        # saved keys (indices, or names under torch.distributed.checkpoint) to parameters, as torch.optim pairs them
+        params = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]),
+                          (p for group in self.param_groups for p in group["params"])))
+        for key, values in kept.items():
+            self.state[params[key]].update(values)
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Give every parameter its states now, at their initial values (as for a zero
+        gradient), without a step. A fresh optimizer then shows the full state layout that
+        ``torch.distributed.checkpoint`` loads into; its own way to get one, a step at lr 0
+        on zero gradients, cannot run a spec with probes, which needs a closure."""
+        for index, group in enumerate(self.param_groups):
+            missing = [p for p in group["params"] if p.grad is None and p.requires_grad]
+            for p in missing:
+                p.grad = torch.zeros_like(p)
+            try:
+                self._plan(index, group)
+            finally:
+                for p in missing:
+                    p.grad = None
 
     @torch.no_grad()
     def step(self, closure=None, *, loss=None):
@@ -140,6 +183,7 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        returned, loss = loss, self._mean_loss(loss)
         plans = [(self._plan(index, group), group) for index, group in enumerate(self.param_groups)]
         plans = [(plan, group) for plan, group in plans if plan is not None]
         if self.nonfinite == "raise":  # check every group before any group changes
@@ -147,7 +191,17 @@ class Optimizer(torch.optim.Optimizer):
                 plan.raise_if_nonfinite()
         for plan, group in plans:
             plan.run(group, loss)
-        return loss
+        return returned
+
+    def _mean_loss(self, loss):
+        """The loss a spec reads: under data parallelism, the mean over the processes' batches
+        (what one process would see on the whole batch), else the loss as given."""
+        if loss is None or self._batch_group is None or not self._reads_loss():
+            return loss
+        return distributed.average([torch.as_tensor(loss).detach().reshape(1).double()], self._batch_group)[0][0]
+
+    def _reads_loss(self) -> bool:
+        return any(self._program(group).uses_loss for group in self.param_groups)
 
     def _probing_step(self, closure):
         """A step of a spec with probes: the closure gives the gradient (and keeps its graph when
@@ -162,9 +216,11 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         driver = ClosureDriver(closure, params, self.generator, self.evaluations,
                                needs_graph=bool({"hvp", "hessian_eigvecs"} & set(probes)),
-                               needs_logits="gauss_newton" in probes, who=self.spec.name)
+                               needs_logits="gauss_newton" in probes, who=self.spec.name,
+                               group=self.process_group, batch_group=self._batch_group, sharded=self._sharded)
         try:
-            loss = driver.step_gradient()
+            returned = driver.step_gradient()
+            loss = self._mean_loss(returned)
             plans = [(self._plan(i, group), group, probing)
                      for i, (group, probing) in enumerate(zip(self.param_groups, due))]
             plans = [entry for entry in plans if entry[0] is not None]
@@ -177,7 +233,7 @@ class Optimizer(torch.optim.Optimizer):
                 plan.run(group, loss, probing)
         finally:
             driver.release()
-        return loss
+        return returned
 
     def _due(self, group: dict) -> frozenset:
         """The probe blocks that run at this step of ``group``: those whose period divides t - 1."""
@@ -398,6 +454,7 @@ class _Plan:
         probes = variant.program.probes
         for bucket in self.buckets:
             bucket.gather_grads()
+            bucket.gather_params()
         scalars = self._scalars(variant, loss)
         values = [[None] * len(probes) for _ in self.buckets]
         params = [p for bucket in self.buckets for p in bucket.params]
@@ -415,7 +472,9 @@ class _Plan:
         for b in buckets:
             starts.append(starts[-1] + len(b.params))
         if func == "randn":
-            return [driver.randn(b.numel, _compute(b.dtype), b.device) for b in buckets]
+            return [bucket_normal(driver.generator, tuple(b.shape.full_numels()),
+                                  tuple(map(b.sharding.local_range, range(len(b.params)))) if b.sharding else None,
+                                  _compute(b.dtype), b.device) for b in buckets]
         if func in ("grad_at", "hvp"):  # a scalar or per-group argument is the same for every element
             vectors = [view for b, (x,) in zip(buckets, args)
                        for view in b.views(torch.as_tensor(x, dtype=b.dtype, device=b.device).reshape(-1)
@@ -439,25 +498,29 @@ class _Plan:
         for bucket in self.buckets:
             bucket.gather_grads()
         scalars = probed[1] if probed else self._scalars(variant, loss)
+        if not probed:
+            for bucket in self.buckets:
+                bucket.gather_params()
         variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True))
+        for bucket in self.buckets:
+            bucket.scatter_params()
 
     def raise_if_nonfinite(self):
+        """FloatingPointError if a gradient holds a NaN or an infinity; shards agree, so every
+        rank raises or none does."""
+        bad = None
         for bucket in self.buckets:
             bucket.gather_grads()
-            if not bool(torch.isfinite(bucket.grad).all()):
-                for i, view in enumerate(bucket.grad_views):
-                    if not bool(torch.isfinite(view).all()):
-                        raise FloatingPointError(
-                            f"non-finite gradient in a parameter of shape {tuple(view.shape)} "
-                            f"(nonfinite='raise'); nothing was updated")
+            if bad is None and not bool(torch.isfinite(bucket.grad).all()):
+                bad = next(tuple(view.shape) for view in bucket.grad_views if not bool(torch.isfinite(view).all()))
+        group = distributed.shard_group(self.buckets[0].sharding)
+        if distributed.any_process(bad is not None, group):
+            where = f"a parameter of shape {bad}" if bad is not None else "a parameter shard on another rank"
+            raise FloatingPointError(f"non-finite gradient in {where} (nonfinite='raise'); nothing was updated")
 
     def detach(self, state: dict) -> None:
         for bucket in self.buckets:
             bucket.detach(state)
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _static_hypers(spec: Spec) -> tuple:
@@ -496,3 +559,7 @@ def _walk_items(item):
     if isinstance(item, (ast.If, ast.Probe)):
         for inner in (item.then + item.otherwise if isinstance(item, ast.If) else item.items):
             yield from _walk_items(inner)
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

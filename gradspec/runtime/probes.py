@@ -12,12 +12,21 @@ Probe evaluations must not disturb the step's own gradients, which the optimizer
 its flat buffers: during a probe every ``p.grad`` is ``None``, and parameters are displaced
 by pointing ``p.data`` at a displaced copy, never by writing into the parameters, so the
 saved graph of the step's gradient stays valid.
+
+Under DDP the driver averages every gradient it computes itself over ``group`` (DDP's hooks
+only see ``backward()``), so each process probes the full batch's loss. Under FSDP2 the
+gradients come from ``backward()``, which reduce-scatters them; a displacement is written
+into the local shards (FSDP2 all-gathers from its own storage) and written back after.
+Labels for Sophia-G are sampled by inverse CDF from uniforms drawn for the whole batch,
+the ranks' batches concatenated in rank order, so every layout samples alike.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .distributed import local
 from .lanczos import lanczos
 
 
@@ -40,7 +49,8 @@ class ClosureDriver:
     ``needs_logits``: the closure must return (loss, logits) for label sampling."""
 
     def __init__(self, closure, params: list, generator: torch.Generator, counts: Evaluations,
-                 needs_graph: bool, needs_logits: bool, who: str):
+                 needs_graph: bool, needs_logits: bool, who: str, group=None, batch_group=None,
+                 sharded: bool = False):
         self.closure = closure
         self.params = params
         self.generator = generator
@@ -48,6 +58,9 @@ class ClosureDriver:
         self.needs_graph = needs_graph
         self.needs_logits = needs_logits
         self.who = who
+        self.group = group  # DDP: average the gradients computed here over it
+        self.batch_group = batch_group  # the processes whose batches make the step's batch
+        self.sharded = sharded  # FSDP2: gradients through backward(), displacements in place
         self._graph_grads = None  # the step's gradient, differentiable, while the step runs
         self._logits = None
         self._sampled = None
@@ -70,11 +83,14 @@ class ClosureDriver:
                                    "products or sampled labels): its closure must return the loss without "
                                    "calling backward(); gradspec computes the gradient itself")
             return loss
+        if self.sharded:
+            self._backward(loss)
+            return loss.detach()
         keep = self.needs_graph or self.needs_logits
         grads = self._grad(loss, create_graph=self.needs_graph, retain_graph=keep)
         if self.needs_graph:
             self._graph_grads = grads
-        for p, g in zip(self.params, grads):  # a parameter the loss does not use keeps no gradient
+        for p, g in zip(self.params, self._averaged(grads)):  # a parameter the loss does not use keeps no gradient
             p.grad = None if g is None else g.detach()
         return loss.detach()
 
@@ -82,25 +98,32 @@ class ClosureDriver:
     def gradient_at(self, params: list, displaced: list) -> list:
         """The gradient of the loss with ``params`` moved to ``displaced`` (one closure call)."""
         saved_grads = [p.grad for p in self.params]
-        originals = [p.data for p in params]
+        originals = [local(p.data).clone() if self.sharded else p.data for p in params]
         for p in self.params:
             p.grad = None
         try:
             for p, x in zip(params, displaced):
-                p.data = x
+                if self.sharded:
+                    local(p.data).copy_(x)
+                else:
+                    p.data = x
             loss, _ = self._call()
             if all(p.grad is None for p in self.params):
-                grads = {id(q): g for q, g in zip(self.params, self._grad(loss, create_graph=False,
-                                                                           retain_graph=False))}
-                out = [torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)].detach() for p in params]
-            else:
-                out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if self.sharded:
+                    self._backward(loss)
+                else:
+                    grads = {id(q): g for q, g in zip(self.params, self._averaged(
+                        self._grad(loss, create_graph=False, retain_graph=False)))}
+                    return [torch.zeros_like(p) if grads[id(p)] is None else grads[id(p)].detach() for p in params]
+            return [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in params]
         finally:
             for p, original in zip(params, originals):
-                p.data = original
+                if self.sharded:
+                    local(p.data).copy_(original)
+                else:
+                    p.data = original
             for p, g in zip(self.params, saved_grads):
                 p.grad = g
-        return out
 
     def hvp(self, params: list, vectors: list) -> list:
         """H v at the current parameters, restricted to ``params`` (v is 0 elsewhere)."""
@@ -116,24 +139,55 @@ class ClosureDriver:
             return [torch.zeros_like(p) for p in params]
         products = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
                                        retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, products)]
+        return self._averaged([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, products)])
 
     def gauss_newton(self, params: list) -> list:
         """B * grad(L^)^2, L^ the mean cross-entropy against labels sampled from the model's
-        own softmax (Sophia-G's Gauss-Newton-Bartlett estimator); one backward per step,
-        shared by every group."""
+        own softmax and B the batch's rows over all processes (Sophia-G's Gauss-Newton-
+        Bartlett estimator); one backward per step, shared by every group. Under FSDP2 the
+        closure runs again for it (FSDP2 backpropagates a graph once): same parameters, same
+        logits, same labels."""
         if self._sampled is None:
-            with torch.enable_grad():  # the reshape too: a view made under no_grad cuts the graph
-                logits = self._logits.reshape(-1, self._logits.shape[-1])
-                probabilities = torch.softmax(logits.detach().float(), dim=-1)
-                labels = torch.multinomial(probabilities.to(self.generator.device), 1,
-                                           generator=self.generator).reshape(-1).to(logits.device)
-                sampled = F.cross_entropy(logits, labels)
-            grads = self._grad(sampled, create_graph=False, retain_graph=self.needs_graph)
-            rows = logits.shape[0]
-            self._sampled = {id(p): torch.zeros_like(p) if g is None else rows * g.detach() * g.detach()
-                             for p, g in zip(self.params, grads)}
+            saved_grads = [p.grad for p in self.params]
+            try:
+                grads, rows = self._sampled_gradient()
+            finally:
+                for p, g in zip(self.params, saved_grads):
+                    p.grad = g
+            self._sampled = {}
+            for p, g in zip(self.params, grads):
+                g = None if g is None else local(g).detach()
+                self._sampled[id(p)] = torch.zeros_like(local(p)) if g is None else rows * g * g
         return [self._sampled[id(p)] for p in params]
+
+    def _sampled_gradient(self) -> tuple[list, int]:
+        """The gradient of the mean cross-entropy against sampled labels, and the batch's rows."""
+        logits = self._logits
+        if self.sharded:
+            for p in self.params:
+                p.grad = None
+            _, logits = self._call()
+        with torch.enable_grad():  # the reshape too: a view made under no_grad cuts the graph
+            logits = logits.reshape(-1, logits.shape[-1])
+            labels, rows = self._sample_labels(logits.detach())
+            sampled = F.cross_entropy(logits, labels)
+        if self.sharded:
+            self._backward(sampled)
+            grads = [p.grad for p in self.params]
+        else:
+            grads = self._averaged(self._grad(sampled, create_graph=False, retain_graph=self.needs_graph))
+        return grads, rows
+
+    def _sample_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One label per row from softmax(logits), by inverse CDF of a uniform drawn for
+        every row of the whole batch (this process's rows follow those of lower ranks); and
+        the whole batch's rows."""
+        before, rows = distributed.batch_offset(logits.shape[0], self.batch_group, logits.device)
+        uniforms = torch.rand(rows, generator=self.generator, dtype=torch.float64, device=self.generator.device)
+        uniforms = uniforms[before:before + logits.shape[0]].to(logits.device)
+        cumulative = torch.softmax(logits.double(), dim=-1).cumsum(dim=-1)
+        labels = torch.searchsorted(cumulative, uniforms.unsqueeze(-1), right=True).reshape(-1)
+        return labels.clamp(max=logits.shape[-1] - 1), rows
 
     def eigenvectors(self, params: list, k: int, iters: int, dtype) -> list:
         """The top-k Hessian eigenvectors over ``params`` (Lanczos from a random start); each
@@ -143,10 +197,6 @@ class ClosureDriver:
         _, vectors = lanczos(lambda v: self.hvp(params, [x.to(p.dtype) for x, p in zip(v, params)]),
                              start, k, iters)
         return [v.reshape(k, *p.shape) for v, p in zip(vectors, params)]
-
-    def randn(self, numel: int, dtype, device) -> torch.Tensor:
-        return torch.randn(numel, generator=self.generator, dtype=dtype,
-                           device=self.generator.device).to(device)
 
     def release(self) -> None:
         """Drop the graph and the logits, so nothing from this step outlives it."""
@@ -169,6 +219,22 @@ class ClosureDriver:
         if any(p.grad is not None for p in self.params):
             self.counts.gradients += 1
         return loss, logits
+
+    def _averaged(self, grads: list) -> list:
+        """DDP: the mean over the processes of gradients computed here (None stays None)."""
+        present = [g for g in grads if g is not None]
+        if self.group is None or not present:
+            return grads
+        means = iter(distributed.average([g.detach() for g in present], self.group))
+        return [None if g is None else next(means) for g in grads]
+
+    def _backward(self, loss) -> None:
+        """FSDP2: the gradient into ``p.grad`` by backward(), which reduce-scatters it."""
+        if not loss.requires_grad:
+            raise RuntimeError(f"{self.who}: the closure's loss does not depend on the parameters "
+                               "(was it computed under torch.no_grad()?)")
+        self.counts.gradients += 1
+        loss.backward()
 
     def _grad(self, loss, create_graph: bool, retain_graph: bool) -> list:
         if not loss.requires_grad:

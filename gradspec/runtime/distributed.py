@@ -1,0 +1,210 @@
+"""How a parameter group is spread over processes, and the collectives a step needs.
+
+gradspec runs inside torch.distributed rather than beside it:
+
+* Under **DDP** every process holds every parameter and sees the all-reduced gradient, so
+  the compiled step runs unchanged on each. Only gradients the optimizer computes itself
+  (probes: ``grad_at``, ``hvp``, Sophia-G's sampled labels, Lanczos) bypass DDP's hooks;
+  the closure driver averages those over the data-parallel group.
+* Under **FSDP2** (``fully_shard``) parameters are DTensors sharded on dim 0. A bucket holds
+  the local shards; elementwise work stays local, and every reduction (``tensor.*`` and
+  ``global.*``, ``onto``'s coefficients, the non-finite check) is all-reduced over the shard
+  group inside the compiled graph with functional collectives, so it is still one graph
+  per bucket with no graph break. Muon's Newton-Schulz all-gathers each full matrix, runs
+  it on every rank, and keeps the local rows.
+
+Random draws (``randn()``, Lanczos starts, sampled labels) are made at the full size on
+every process from the same seeded generator and sliced, so a sharded run draws the numbers
+a single process would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Shard = None
+
+
+def is_sharded(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor):
+    """The process's own part of a tensor: a DTensor's local shard, else the tensor."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How each tensor of a bucket is cut along dim 0 over a shard group (hashable: it is
+    part of what a compiled step is specialised to)."""
+
+    group_name: str
+    rank: int  # this process's coordinate in the shard group
+    world: int
+    global_shapes: tuple  # each tensor's full shape, in bucket order
+
+    def rows(self, index: int) -> tuple[int, int]:
+        """(first row, row count) of tensor ``index`` held here: torch.chunk's split, as FSDP2
+        and DTensor's Shard(0) cut it (chunks of ceil(rows / world), the last ones short or
+        empty)."""
+        rows = self.global_shapes[index][0] if self.global_shapes[index] else 1
+        chunk = -(-rows // self.world)
+        first = min(self.rank * chunk, rows)
+        return first, max(0, min(chunk, rows - first))
+
+    def row_size(self, index: int) -> int:
+        shape = self.global_shapes[index]
+        return int(torch.Size(shape[1:]).numel()) if shape else 1
+
+    def slot(self, index: int) -> int:
+        """Elements in a full chunk of tensor ``index``: what every rank pads its part to."""
+        rows = self.global_shapes[index][0] if self.global_shapes[index] else 1
+        return -(-rows // self.world) * self.row_size(index)
+
+    def gather_args(self) -> tuple:
+        """What :func:`gather_full` needs besides the flat buffer, as plain values (FX graphs
+        take literals, not objects)."""
+        count = len(self.global_shapes)
+        return (tuple(int(torch.Size(s).numel()) for s in self.global_shapes),
+                tuple(map(self.local_range, range(count))), tuple(map(self.slot, range(count))),
+                self.world, self.group_name)
+
+    def local_range(self, index: int) -> tuple[int, int]:
+        """The slice of the tensor's flattened full value held here."""
+        first, count = self.rows(index)
+        size = self.row_size(index)
+        return first * size, (first + count) * size
+
+
+def sharding_of(params: list) -> Sharding | None:
+    """The sharding of a bucket's parameters (all DTensors or none), or None for plain ones.
+    Only FSDP2's layout is supported: Shard(0) on one mesh dimension, Replicate elsewhere."""
+    flags = {is_sharded(p) for p in params}
+    if flags == {False}:
+        return None
+    if flags != {True}:
+        raise ValueError("a parameter group mixes DTensor and plain parameters; give each kind its own group")
+    mesh, placements = params[0].device_mesh, params[0].placements
+    for p in params:
+        if p.device_mesh != mesh or p.placements != placements:
+            raise ValueError("the DTensor parameters of a group must share one mesh and placement, got "
+                             f"{placements} and {p.placements}; give each its own group")
+    shard_dims = [i for i, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(shard_dims) != 1 or placements[shard_dims[0]] != Shard(0):
+        raise ValueError(f"gradspec supports DTensor parameters sharded on dim 0 along one mesh dimension "
+                         f"(FSDP2's fully_shard, HSDP), got placements {placements}")
+    dim = shard_dims[0]
+    group = mesh.get_group(dim)
+    return Sharding(group.group_name, mesh.get_local_rank(dim), mesh.size(dim), tuple(tuple(p.shape) for p in params))
+
+
+def state_view(view: torch.Tensor, param, extra_leading: int = 0):
+    """A state's local view as the DTensor torch.distributed.checkpoint expects (same mesh and
+    placements as the parameter; a subspace state's (k, *shape) is sharded one dim later)."""
+    if not is_sharded(param):
+        return view
+    placements = tuple(Shard(p.dim + extra_leading) if isinstance(p, Shard) else p for p in param.placements)
+    shape = tuple(view.shape[:extra_leading]) + tuple(param.shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(view, param.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def data_parallel_group(process_group, params: list):
+    """The group over which the closure driver averages gradients it computes itself:
+    ``"auto"`` is the default group when torch.distributed runs more than one process and
+    the parameters are plain (DDP); FSDP2 reduces its gradients in backward, so none."""
+    if process_group != "auto":
+        return process_group
+    if any(is_sharded(p) for p in params):
+        return None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def batch_group(data_parallel, sharded: bool):
+    """The processes whose batches make one step's batch (their losses are averaged, and
+    labels are sampled over their rows): the DDP group, or under FSDP2 every process (its
+    mesh spans the job; HSDP's replicas hold other batches too)."""
+    if sharded and dist.is_initialized():
+        return dist.group.WORLD
+    return data_parallel
+
+
+# ---- collectives inside a compiled step (functional: traced by Dynamo, no graph break)
+
+def all_reduce(tensor: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    """``op`` ("sum", "max", "min") of ``tensor`` over the shard group."""
+    functional = torch.ops._c10d_functional
+    return functional.wait_tensor(functional.all_reduce(tensor.contiguous(), op, group_name))
+
+
+def gather_full(flat: torch.Tensor, numels: tuple, ranges: tuple, slots: tuple, world: int,
+                group_name: str) -> list:
+    """Every tensor of a sharded bucket in full (flat, ``numels`` long), from one all-gather.
+    ``ranges``: the slice of each flattened full tensor held here; ``slots``: each tensor's
+    chunk in elements, to which every rank pads its slice."""
+    pieces, offset = [], 0
+    for (start, stop), slot in zip(ranges, slots):
+        mine = flat[offset:offset + stop - start]
+        offset += stop - start
+        if stop - start < slot:
+            mine = torch.cat([mine, mine.new_zeros(slot - (stop - start))])
+        pieces.append(mine)
+    functional = torch.ops._c10d_functional
+    gathered = functional.wait_tensor(functional.all_gather_into_tensor(torch.cat(pieces), world, group_name))
+    gathered = gathered.view(world, -1)
+    out, first = [], 0
+    for slot, numel in zip(slots, numels):
+        out.append(gathered[:, first:first + slot].reshape(-1)[:numel])
+        first += slot
+    return out
+
+
+# ---- collectives outside the compiled step (the closure driver, the checks before a step)
+
+def shard_group(sharding: Sharding | None):
+    """The process group a sharding's collectives run over, or None."""
+    if sharding is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(sharding.group_name)
+
+
+def average(tensors: list, group) -> list:
+    """The mean of each tensor over ``group``, in one all-reduce."""
+    if group is None or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def batch_offset(rows: int, group, device) -> tuple[int, int]:
+    """(rows before this process, rows in all) of a batch split over ``group`` in rank order."""
+    if group is None:
+        return 0, rows
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
+    counts = [int(c.item()) for c in counts]
+    return sum(counts[:dist.get_rank(group)]), sum(counts)
+
+
+def any_process(flag: bool, group) -> bool:
+    """Whether ``flag`` holds on any process of ``group`` (all of them learn the answer)."""
+    if group is None:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())

@@ -1,0 +1,205 @@
+"""The processes behind tests/test_distributed.py: each ``check_*`` runs on every rank of a
+2-process gloo group (CPU, float64) and raises AssertionError on a mismatch.
+
+The batch of 16 rows is split in rank order (rows 8r .. 8r + 7) and every loss is a mean
+over its own rows, so the data-parallel mean gradient is the full batch's gradient and a
+single process stepping on the full batch is the reference. The model's shapes shard
+unevenly over 2 ranks (7 and 3 rows; a (1,)-parameter whose shard on rank 1 is empty).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import gradspec
+
+STEPS = 20
+TOLERANCE = 1e-10
+ROWS = 16
+
+# every stdlib optimizer, and every adaptor over a base
+SPECS = {
+    "adagrad": {}, "adam": {}, "adamw": {"weight_decay": 0.1}, "alto": {}, "alto_vanilla": {},
+    "dualadam": {}, "eadam": {}, "esgd": {}, "invadam": {}, "lamb": {}, "lion": {"lr": 1e-3},
+    "muon": {"ns_bfloat16": False}, "rmsprop": {}, "sgd": {"lr": 0.05, "momentum": 0.9},
+    "sgd_log_metric": {}, "sgd_metric": {}, "sgd_rms": {}, "clip_grad_norm(adam)": {"max_norm": 0.05},
+    "lookahead(adam)": {}, "deo(adam)": {"T": 3}, "sophia_g": {"k": 3}, "sophia": {"k": 3},
+    "bulk_sgd": {"k": 2, "R": 5, "lanczos_steps": 8}, "dom_sgd": {"k": 2, "R": 5, "lanczos_steps": 8},
+    "bulk_dom(adam)": {"k": 2, "R": 5, "lanczos_steps": 8, "a": 0.25},
+}
+HVP_SPECS = {"sophia", "bulk_sgd", "dom_sgd", "bulk_dom(adam)"}  # refused under FSDP2
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 7)
+        self.second = torch.nn.Linear(7, 3)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.scale * self.second(torch.tanh(self.first(x)))
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(ROWS, 6, generator=gen, dtype=torch.float64)
+    return x, torch.randn(ROWS, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (ROWS,), generator=gen)
+
+
+def closure_for(model, opt, rows: slice, step: int):
+    """The step's closure on the given rows; the batch changes with the step."""
+    x, y, labels = data()
+    x = x + 0.01 * step
+    x, y, labels = x[rows], y[rows], labels[rows]
+
+    def closure():
+        out = model(x)
+        if opt.spec.name.startswith("sophia_g"):
+            return F.cross_entropy(out, labels), out
+        return F.mse_loss(out, y)
+    return closure
+
+
+def train(model, opt, rows: slice, steps: int, first: int = 0):
+    for step in range(first, first + steps):
+        closure = closure_for(model, opt, rows, step)
+        if opt.has_probes:
+            opt.step(closure)
+        else:
+            opt.zero_grad()
+            loss = closure()
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+
+def full(model) -> torch.Tensor:
+    """The model's parameters as one flat vector, gathered if sharded."""
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                      for p in model.parameters()])
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model.first)
+    fully_shard(model.second)
+    return fully_shard(model)
+
+
+def mine() -> slice:
+    half = ROWS // dist.get_world_size()
+    return slice(dist.get_rank() * half, (dist.get_rank() + 1) * half)
+
+
+def reference(spec: str, hyper: dict, backend: str) -> torch.Tensor:
+    model = Model().double()
+    opt = gradspec.Optimizer(model.parameters(), spec, backend=backend, seed=3, process_group=None, **hyper)
+    train(model, opt, slice(None), STEPS)
+    return full(model)
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, what: str):
+    error = float((got - expected).abs().max() / expected.abs().max())
+    assert error < TOLERANCE, f"{what}: relative error {error:.2e}"
+
+
+def check_parity(mode: str, backend: str, specs: list):
+    """Every spec for STEPS steps under ``mode`` ("ddp" or "fsdp") against one process."""
+    from torch.nn.parallel import DistributedDataParallel
+    failures = []
+    for spec in specs:
+        hyper = SPECS[spec]
+        expected = reference(spec, hyper, backend)
+        model = Model().double()
+        if mode == "fsdp" and spec in HVP_SPECS:
+            try:
+                gradspec.Optimizer(shard(model).parameters(), spec, backend=backend, seed=3, **hyper)
+            except ValueError as error:
+                assert "FSDP2" in str(error) and "DDP" in str(error), str(error)
+                continue
+            failures.append(f"{spec}: an exact-HVP spec was accepted under FSDP2")
+            continue
+        wrapped = DistributedDataParallel(model) if mode == "ddp" else shard(model)
+        opt = gradspec.Optimizer(wrapped.parameters(), spec, backend=backend, seed=3, **hyper)
+        train(wrapped, opt, mine(), STEPS)
+        got = full(model)
+        try:
+            close(got, expected, f"{spec} under {mode}")
+            assert not torch.equal(got, full(Model().double())), f"{spec} did not train"
+        except AssertionError as error:
+            failures.append(str(error))
+    assert not failures, "\n".join(failures)
+
+
+def check_checkpoint(backend: str, specs: list):
+    """FSDP2 + torch.distributed.checkpoint: save at step 10, train 10 more; a fresh model and
+    optimizer loaded from the checkpoint reach the same parameters bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    folder = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+    holder = [folder]
+    dist.broadcast_object_list(holder)
+    for spec in specs:
+        path = os.path.join(holder[0], spec.replace("(", "_").replace(")", ""))
+        model = shard(Model().double())
+        opt = gradspec.Optimizer(model.parameters(), spec, backend=backend, seed=3, **SPECS[spec])
+        train(model, opt, mine(), 10)
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=path)
+        train(model, opt, mine(), 10, first=10)
+        expected = full(model)
+
+        fresh = shard(Model().double())
+        with torch.no_grad():  # a different starting point, so the load must restore it
+            for p in fresh.parameters():
+                p.add_(1.0)
+        resumed = gradspec.Optimizer(fresh.parameters(), spec, backend=backend, seed=99, **SPECS[spec])
+        if resumed.has_probes:
+            resumed.init_state()  # DCP's own lr-0 step cannot run a probing spec
+        model_state, opt_state = get_state_dict(fresh, resumed)
+        loaded = {"model": model_state, "optimizer": opt_state}
+        dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+        train(fresh, resumed, mine(), 10, first=10)
+        got = full(fresh)
+        assert torch.equal(got, expected), f"{spec}: resumed run differs by {float((got - expected).abs().max()):.2e}"
+
+
+def check_nonfinite(backend: str):
+    """A NaN in one rank's shard skips the step on every rank (nonfinite="skip") and raises on
+    every rank (nonfinite="raise")."""
+    for policy in ("skip", "raise"):
+        model = shard(Model().double())
+        opt = gradspec.Optimizer(model.parameters(), "lamb", backend=backend, nonfinite=policy)
+        train(model, opt, mine(), 2)
+        before = full(model)
+        opt.zero_grad()
+        closure_for(model, opt, mine(), 2)().backward()
+        if dist.get_rank() == 0:
+            model.first.weight.grad.to_local()[0, 0] = float("nan")
+        if policy == "skip":
+            opt.step()
+            assert opt.skipped_steps == 1
+        else:
+            try:
+                opt.step()
+            except FloatingPointError as error:
+                assert ("another rank" in str(error)) == (dist.get_rank() == 1), str(error)
+            else:
+                raise AssertionError("no FloatingPointError")
+        assert torch.equal(full(model), before)
+
+
+def main(rank: int, world: int, port: int, check: str, args: tuple):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        globals()[check](*args)
+    finally:
+        dist.destroy_process_group()
