@@ -83,7 +83,7 @@ def train(model, opt, data, steps, first, rank, world):
             opt.zero_grad()
             loss, _ = closure()
             loss.backward()
-            opt.step()
+            opt.step(loss=loss.detach())  # for specs that read the loss
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         if rank == 0 and (step + 1) % 10 == 0:
@@ -118,8 +118,7 @@ def main():
         print(f"saved a checkpoint at step {half} to {folder[0]}; resuming in a fresh model and optimizer")
 
     model, opt = build(len(vocab), args)
-    if opt.has_probes:
-        opt.init_state()  # the state layout to load into (DCP's own lr-0 step needs no closure)
+    opt.init_state()  # the state layout to load into: DCP's own lr-0 step has no closure or loss
     model_state, opt_state = get_state_dict(model, opt)
     state = {"model": model_state, "optimizer": opt_state}
     dcp.load(state, checkpoint_id=folder[0])
@@ -127,6 +126,7 @@ def main():
     train(model, opt, data, args.steps - half, half, rank, world)
     if rank == 0:
         print(f"{args.spec} under {args.wrap} on {world} processes: evaluations {opt.evaluations.as_dict()}")
+    dist.barrier()  # no rank tears down while another still communicates
     dist.destroy_process_group()
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not __import__("torch").distributed.is_available
                                 reason="torch built without torch.distributed")
 
 COMPILED = ["lamb", "muon", "sgd_metric", "clip_grad_norm(adam)", "deo(adam)", "adam"]
-CHECKPOINTED = ["lamb", "deo(adam)", "sophia_g", "muon"]
+CHECKPOINTED = ["lamb", "deo(adam)", "sophia_g", "muon", "sgd_log_metric"]
 
 
 def _spawn(check: str, *args):
@@ -53,3 +53,20 @@ def test_the_spec_lists_cover_the_stdlib():
     names = {n.split("(")[0] for n in SPECS}
     assert names >= set(gradspec.stdlib.names()) - {"e"}  # e is covered by eadam, esgd, alto
     assert HVP_SPECS <= set(SPECS)
+
+
+def test_the_fsdp_example_runs_under_torchrun():
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), str(root / "examples" / "fsdp_train.py"),
+                             "--spec", "deo(adam)", "--steps", "20"],
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming in a fresh model and optimizer" in result.stdout
+    assert "step   20" in result.stdout and "deo(adam) under fsdp on 2 processes" in result.stdout

@@ -174,8 +174,9 @@ def test_sophia_g_needs_the_logits_and_leaves_no_graph_behind():
     assert float(opt.state[model.weight]["h"].abs().sum()) > 0
 
 
+@pytest.mark.parametrize("old_format", [False, True], ids=["current", "generator-at-top-level"])
 @pytest.mark.parametrize("spec", ["deo(adam)", "sophia", "bulk_dom(adam, k=2, lanczos_steps=6, R=3)"])
-def test_a_checkpoint_of_a_probe_spec_resumes_bit_for_bit(spec):
+def test_a_checkpoint_of_a_probe_spec_resumes_bit_for_bit(spec, old_format):
     """The state dict holds the generator: a resumed run draws the same Gaussian directions
     (DEO's start, Hutchinson's u, Lanczos's start) as the uninterrupted one."""
     def make():
@@ -194,6 +195,9 @@ def test_a_checkpoint_of_a_probe_spec_resumes_bit_for_bit(spec):
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved = opt.state_dict()
     saved = {**saved, "state": {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}}
+    if old_format:  # checkpoints written before the generator moved into the first group
+        groups = [dict(g) for g in saved["param_groups"]]
+        saved = {**saved, "param_groups": groups, "generator": groups[0].pop("generator")}
     for _ in range(6):
         opt.step(closure_of(model))
     expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -204,6 +208,12 @@ def test_a_checkpoint_of_a_probe_spec_resumes_bit_for_bit(spec):
     for _ in range(6):
         opt.step(closure_of(model))
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), expected)
+
+
+def test_the_generator_state_is_kept_out_of_the_printed_optimizer():
+    opt = gradspec.Optimizer([torch.nn.Parameter(torch.zeros(2))], "deo(adam)", seed=3)
+    assert "generator" not in repr(opt) and "lr" in repr(opt)
+    assert torch.equal(opt.state_dict()["param_groups"][0]["generator"], opt.generator.get_state())
 
 
 def test_each_parameter_group_probes_its_own_parameters():

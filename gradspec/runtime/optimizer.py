@@ -27,6 +27,7 @@ from .buckets import Bucket, scalar_dtype
 from .probes import ClosureDriver, Evaluations
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
+GENERATOR = "generator"  # the key of the probe generator's state in the first parameter group
 
 
 class UnderflowWarning(UserWarning):
@@ -98,6 +99,7 @@ class Optimizer(torch.optim.Optimizer):
         first = self.param_groups[0]["params"][:1]
         device = distributed.local(first[0]).device if first else "cpu"
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.param_groups[0][GENERATOR] = self.generator.get_state()
         everything = [p for group in self.param_groups for p in group["params"]]
         self.process_group = distributed.data_parallel_group(process_group, everything)
         self._sharded = any(distributed.is_sharded(p) for p in everything)
@@ -132,15 +134,16 @@ class Optimizer(torch.optim.Optimizer):
                 warnings.warn(warning.render(), UnderflowWarning, stacklevel=4)
 
     def state_dict(self) -> dict:
-        """torch.optim's state dict, with the probe generator's state in the first parameter
-        group: torch.distributed.checkpoint keeps only "state" and "param_groups"."""
-        out = super().state_dict()
-        out["param_groups"][0]["generator"] = self.generator.get_state()
-        return out
+        """torch.optim's state dict, with the probe generator's state as the key "generator" of
+        the first parameter group: torch.distributed.checkpoint keeps only "state" and
+        "param_groups", and its flattened form rebuilds each group from the live group's
+        keys, so the live first group carries the key too (refreshed here)."""
+        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
-        saved = state_dict["param_groups"][0].pop("generator", None)
+        saved = state_dict["param_groups"][0].get(GENERATOR, state_dict.pop(GENERATOR, None))  # older checkpoints: top level
         if saved is not None:
             self.generator.set_state(saved.to(torch.uint8).cpu())
         for plan in self._plans.values():
@@ -152,6 +155,7 @@ class Optimizer(torch.optim.Optimizer):
         kept = {key: {n: v.clone() for n, v in entry.items() if n in global_names}
                 for key, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        self.param_groups[0][GENERATOR] = self.generator.get_state()
         # saved keys (indices, or names under torch.distributed.checkpoint) to parameters, as torch.optim pairs them
         params = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]),
                           (p for group in self.param_groups for p in group["params"])))
@@ -269,6 +273,15 @@ class Optimizer(torch.optim.Optimizer):
         return self._program(self.param_groups[group_index])
 
     # ---- internals
+    def __repr__(self) -> str:
+        """torch.optim's listing of the groups, without the generator's 5056 state bytes."""
+        saved = self.param_groups[0].pop(GENERATOR, None) if self.param_groups else None
+        try:
+            return super().__repr__()
+        finally:
+            if saved is not None:
+                self.param_groups[0][GENERATOR] = saved
+
     def _split_betas(self, values: dict) -> dict:
         """torch.optim's ``betas=(b1, b2)`` as the spec's ``beta1`` and ``beta2``."""
         if "betas" not in values or not self._has_betas:
