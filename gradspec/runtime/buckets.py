@@ -12,8 +12,9 @@ bytes moved per parameter) and restores the views. ``zero_grad(set_to_none=False
 them and the copy never happens.
 
 Under FSDP2 the parameters are DTensors whose local shards live in FSDP2's own storage,
-which its all-gathers read, so they cannot be re-pointed: a sharded bucket copies the shards
-in before a step and back after it (8 more bytes per fp32 parameter each way), copies the
+which its all-gathers read, so they cannot be re-pointed: a sharded bucket writes its result
+back into the shards after a step (8 more bytes per fp32 parameter), copies them in only
+when their version counters show another writer (a checkpoint load), copies the
 reduce-scattered gradients in, and shows each state as a DTensor over its flat view, the
 form torch.distributed.checkpoint saves.
 """
@@ -58,6 +59,7 @@ class Bucket:
             for p, view in zip(params, self.views(self.param)):
                 p.data = view
         self.param_pointers = [t.data_ptr() for t in self._current_locals()]
+        self._versions = None  # the shards' version counters after this bucket last wrote them
         self.grad_views = self.views(self.grad)
         if not self.sharding:
             for p, view in zip(params, self.grad_views):
@@ -115,15 +117,21 @@ class Bucket:
         return [local(p).detach() for p in self.params]
 
     def gather_params(self) -> None:
-        """A sharded bucket's copy of the shards made current (a checkpoint may have been
-        loaded into them); a plain bucket's parameters are its views already."""
-        if self.sharding:
-            torch._foreach_copy_(self.views(self.param), self._current_locals())
+        """A sharded bucket's copy of the shards made current where a shard was written since
+        the bucket last wrote it (a checkpoint loaded into it): its version counter tells.
+        A plain bucket's parameters are its views already."""
+        if not self.sharding:
+            return
+        shards = self._current_locals()
+        if [t._version for t in shards] != self._versions:
+            torch._foreach_copy_(self.views(self.param), shards)
 
     def scatter_params(self) -> None:
         """A sharded bucket's updated parameters written back into the shards."""
         if self.sharding:
-            torch._foreach_copy_(self._current_locals(), self.views(self.param))
+            shards = self._current_locals()
+            torch._foreach_copy_(shards, self.views(self.param))
+            self._versions = [t._version for t in shards]
 
     def gather_grads(self) -> None:
         """Make the flat gradient buffer current: copy in gradients that are not our views."""
