@@ -19,15 +19,31 @@ import torch.fx as fx
 BACKENDS = ("eager", "compiled")
 
 
-def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"):
+def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu", recompute: bool = True):
+    """``recompute``: let Inductor recompute shared elementwise values rather than store them
+    (CPU_OPTIONS), for graphs without matrix functions."""
     if backend == "eager":
         return graph
     if backend == "compiled":
         on_cpu = torch.device(device).type == "cpu"
         if on_cpu:
             trust_known_vector_isa()
-        return _FirstCall(torch.compile(graph, fullgraph=True, dynamic=False), remember_vector_isa if on_cpu else None)
+        options = CPU_OPTIONS if on_cpu and recompute else None
+        return _FirstCall(torch.compile(graph, fullgraph=True, dynamic=False, options=options),
+                          remember_vector_isa if on_cpu else None)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# Inductor stores an elementwise value that more than 4 loads read (its default
+# realize_reads_threshold) in a temporary of the bucket's size. In a spec with a reduction,
+# such a value feeds both the reduction pass and the update pass (sgd_rms's root d), and the
+# temporary is allocated again on every step. On CPU that is a fresh mapping, its pages
+# faulted in each time. Recomputing the value in the second pass is cheaper. Measured with
+# `gradspec bench sgd_rms --backends compiled` (10M parameters, 2-core CPU): 20.3 -> 7.4 ms;
+# sgd_metric, lamb and the elementwise specs are unchanged or faster. Not for Muon's
+# Newton-Schulz chains, whose compile it made 5x slower (3 -> 14 s), nor measured on CUDA,
+# where the caching allocator keeps the temporaries.
+CPU_OPTIONS = {"realize_reads_threshold": 64}
 
 
 class _FirstCall:
@@ -82,13 +98,13 @@ def remember_vector_isa() -> None:
 _CACHE: dict = {}
 
 
-def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu"):
+def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu", recompute: bool = True):
     """The (scalar, main) callables of a step, shared by every optimizer whose graphs have the
     same code and bucket shapes: a second optimizer with the same spec and layout does not
     compile again."""
-    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device))
+    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device), recompute)
     if key not in _CACHE:
         # The scalar phase is a handful of 0-d ops (15 us/step eagerly on CPU for adam);
         # compiling it would cost a second C++ build (several seconds) for nothing.
-        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device))
+        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device, recompute))
     return _CACHE[key]
