@@ -6,7 +6,9 @@ default ``set_to_none=True``: fresh gradients are copied in), next to torch.opti
 and foreach Adam and the same method in pytorch-optimizer where it has one (an optional
 import). The roofline is the bytes a perfect step moves, read off the spec's IR (every
 buffer the elementwise phase reads or writes, see compiler/cost.py), divided by the copy
-bandwidth measured in the same run. Compile time is the first step in a fresh process:
+bandwidth. Every row's steps are interleaved with fused Adam's steps and with a copy of the
+same size, and its ratios use those paired timings: on a shared machine whose speed drifts
+by 30% within a run, ratios against figures taken minutes apart are noise. Compile time is the first step in a fresh process:
 cold (empty Inductor cache) and warm (the cache the cold run filled).
 
 Specs with probes are timed on their ordinary step (probes need a model: see
@@ -47,13 +49,13 @@ def make_params(n_params: int, n_tensors: int, device: str, matrix: bool = False
     return params, grads
 
 
-def time_steps(opt, params, grads, steps: int, device: str, set_to_none: bool) -> tuple[float, float]:
-    """(first step in seconds, median ms per later step). A spec that reads the loss gets
-    step(loss=1)."""
+def stepper(opt, params, grads, device: str, set_to_none: bool):
+    """A function that takes one step of ``opt`` and returns its seconds. A spec that reads
+    the loss gets step(loss=1)."""
     loss = torch.tensor(1.0)
     reads_loss = isinstance(opt, Optimizer) and opt.program().uses_loss
 
-    def one():
+    def one() -> float:
         if set_to_none or any(p.grad is None for p in params):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
@@ -62,24 +64,38 @@ def time_steps(opt, params, grads, steps: int, device: str, set_to_none: bool) -
         opt.step(loss=loss) if reads_loss else opt.step()
         _sync(device)
         return time.perf_counter() - start
-
-    first = one()
-    for _ in range(3):
-        one()
-    return first, 1e3 * statistics.median(one() for _ in range(steps))
+    return one
 
 
-def bandwidth_gbs(n: int, device: str) -> float:
-    """Copy bandwidth (bytes read plus written per second), best of ten."""
+def copier(n: int, device: str):
+    """A function that copies n fp32 elements and returns its seconds: the bandwidth probe."""
     a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-    best = float("inf")
-    for _ in range(10):
+
+    def one() -> float:
         _sync(device)
         start = time.perf_counter()
         b.copy_(a)
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 8 * n / best / 1e9
+        return time.perf_counter() - start
+    return one
+
+
+def time_paired(ours, references: dict, steps: int) -> tuple[float, float, dict]:
+    """(first step in seconds, median ms per later step, median ms of each reference), the
+    steps interleaved with the references' (ours, then each reference, in turn): the
+    machine's drift during a run then moves both sides of every ratio alike."""
+    first = ours()
+    for _ in range(3):
+        ours()
+        for reference in references.values():
+            reference()
+    samples = {name: [] for name in ["ours", *references]}
+    for _ in range(steps):
+        samples["ours"].append(ours())
+        for name, reference in references.items():
+            samples[name].append(reference())
+    medians = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    return first, medians.pop("ours"), medians
 
 
 _CHILD = """
@@ -106,31 +122,37 @@ def compile_seconds(spec: str, tensors: int, cache_dir: str, size: int = 1000) -
 
 def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str = "cpu", steps: int = 20,
         backends: tuple = ("compiled", "eager"), compile_tensors: tuple = (), peers: bool = True) -> dict:
-    """Every measurement, as a dict (what ``--json`` writes)."""
+    """Every measurement, as a dict (what ``--json`` writes). Each row is timed interleaved
+    with torch.optim's fused Adam and with the bandwidth probe, and its ratios use those
+    paired figures."""
     n = int(params)
     torch.manual_seed(0)
-    bandwidth = bandwidth_gbs(n, device)
+    bandwidth_probe = copier(n, device)
+    fused_params, fused_grads = make_params(n, tensors, device)
+    fused = stepper(torch.optim.Adam(fused_params, lr=1e-3, fused=True), fused_params, fused_grads, device, True)
+    references = {"fused": fused, "copy": bandwidth_probe}
     result = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(), "params": n,
-              "tensors": tensors, "bandwidth_gbs": bandwidth, "rows": [], "compile": []}
+              "tensors": tensors, "rows": [], "compile": []}
 
-    def add(label, kind, ms, first, moved):
-        roofline_ms = moved * 4 * n / (bandwidth * 1e9) * 1e3
+    def measure(label, kind, one, moved):
+        first, ms, paired = time_paired(one, references, steps)
+        roofline_ms = moved / 2 * paired["copy"]  # a copy moves 2 elements of 4 bytes each
         result["rows"].append({"label": label, "kind": kind, "ms": ms, "first_step_s": first,
-                               "bytes_per_param": moved * 4, "roofline_ms": roofline_ms})
+                               "bytes_per_param": moved * 4, "roofline_ms": roofline_ms,
+                               "fused_adam_ms": paired["fused"], "bandwidth_gbs": 8 * n / paired["copy"] / 1e6})
 
     adam_moved = elements_moved(Optimizer([torch.zeros(1, requires_grad=True)], "adam", backend="eager").program())
     for label, kwargs in [("torch.optim.Adam fused", {"fused": True}), ("torch.optim.Adam foreach", {"foreach": True})]:
         ps, gs = make_params(n, tensors, device)
-        first, ms = time_steps(torch.optim.Adam(ps, lr=1e-3, **kwargs), ps, gs, steps, device, True)
-        add(label, "torch", ms, first, adam_moved)
+        measure(label, "torch", stepper(torch.optim.Adam(ps, lr=1e-3, **kwargs), ps, gs, device, True), adam_moved)
     for spec in specs:
         moved = elements_moved(Optimizer([torch.zeros(1, requires_grad=True)], spec, backend="eager").program())
         for backend in backends:
             for path, set_to_none in (("views", False), ("copy", True)):
                 ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
-                first, ms = time_steps(Optimizer(ps, spec, backend=backend, lr=1e-3), ps, gs, steps, device,
-                                       set_to_none)
-                add(f"gradspec {spec} {backend} ({path})", "gradspec", ms, first, moved)
+                opt = Optimizer(ps, spec, backend=backend, lr=1e-3)
+                measure(f"gradspec {spec} {backend} ({path})", "gradspec", stepper(opt, ps, gs, device, set_to_none),
+                        moved)
         peer = PEERS.get(spec)
         if peers and peer is not None:
             try:
@@ -140,25 +162,25 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
             ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
             groups = [{"params": ps, "use_muon": True}] if spec == "muon" else ps  # its Muon's protocol
             opt = getattr(pytorch_optimizer, peer)(groups, lr=1e-3)
-            first, ms = time_steps(opt, ps, gs, steps, device, True)
-            add(f"pytorch_optimizer.{peer}", "peer", ms, first, moved)
+            measure(f"pytorch_optimizer.{peer}", "peer", stepper(opt, ps, gs, device, True), moved)
         for count in compile_tensors:
             with tempfile.TemporaryDirectory() as cache:
                 cold = compile_seconds(spec, count, cache)
                 warm = compile_seconds(spec, count, cache)
             result["compile"].append({"spec": spec, "tensors": count, "cold_s": cold, "warm_s": warm})
+    result["bandwidth_gbs"] = statistics.median(r["bandwidth_gbs"] for r in result["rows"])
     return result
 
 
 def render(result: dict) -> str:
-    fused = result["rows"][0]["ms"]
     lines = [f"torch {result['torch']}, {result['device']}, {result['threads']} threads, "
              f"{result['params'] / 1e6:.1f}M fp32 params in {result['tensors']} tensors; "
-             f"measured copy bandwidth {result['bandwidth_gbs']:.1f} GB/s", "",
+             f"copy bandwidth {result['bandwidth_gbs']:.1f} GB/s (median over rows)",
+             "every row is timed interleaved with fused Adam and a copy: its ratios use those paired timings", "",
              "| optimizer | ms/step | vs fused Adam | roofline ms (bytes/param) | vs roofline | first step s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        lines.append(f"| {r['label']} | {r['ms']:.2f} | {r['ms'] / fused:.2f}x | {r['roofline_ms']:.2f} "
+        lines.append(f"| {r['label']} | {r['ms']:.2f} | {r['ms'] / r['fused_adam_ms']:.2f}x | {r['roofline_ms']:.2f} "
                      f"({r['bytes_per_param']}) | {r['ms'] / r['roofline_ms']:.2f}x | {r['first_step_s']:.2f} |")
     if result["compile"]:
         lines += ["", "| spec | tensors | cold compile s | warm compile s |", "| --- | ---: | ---: | ---: |"]

@@ -1,0 +1,43 @@
+"""``gradspec bench``: what it measures and how it pairs its timings (never how fast anything is)."""
+import math
+
+from gradspec import bench
+from gradspec.cli import main
+
+
+def test_steps_are_interleaved_with_the_references():
+    calls = []
+
+    def recorder(name, seconds):
+        def one():
+            calls.append(name)
+            return seconds
+        return one
+
+    first, ms, paired = bench.time_paired(recorder("ours", 0.002), {"fused": recorder("fused", 0.001),
+                                                                    "copy": recorder("copy", 0.0005)}, steps=4)
+    assert calls[0] == "ours" and calls[1:] == ["ours", "fused", "copy"] * 7
+    assert (first, ms) == (0.002, 2.0) and paired == {"fused": 1.0, "copy": 0.5}
+
+
+def test_a_small_run_reports_every_row_with_its_paired_figures():
+    result = bench.run(["adam", "lamb"], params=2e4, tensors=4, steps=2, backends=("eager",), peers=False)
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == ["torch.optim.Adam fused", "torch.optim.Adam foreach", "gradspec adam eager (views)",
+                      "gradspec adam eager (copy)", "gradspec lamb eager (views)", "gradspec lamb eager (copy)"]
+    by_label = {row["label"]: row for row in result["rows"]}
+    assert by_label["gradspec adam eager (views)"]["bytes_per_param"] == 28  # read p g m v, write p m v
+    assert by_label["gradspec lamb eager (views)"]["bytes_per_param"] > 28
+    for row in result["rows"]:
+        assert row["ms"] > 0 and row["fused_adam_ms"] > 0 and math.isfinite(row["bandwidth_gbs"])
+        # the roofline is the spec's bytes at the copy speed paired with this row
+        assert math.isclose(row["roofline_ms"], row["bytes_per_param"] / 4 * 2e4 * 8 / (row["bandwidth_gbs"] * 1e9)
+                            * 1e3 / 2, rel_tol=1e-9)
+    text = bench.render(result)
+    assert "gradspec lamb eager (copy)" in text and "paired" in text
+
+
+def test_the_cli_refuses_probe_specs_and_empty_layouts(capsys):
+    assert main(["bench", "sophia", "--params", "1000"]) == 2
+    assert "evaluates the model" in capsys.readouterr().err
+    assert main(["bench", "adam", "--tensors", "0"]) == 2
