@@ -42,6 +42,9 @@ CASES = [
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     # types and scopes
     ("bool_arithmetic", H + "x = (grad > 0) + 1\nparam' = param - lr * x\n", "GS050", 3, 6),
+    # found by test_mutations: a condition as a state's value crashed the range analysis
+    ("bool_next_value", H + "state s = 0\ns' = grad > 0\n" + U, "GS050", 4, 1),
+    ("bool_initial_value", H + "state s = 1 > 0\ns' = s\n" + U, "GS050", 3, 11),
     ("where_not_bool", H + "x = where(grad, 1, 0)\nparam' = param - lr * x\n", "GS053", 3, 11),
     ("arity", H + "x = max(grad)\nparam' = param - lr * x\n", "GS052", 3, 5),
     ("condition_on_tensor", H + "if grad > 0 {\nx = 1\n} else {\nx = 2\n}\nparam' = param - lr * x * grad\n", "GS047", 3, 4),

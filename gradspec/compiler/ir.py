@@ -282,6 +282,16 @@ class _ProgramBuilder:
         # build whatever is defined, so one run reports every error in the spec
         nexts = {name: self._next(name) for name in ["param", *self.states] if name in self.nexts or name in self.kept}
         inits = {name: self._init(name) for name in self.states}
+        for name, node in nexts.items():  # parameters and states hold numbers, never conditions
+            if node is not None and node.type == "bool":
+                src, define = self.nexts.get(name) or self.kept[name]
+                self.errors.error("GS050", f"the next value of '{name}' must be a number, not a condition",
+                                  define.span, "write where(condition, 1, 0) for a 0/1 number", src)
+        for name, node in inits.items():
+            if node is not None and node.type == "bool":
+                src, state = self.states[name]
+                self.errors.error("GS050", f"state '{name}' must start at a number, not a condition",
+                                  state.init.span, "write where(condition, 1, 0) for a 0/1 number", src)
         for name, located in self.locals.items():  # unused definitions are checked too
             self._definition(("local", name), located)
         for name, (src, state) in self.states.items():
