@@ -110,11 +110,13 @@ class Bucket:
     def params_moved(self) -> bool:
         """Whether a parameter no longer lives where the bucket left it (``model.to(...)``,
         ``p.data = ...``): the bucket must then be rebuilt from the parameters."""
-        return any(t.data_ptr() != ptr for t, ptr in zip(self._current_locals(), self.param_pointers))
+        current = self._current_locals() if self.sharding else self.params  # no new tensor per step
+        return any(t.data_ptr() != ptr for t, ptr in zip(current, self.param_pointers))
 
     def _current_locals(self) -> list:
-        # a DTensor's shard, not a detached DTensor: detach() dispatches through DTensor (50 us)
-        return [local(p).detach() for p in self.params]
+        """Each parameter's local shard as a plain tensor; the step runs under no_grad, where
+        to_local() hands out the shard itself (detach() would dispatch through DTensor)."""
+        return [local(p) for p in self.params]
 
     def gather_params(self) -> None:
         """A sharded bucket's copy of the shards made current where a shard was written since
