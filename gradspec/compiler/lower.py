@@ -73,6 +73,12 @@ class BucketShape:
         return [(s[0], int(torch.Size(s).numel()) // s[0] if s[0] else 0) if len(s) >= 2 else (1, s[0] if s else 1)
                 for s in shapes]
 
+    def normal_layout(self) -> tuple:
+        """What bucket_normal needs to draw this bucket's Gaussian vector: each tensor's full
+        size, and the slice of it held here (None when not sharded)."""
+        ranges = tuple(map(self.sharding.local_range, range(self.ntensors))) if self.sharding else None
+        return tuple(self.full_numels()), ranges
+
     def full_numels(self) -> list:
         shapes = self.full_shapes or [(self.numel // self.ntensors,)] * self.ntensors
         return [int(torch.Size(s).numel()) for s in shapes]
@@ -322,8 +328,7 @@ class _Lowerer:
             if node.attr[0] == "randn" and "generator" in self.ph:  # an initial value
                 param = self.ph[f"b{bucket}_param"]
                 shape = self.buckets[bucket]
-                ranges = tuple(map(shape.sharding.local_range, range(shape.ntensors))) if shape.sharding else None
-                return self.call(bucket_normal, self.ph["generator"], tuple(shape.full_numels()), ranges,
+                return self.call(bucket_normal, self.ph["generator"], *shape.normal_layout(),
                                  _compute_dtype(shape.dtype), self.graph_device(param))
             return self.load(self.ph[f"b{bucket}_probe_{self.probe_index[id(node)]}"], bucket)
         if op == "onto":

@@ -486,9 +486,8 @@ class _Plan:
         for b in buckets:
             starts.append(starts[-1] + len(b.params))
         if func == "randn":
-            return [bucket_normal(driver.generator, tuple(b.shape.full_numels()),
-                                  tuple(map(b.sharding.local_range, range(len(b.params)))) if b.sharding else None,
-                                  _compute(b.dtype), b.device) for b in buckets]
+            return [bucket_normal(driver.generator, *b.shape.normal_layout(), _compute(b.dtype), b.device)
+                    for b in buckets]
         if func in ("grad_at", "hvp"):  # a scalar or per-group argument is the same for every element
             vectors = [view for b, (x,) in zip(buckets, args)
                        for view in b.views(torch.as_tensor(x, dtype=b.dtype, device=b.device).reshape(-1)
