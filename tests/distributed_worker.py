@@ -200,10 +200,9 @@ def check_nonfinite(backend: str):
         assert torch.equal(full(model), before)
 
 
-def main(rank: int, world: int, port: int, check: str, args: tuple):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def main(rank: int, world: int, rendezvous: str, check: str, args: tuple):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     globals()[check](*args)  # a failure raises, and spawn reports its traceback
     dist.barrier()
     dist.destroy_process_group()

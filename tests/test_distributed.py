@@ -6,7 +6,9 @@ exact-HVP specs are refused under FSDP2 with a clear error. A checkpoint saved t
 torch.distributed.checkpoint under FSDP2 resumes bit for bit, and a non-finite gradient in
 one rank's shard is seen by every rank. The checks themselves are in distributed_worker.py.
 """
+import os
 import socket
+import tempfile
 
 import pytest
 import torch.multiprocessing as mp
@@ -22,10 +24,9 @@ CHECKPOINTED = ["lamb", "deo(adam)", "sophia_g", "muon", "sgd_log_metric"]
 
 
 def _spawn(check: str, *args):
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(distributed_worker.main, args=(2, port, check, args), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as folder:  # a file rendezvous: no port to race for
+        rendezvous = "file://" + os.path.join(folder, "rendezvous")
+        mp.spawn(distributed_worker.main, args=(2, rendezvous, check, args), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
