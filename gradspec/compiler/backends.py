@@ -42,8 +42,10 @@ def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"
 # `gradspec bench sgd_rms --backends compiled` (10M parameters, 2-core CPU): 20.3 -> 7.4 ms;
 # sgd_metric, lamb and the elementwise specs are unchanged or faster. Not for Muon's
 # Newton-Schulz chains, whose compile it made 5x slower (3 -> 14 s), nor measured on CUDA,
-# where the caching allocator keeps the temporaries.
-CPU_OPTIONS = {"realize_reads_threshold": 64}
+# where the caching allocator keeps the temporaries. realize_acc_reads_threshold does the
+# same for a value that reads many buffers (more than 12 on CPU): ALTO's direction was
+# stored between its passes; 25.8 -> 17.0 ms (docs/design.md).
+CPU_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 
 class _FirstCall:
