@@ -41,3 +41,13 @@ def test_the_cli_refuses_probe_specs_and_empty_layouts(capsys):
     assert main(["bench", "sophia", "--params", "1000"]) == 2
     assert "evaluates the model" in capsys.readouterr().err
     assert main(["bench", "adam", "--tensors", "0"]) == 2
+
+
+def test_compile_times_are_taken_in_fresh_processes_for_a_first_and_a_second_graph():
+    result = bench.run(["sgd"], params=1e3, tensors=2, steps=1, backends=("eager",), compile_tensors=(3,),
+                       peers=False)
+    [entry] = result["compile"]
+    assert entry["spec"] == "sgd" and entry["tensors"] == 3
+    for key in ("cold_s", "warm_s", "cold_loaded_s", "warm_loaded_s"):
+        assert entry[key] > 0, key
+    assert "| sgd | 3 |" in bench.render(result)

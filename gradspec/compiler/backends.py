@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.fx as fx
 
+from ..cache import cache_path
+
 BACKENDS = ("eager", "compiled")
 
 
@@ -73,12 +75,10 @@ class _FirstCall:
 # brings the probe back.
 
 def _isa_memo() -> str:
-    base = os.environ.get("GRADSPEC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gradspec")
     compiler = shutil.which(os.environ.get("CXX", "c++")) or ""
     fingerprint = "|".join([torch.__version__, sys.executable, platform.machine(), compiler,
                             torch.backends.cpu.get_cpu_capability()])
-    return os.path.join(base, "vec-isa-ok-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    return cache_path("vec-isa-ok-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
 
 
 def trust_known_vector_isa() -> None:
@@ -89,9 +89,7 @@ def trust_known_vector_isa() -> None:
 
 def remember_vector_isa() -> None:
     try:
-        path = _isa_memo()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as handle:
+        with open(_isa_memo(), "w") as handle:
             handle.write("a compiled gradspec step ran here; Inductor's vector-ISA probe passed\n")
     except OSError:
         pass  # a read-only home: the probe simply runs again next time
