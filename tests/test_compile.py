@@ -102,6 +102,24 @@ def test_per_tensor_reductions_trace_a_graph_whose_size_does_not_grow_with_the_t
     assert ten < mixed < 2 * ten
 
 
+def test_newton_schulz_is_one_opaque_operator_whatever_the_shapes():
+    """Muon's iteration is a custom operator: the step graph calls it once per bucket and holds
+    no matrix product, so its compile does not grow with the number of distinct shapes."""
+    from gradspec.compiler.ir import build
+    from gradspec.compiler.lower import BucketShape, lower_step
+    program = build(gradspec.load("muon"))
+    shapes = ((16, 3, 3, 3), (32, 16, 3, 3), (10, 512), (10, 512), (7,))
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    graph = lower_step(program, [BucketShape(numel, len(shapes), torch.float32, shapes)]).main.graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert targets.count("gradspec.orthogonalize.default") == 1
+    assert not [t for t in targets if "matmul" in t or "bmm" in t or "mm" == t.split(".")[-1]]
+    flat = torch.randn(numel, dtype=torch.float64)
+    matrix_shapes = [(s[0], torch.Size(s[1:]).numel()) if len(s) > 1 else (1, s[0]) for s in shapes]
+    args = (flat, [n for shape in matrix_shapes for n in shape], False, [], [], [], 0, "")
+    torch.library.opcheck(torch.ops.gradspec.orthogonalize.default, args)
+
+
 def test_long_sums_are_accumulated_in_float64_on_every_backend():
     """A global sum and per-tensor norms over millions of float32 elements come out within one
     float32 rounding of the exact value. Summing in float32 (Inductor's cascade) was 1.5e-7 to

@@ -21,16 +21,14 @@ from ..cache import cache_path
 BACKENDS = ("eager", "compiled")
 
 
-def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu", recompute: bool = True):
-    """``recompute``: let Inductor recompute shared elementwise values rather than store them
-    (CPU_OPTIONS), for graphs without matrix functions."""
+def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"):
     if backend == "eager":
         return graph
     if backend == "compiled":
         on_cpu = torch.device(device).type == "cpu"
         if on_cpu:
             trust_known_vector_isa()
-        options = CPU_OPTIONS if on_cpu and recompute else None
+        options = CPU_OPTIONS if on_cpu else None
         return _FirstCall(torch.compile(graph, fullgraph=True, dynamic=False, options=options),
                           remember_vector_isa if on_cpu else None)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -42,8 +40,7 @@ def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"
 # temporary is allocated again on every step. On CPU that is a fresh mapping, its pages
 # faulted in each time. Recomputing the value in the second pass is cheaper. Measured with
 # `gradspec bench sgd_rms --backends compiled` (10M parameters, 2-core CPU): 20.3 -> 7.4 ms;
-# sgd_metric, lamb and the elementwise specs are unchanged or faster. Not for Muon's
-# Newton-Schulz chains, whose compile it made 5x slower (3 -> 14 s), nor measured on CUDA,
+# sgd_metric, lamb and the elementwise specs are unchanged or faster. Not measured on CUDA,
 # where the caching allocator keeps the temporaries. realize_acc_reads_threshold does the
 # same for a value that reads many buffers (more than 12 on CPU): ALTO's direction was
 # stored between its passes; 25.8 -> 17.0 ms (docs/design.md).
@@ -98,13 +95,13 @@ def remember_vector_isa() -> None:
 _CACHE: dict = {}
 
 
-def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu", recompute: bool = True):
+def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu"):
     """The (scalar, main) callables of a step, shared by every optimizer whose graphs have the
     same code and bucket shapes: a second optimizer with the same spec and layout does not
     compile again."""
-    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device), recompute)
+    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device))
     if key not in _CACHE:
         # The scalar phase is a handful of 0-d ops (15 us/step eagerly on CPU for adam);
         # compiling it would cost a second C++ build (several seconds) for nothing.
-        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device, recompute))
+        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device))
     return _CACHE[key]

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..runtime.distributed import Sharding, all_reduce, gather_full
+from ..runtime.distributed import Sharding, all_reduce
 from .ir import Node, Program, Scope
+from .newton_schulz import operator_args
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -439,55 +440,11 @@ class _Lowerer:
                       for s in (shape.full_shapes or [()] * shape.ntensors)]
             return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
         sharded = shape.sharding.gather_args() if shape.sharding else None
-        return self.call(orthogonalize, x, tuple(shape.matrix_shapes()), node.attr[1], sharded)
+        return self.call(torch.ops.gradspec.orthogonalize.default, x,
+                         *operator_args(tuple(shape.matrix_shapes()), node.attr[1], sharded))
 
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))
-
-
-NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller Jordan et al.)
-NEWTON_SCHULZ_STEPS = 5
-
-
-def orthogonalize(flat: torch.Tensor, shapes: tuple, bf16: bool, sharded: tuple | None = None) -> torch.Tensor:
-    """Muon's Newton-Schulz iteration on each tensor of a flat bucket, as a (rows, columns)
-    matrix: normalised by its Frobenius norm (+ 1e-7), worked in its wide orientation, five
-    quintic steps, in bfloat16 when ``bf16`` else in the bucket's dtype. Tensors of one shape
-    go through the iteration together as a batch, so the traced graph grows with the number
-    of distinct shapes, not of tensors. A sharded bucket (``sharded``: Sharding.gather_args)
-    gathers every full matrix, runs the iteration on each rank (the same numbers everywhere)
-    and keeps its own part."""
-    if sharded is None:
-        offsets = [0]
-        for rows, cols in shapes:
-            offsets.append(offsets[-1] + rows * cols)
-        matrices = [flat[a:b].view(rows, cols) for a, b, (rows, cols) in zip(offsets, offsets[1:], shapes)]
-    else:
-        matrices = [full.view(rows, cols) for full, (rows, cols) in zip(gather_full(flat, *sharded), shapes)]
-    by_shape: dict = {}
-    for i, shape in enumerate(shapes):
-        by_shape.setdefault(shape, []).append(i)
-    pieces: list = [None] * len(shapes)
-    a, b, c = NEWTON_SCHULZ
-    for (rows, cols), members in by_shape.items():
-        x = torch.stack([matrices[i] for i in members])
-        x = x.to(torch.bfloat16) if bf16 else x
-        wide = rows > cols
-        if wide:
-            x = x.mT
-        x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
-        for _ in range(NEWTON_SCHULZ_STEPS):
-            gram = x @ x.mT
-            x = a * x + (b * gram + c * gram @ gram) @ x
-        if wide:
-            x = x.mT
-        for i, result in zip(members, x.to(flat.dtype).unbind()):
-            result = result.reshape(-1)
-            if sharded is not None:
-                start, stop = sharded[1][i]
-                result = result[start:stop]
-            pieces[i] = result
-    return torch.cat(pieces)
 
 
 def bucket_normal(generator: torch.Generator, numels: tuple, ranges: tuple | None, dtype, device) -> torch.Tensor:

@@ -355,8 +355,7 @@ class _Variant:
     def __init__(self, program: Program, shapes: list, optimizer: Optimizer, device: torch.device):
         self.program = program
         graphs = lower_step(program, shapes, optimizer.nonfinite)
-        matrix = any(node.op == "matrix" for node in program.nodes())
-        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend, device, recompute=not matrix)
+        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend, device)
         # probes run every few steps, after model evaluations that cost far more: eagerly
         self.probe_args = [lower_probe_args(program, shapes, j) if node.args else None
                            for j, node in enumerate(program.probes)]
