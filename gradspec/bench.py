@@ -1,15 +1,16 @@
 """``gradspec bench``: optimizer-step speed, measured in one run, as ratios.
 
-For each spec and backend it times our step in both gradient paths, "views" (backward wrote
-into the flat gradient buffer: ``zero_grad(set_to_none=False)``) and "copy" (torch's
-default ``set_to_none=True``: fresh gradients are copied in), next to torch.optim's fused
+For each spec and backend it times our step in both gradient paths, "views" (the gradients
+are in the flat gradient buffer, where backward leaves them in either ``zero_grad`` mode)
+and "copy" (gradients assigned by hand, ``p.grad = tensor``, which the step copies in;
+bench/bench_train_step.py times whole training steps), next to torch.optim's fused
 and foreach Adam and the same method in pytorch-optimizer where it has one (an optional
 import). The roofline is the bytes a perfect step moves, read off the spec's IR (every
 buffer the elementwise phase reads or writes, see compiler/cost.py), divided by the copy
 bandwidth. Every row's steps are interleaved with fused Adam's steps and with a copy of the
 same size, and its ratios use those paired timings: on a shared machine whose speed drifts
-by 30% within a run, ratios against figures taken minutes apart are noise. Compile time is construction plus the first step, in a fresh process: cold (empty Inductor
-cache) and warm (the cache the cold run filled), each for the process's first graph, which
+by 30% within a run, ratios against figures taken minutes apart are noise. Compile time is
+construction plus the first step, in a fresh process: cold (empty Inductor cache) and warm (the cache the cold run filled), each for the process's first graph, which
 also pays torch.compile's one-time start (imports, Inductor's source hash, CPU probes), and
 for a second graph in the same process (what one more optimizer, or a program already using
 torch.compile, waits for).

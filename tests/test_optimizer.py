@@ -474,6 +474,43 @@ def test_zero_grad_modes_match_torch_including_accumulation(set_to_none):
     torch.testing.assert_close(results[0], results[1], **TIGHT)
 
 
+def test_fresh_gradients_land_in_the_flat_buffer_as_backward_makes_them():
+    """With torch's default zero_grad(set_to_none=True), backward's fresh gradients are copied
+    into the optimizer's gradient buffer by a hook, and p.grad is a view of it again."""
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.02)
+    batch = _batches(1)[0]
+    _loss(model, batch).backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    _loss(model, batch).backward()
+    expected = torch.autograd.grad(_loss(model, batch), list(model.parameters()))
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1  # one flat buffer holds every gradient
+    for p, g in zip(model.parameters(), expected):
+        assert torch.equal(p.grad, g)
+
+
+def test_a_dropped_or_rebuilt_optimizer_leaves_no_gradient_hook_behind():
+    import gc
+    model = _model()
+    batch = _batches(1)[0]
+    for _ in range(2):  # the first optimizer is dropped when the name is rebound
+        opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.02)
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+        gc.collect()
+    model.to(torch.float32)  # parameters move: the step rebuilds its buckets
+    opt.zero_grad()
+    _loss(model, [t.float() for t in batch]).backward()
+    opt.step()
+    gc.collect()
+    for p in model.parameters():
+        assert len(p._post_accumulate_grad_hooks) == 1
+
+
 # ---------------------------------------------------------------- non-finite gradients
 def _poison(model):
     model[0].weight.grad[1, 2] = float("nan")

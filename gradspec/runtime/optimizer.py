@@ -23,7 +23,7 @@ from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
 from ..symbolic.simplify import simplified
 from . import distributed
-from .buckets import Bucket, scalar_dtype
+from .buckets import Bucket, GradientCapture, scalar_dtype
 from .probes import ClosureDriver, Evaluations
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -87,6 +87,7 @@ class Optimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._static_names = _static_hypers(self.spec)
         self._plans: dict = {}
+        self._capture = GradientCapture()
         self._programs: dict = {}
         self._betas_seen: dict = {}
         self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
@@ -182,6 +183,13 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure=None, *, loss=None):
         """One step for every group; calls ``closure`` (with grad enabled) first if given and
         returns its loss. Specs that read ``loss`` take it from the closure or from ``loss=``."""
+        self._capture.on = False  # gradients computed in here are copied in by the step itself
+        try:
+            return self._step(closure, loss)
+        finally:
+            self._capture.on = True
+
+    def _step(self, closure, loss):
         if self._has_probes:
             return self._probing_step(closure)
         if closure is not None:
@@ -380,7 +388,7 @@ class _Plan:
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
         self.buckets = [Bucket(ps, state, program.state_names, step, by_size, program.state_ranks,
-                               optimizer.state_dtype)
+                               optimizer.state_dtype, optimizer._capture)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device
