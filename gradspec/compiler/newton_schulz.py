@@ -43,26 +43,34 @@ def _orthogonalize(flat: torch.Tensor, shapes: list[int], bf16: bool, numels: li
     for a bucket held whole)."""
     pairs = list(zip(shapes[0::2], shapes[1::2]))
     if world == 0:
-        matrices, offset = [], 0
-        for rows, cols in pairs:
-            matrices.append(flat[offset:offset + rows * cols].view(rows, cols))
-            offset += rows * cols
-        held = None
+        held = [(0, rows * cols) for rows, cols in pairs]
+        full = None
     else:
         held = list(zip(ranges[0::2], ranges[1::2]))
         full = gather_full(flat, tuple(numels), tuple(held), tuple(slots), world, group_name)
-        matrices = [f.view(rows, cols) for f, (rows, cols) in zip(full, pairs)]
+    starts = [0]  # where each tensor's held part sits in the flat bucket
+    for start, stop in held:
+        starts.append(starts[-1] + stop - start)
+    out = torch.empty_like(flat)
     by_shape: dict = {}
     for i, shape in enumerate(pairs):
         by_shape.setdefault(shape, []).append(i)
-    pieces: list = [None] * len(pairs)
-    for members in by_shape.values():
-        x = torch.stack([matrices[i] for i in members])
+    for (rows, cols), members in by_shape.items():
+        first, last = members[0], members[-1]
+        whole = full is None and members == list(range(first, last + 1))  # one run: a view, no stack
+        if whole:
+            x = flat[starts[first]:starts[last + 1]].view(len(members), rows, cols)
+        else:
+            x = torch.stack([(full[i] if full is not None else flat[starts[i]:starts[i + 1]]).view(rows, cols)
+                             for i in members])
         x = newton_schulz(x.to(torch.bfloat16) if bf16 else x)
-        for i, result in zip(members, x.to(flat.dtype).unbind()):
-            result = result.reshape(-1)
-            pieces[i] = result if held is None else result[held[i][0]:held[i][1]]
-    return torch.cat(pieces) if pieces else flat.new_empty(0)
+        if whole:  # copy_ converts back to the bucket's dtype on the way
+            out[starts[first]:starts[last + 1]].view(len(members), rows, cols).copy_(x)
+            continue
+        for i, result in zip(members, x.unbind()):
+            start, stop = held[i]
+            out[starts[i]:starts[i + 1]].copy_(result.reshape(-1)[start:stop])
+    return out
 
 
 @_orthogonalize.register_fake
