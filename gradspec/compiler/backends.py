@@ -43,7 +43,7 @@ def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"
 # sgd_metric, lamb and the elementwise specs are unchanged or faster. Not measured on CUDA,
 # where the caching allocator keeps the temporaries. realize_acc_reads_threshold does the
 # same for a value that reads many buffers (more than 12 on CPU): ALTO's direction was
-# stored between its passes; 25.8 -> 17.0 ms (docs/design.md).
+# stored between its passes; 23.7 -> 16.0 ms (docs/design.md).
 CPU_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 
