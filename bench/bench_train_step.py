@@ -8,8 +8,9 @@ fused Adam and with gradspec's compiled adam, under both ``zero_grad`` modes, in
 gradspec's flat buffer as they arrive; under ``set_to_none=False`` backward adds into the
 zeroed buffer in place. Either way the cost sits in backward, not in the step, so the
 question is one for the whole step: this script answers it on an MLP (no downloads). Each configuration trains
-its own copy of the same model; one step of each is taken in turn, so the machine's drift
-moves all of them alike, and the median is printed with its ratio to fused Adam.
+its own copy of the same model; one step of each is taken in turn, in a rotating order, so
+the machine's drift and any first-in-turn effect fall on all of them alike, and the median
+is printed with its ratio to fused Adam.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def main() -> None:
         model = copy.deepcopy(base)
         configurations[label] = trainer(model, make(model.parameters()), set_to_none, data, target, args.device)
     samples = {label: [] for label in configurations}
+    order = list(configurations.items())
     for i in range(args.steps + 3):  # the first steps compile and warm up: not kept
-        for label, one in configurations.items():
+        for label, one in order[i % len(order):] + order[:i % len(order)]:  # who goes first rotates
             seconds = one()
             if i >= 3:
                 samples[label].append(seconds)
