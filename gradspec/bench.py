@@ -86,18 +86,19 @@ def copier(n: int, device: str):
 
 def time_paired(ours, references: dict, steps: int) -> tuple[float, float, dict]:
     """(first step in seconds, median ms per later step, {reference: (median ms, best ms)}),
-    the steps interleaved with the references' (ours, then each reference, in turn): the
-    machine's drift during a run then moves both sides of every ratio alike."""
+    the steps interleaved with the references' in rounds (each of them once per round): the
+    machine's drift during a run then moves both sides of every ratio alike. Who goes first
+    rotates from round to round, because on our CPU the first step of a round ran faster
+    than the others, enough to flip a 5% comparison."""
     first = ours()
-    for _ in range(3):
-        ours()
-        for reference in references.values():
-            reference()
-    samples = {name: [] for name in ["ours", *references]}
-    for _ in range(steps):
-        samples["ours"].append(ours())
-        for name, reference in references.items():
-            samples[name].append(reference())
+    runners = [("ours", ours), *references.items()]
+    samples = {name: [] for name, _ in runners}
+    for i in range(3 + steps):  # three warm-up rounds, not kept
+        turn = i % len(runners)
+        for name, run in runners[turn:] + runners[:turn]:
+            seconds = run()
+            if i >= 3:
+                samples[name].append(seconds)
     ms = 1e3 * statistics.median(samples.pop("ours"))
     return first, ms, {name: (1e3 * statistics.median(values), 1e3 * min(values)) for name, values in samples.items()}
 
