@@ -492,6 +492,25 @@ def test_fresh_gradients_land_in_the_flat_buffer_as_backward_makes_them():
         assert torch.equal(p.grad, g)
 
 
+def test_a_gradient_with_a_graph_is_left_to_the_step_and_matches_torch():
+    """backward(create_graph=True), as for a gradient penalty: the hook must not tie the flat
+    buffer into the graph; the step copies the values in and matches torch.optim.Adam."""
+    results = []
+    for make in (lambda p: gradspec.Optimizer(p, "adam", backend="eager", lr=0.02),
+                 lambda p: _torch_adam(p, lr=0.02)):
+        model = _model()
+        opt = make(model.parameters())
+        for batch in _batches(4):
+            opt.zero_grad()
+            _loss(model, batch).backward(create_graph=True)
+            opt.step()
+        results.append(_flat(model))
+        if isinstance(opt, gradspec.Optimizer):
+            for plan in opt._plans.values():
+                assert not any(b.grad.requires_grad for b in plan.buckets)
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
+
+
 def test_a_dropped_or_rebuilt_optimizer_leaves_no_gradient_hook_behind():
     import gc
     model = _model()

@@ -185,9 +185,11 @@ def _capture_gradient(bucket_ref, index: int, param: torch.Tensor) -> None:
     bucket = bucket_ref()
     if bucket is None or bucket.capture is None or not bucket.capture.on:
         return
-    view = bucket.grad_views[index]
-    if param.grad is not None and param.grad is not view:
-        view.copy_(param.grad)
+    view, grad = bucket.grad_views[index], param.grad
+    # backward(create_graph=True) gives a gradient with a graph: copied here, it would tie
+    # the buffer into that graph, so the step copies it (without the graph) instead
+    if grad is not None and grad is not view and not grad.requires_grad:
+        view.copy_(grad)
         param.grad = view
 
 
