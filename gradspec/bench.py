@@ -166,11 +166,8 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
                 measure(f"gradspec {spec} {backend} ({path})", "gradspec", stepper(opt, ps, gs, device, set_to_none),
                         moved)
         peer = PEERS.get(spec)
-        if peers and peer is not None:
-            try:
-                import pytorch_optimizer
-            except ImportError:
-                continue
+        pytorch_optimizer = _optional_peer_package() if peers and peer is not None else None
+        if pytorch_optimizer is not None:
             ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
             groups = [{"params": ps, "use_muon": True}] if spec == "muon" else ps  # its Muon's protocol
             opt = getattr(pytorch_optimizer, peer)(groups, lr=1e-3)
@@ -183,6 +180,15 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
                                       "cold_loaded_s": cold_loaded, "warm_loaded_s": warm_loaded})
     result["bandwidth_gbs"] = statistics.median(r["bandwidth_gbs"] for r in result["rows"])
     return result
+
+
+def _optional_peer_package():
+    """pytorch-optimizer, or None where it is not installed (its rows are then left out)."""
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return None
+    return pytorch_optimizer
 
 
 def render(result: dict) -> str:

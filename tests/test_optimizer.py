@@ -511,6 +511,64 @@ def test_a_gradient_with_a_graph_is_left_to_the_step_and_matches_torch():
     torch.testing.assert_close(results[0], results[1], **TIGHT)
 
 
+def test_a_gradient_kept_from_an_earlier_backward_is_never_overwritten():
+    """zero_grad(set_to_none=True) promises new gradient tensors: a gradient kept without a
+    clone (per-task gradients for gradient surgery), or a slice of one, must not change when
+    the hook captures the next backward's gradients."""
+    kept = {}
+    for name, make in (("ours", lambda p: gradspec.Optimizer(p, "adam", backend="eager", lr=0.02)),
+                       ("torch", lambda p: _torch_adam(p, lr=0.02))):
+        model = _model()
+        opt = make(model.parameters())
+        batches = _batches(3)
+        _loss(model, batches[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        _loss(model, batches[1]).backward()
+        task_a, row_of_a = model[0].weight.grad, model[2].bias.grad[:1]
+        saved = task_a.clone(), row_of_a.clone()
+        opt.zero_grad()
+        _loss(model, batches[2]).backward()
+        assert torch.equal(task_a, saved[0]) and torch.equal(row_of_a, saved[1]), name
+        opt.step()
+        kept[name] = _flat(model)
+    torch.testing.assert_close(kept["ours"], kept["torch"], **TIGHT)
+
+
+@pytest.mark.parametrize("zero_first", [True, False])
+def test_parameters_that_move_or_are_frozen_keep_stepping_like_torch(zero_first):
+    """model.to(dtype) between steps, in either order with zero_grad, and a parameter that
+    has a gradient but no longer requires one: the hook must step aside and the step match
+    torch.optim.SGD."""
+    results = []
+    for make in (lambda p: gradspec.Optimizer(p, "sgd", backend="eager", lr=0.01),
+                 lambda p: torch.optim.SGD(p, lr=0.01)):
+        model = _model(dtype=torch.float32)
+        opt = make(model.parameters())
+        batch = [t.float() for t in _batches(1)[0]]
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            opt.step()
+        if zero_first:
+            opt.zero_grad()
+        model.to(torch.float64)
+        if not zero_first:
+            opt.zero_grad()
+        batch = [t.double() for t in batch]
+        for _ in range(3):
+            _loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        model[0].weight.requires_grad_(False)  # frozen, its gradient assigned by hand
+        model[0].weight.grad = torch.ones_like(model[0].weight)
+        opt = make(model.parameters())  # whose buckets are built with it
+        _loss(model, batch).backward()
+        opt.step()
+        results.append(_flat(model))
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
+
+
 def test_a_dropped_or_rebuilt_optimizer_leaves_no_gradient_hook_behind():
     import gc
     model = _model()

@@ -426,11 +426,7 @@ class _Lowerer:
         return pieces[0] if len(pieces) == 1 else self.call(torch.cat, pieces)
 
     def _sum(self, x, dtype, *dims):
-        """A sum accumulated in float64, rounded once to ``dtype``: within one rounding of the
-        exact value, where Inductor's float32 cascade was 2e-7 off, and cheaper, since the
-        cascade makes a CPU reduction pass compute-bound (docs/design.md)."""
-        total = self.call(torch.sum, x, *dims, dtype=torch.float64)
-        return self.call(torch.Tensor.to, total, dtype)
+        return self.call(accumulated_sum, x, dims, dtype)
 
     def _matrix(self, node: Node, bucket: int):
         shape = self.buckets[bucket]
@@ -445,6 +441,15 @@ class _Lowerer:
 
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))
+
+
+def accumulated_sum(x: torch.Tensor, dims: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A sum accumulated in float64 (float32 on MPS, which has no float64), rounded once to
+    ``dtype``: within one rounding of the exact value, where Inductor's float32 cascade was
+    2e-7 off, and cheaper, since the cascade makes a CPU reduction pass compute-bound
+    (docs/design.md). The device is fixed in a compiled graph, so the choice is traced away."""
+    accumulate = torch.float32 if x.device.type == "mps" else torch.float64
+    return torch.sum(x, *dims, dtype=accumulate).to(dtype)
 
 
 def bucket_normal(generator: torch.Generator, numels: tuple, ranges: tuple | None, dtype, device) -> torch.Tensor:
