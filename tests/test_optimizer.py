@@ -453,6 +453,40 @@ def test_step_counters_survive_gradients_arriving_in_different_steps():
         assert fresh.state[q]["step"].item() == counts[i] + 3
 
 
+@pytest.mark.parametrize("spec", ["adam", "deo(adam)", "lamb", "sophia"])
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_model_and_optimizer_continue_exactly_like_the_original(spec, how):
+    """copy.deepcopy((model, opt)) and torch.save/load of both: the copy steps on bit for bit
+    (states, step counts and the random generator's position, which Sophia's Hutchinson
+    vectors draw from at every step here, included)."""
+    model = _model()
+    hyper = {"k": 1} if spec == "sophia" else {}
+    opt = gradspec.Optimizer(model.parameters(), spec, backend="eager", lr=0.02, **hyper)
+    batches = _batches(8)
+
+    def train(model, opt, batches):
+        for batch in batches:
+            def closure():
+                opt.zero_grad()
+                loss = _loss(model, batch)
+                if spec != "sophia":  # sophia differentiates the gradient itself
+                    loss.backward()
+                return loss
+            opt.step(closure)
+
+    train(model, opt, batches[:4])
+    if how == "deepcopy":
+        copied_model, copied_opt = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        copied_model, copied_opt = torch.load(buffer, weights_only=False)
+    train(model, opt, batches[4:])
+    train(copied_model, copied_opt, batches[4:])
+    assert torch.equal(_flat(model), _flat(copied_model))
+
+
 # ---------------------------------------------------------------- zero_grad
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_modes_match_torch_including_accumulation(set_to_none):

@@ -66,6 +66,7 @@ class Optimizer(torch.optim.Optimizer):
                  nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
                  process_group="auto", **hyper):
         self.spec = load(spec) if isinstance(spec, str) else spec
+        self._spec_argument = spec  # a name or expression pickles; an adaptor's Spec holds lambdas
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
         safety_checked(self.spec)  # once per spec: SymPy never runs in step()
@@ -73,7 +74,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
-        self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)
+        self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)  # _split_betas reads it
         hyper = self._split_betas(hyper)
         for name in hyper:
             if name not in self.spec.hypers:
@@ -85,14 +86,7 @@ class Optimizer(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
-        self._static_names = _static_hypers(self.spec)
-        self._plans: dict = {}
-        self._capture = GradientCapture()
-        self._programs: dict = {}
-        self._betas_seen: dict = {}
-        self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
-        self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
-        self.evaluations = Evaluations()
+        self._fresh_runtime()
         defaults = {**self.spec.hyper_defaults, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
@@ -101,11 +95,7 @@ class Optimizer(torch.optim.Optimizer):
         device = distributed.local(first[0]).device if first else "cpu"
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.param_groups[0][GENERATOR] = self.generator.get_state()
-        everything = [p for group in self.param_groups for p in group["params"]]
-        self.process_group = distributed.data_parallel_group(process_group, everything)
-        self._sharded = any(distributed.is_sharded(p) for p in everything)
-        # the processes whose batches make one step's batch: the loss a spec reads is their mean
-        self._batch_group = distributed.batch_group(self.process_group, self._sharded)
+        self._join_processes(process_group)
         if self._sharded and self._has_probes:
             differentiated = {n.attr[0] for n in self._program(self.param_groups[0], self._all_probes()).probes}
             differentiated &= {"hvp", "hessian_eigvecs"}
@@ -115,7 +105,51 @@ class Optimizer(torch.optim.Optimizer):
                     "which need a double backward that FSDP2 does not support (pytorch/pytorch#172543); "
                     "train it under DDP, or write the product as a finite difference of grad_at")
 
+    def _fresh_runtime(self) -> None:
+        """What the optimizer derives from its spec and keeps between steps, empty: compiled
+        plans (with the flat buffers), programs, and counters."""
+        self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)
+        self._static_names = _static_hypers(self.spec)
+        self._plans: dict = {}
+        self._capture = GradientCapture()
+        self._programs: dict = {}
+        self._betas_seen: dict = {}
+        self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
+        self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
+        self.evaluations = Evaluations()
+
+    def _join_processes(self, process_group) -> None:
+        everything = [p for group in self.param_groups for p in group["params"]]
+        self.process_group = distributed.data_parallel_group(process_group, everything)
+        self._sharded = any(distributed.is_sharded(p) for p in everything)
+        # the processes whose batches make one step's batch: the loss a spec reads is their mean
+        self._batch_group = distributed.batch_group(self.process_group, self._sharded)
+
     # ---- torch.optim.Optimizer protocol
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickling: what a checkpoint holds (torch.optim's own
+        fields, the generator's state in the first group) plus the constructor's choices.
+        Plans, buffers and compiled steps are rebuilt on the copy's first step, from its
+        parameters and states, as after ``load_state_dict``."""
+        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        return {**super().__getstate__(), "spec": self._spec_argument, "backend": self.backend,
+                "nonfinite": self.nonfinite, "state_dtype": self.state_dtype}
+
+    def __setstate__(self, state: dict) -> None:
+        if "spec" not in state:  # torch.optim's load_state_dict updates a live optimizer this way
+            super().__setstate__(state)
+            return
+        state = dict(state)
+        self._spec_argument, self.backend = state.pop("spec"), state.pop("backend")
+        self.spec = load(self._spec_argument) if isinstance(self._spec_argument, str) else self._spec_argument
+        self.nonfinite, self.state_dtype = state.pop("nonfinite"), state.pop("state_dtype")
+        super().__setstate__(state)
+        self._fresh_runtime()
+        first = self.param_groups[0]["params"][:1]
+        self.generator = torch.Generator(device=distributed.local(first[0]).device if first else "cpu")
+        self.generator.set_state(self.param_groups[0][GENERATOR].to(torch.uint8).cpu())
+        self._join_processes("auto")
+
     def add_param_group(self, param_group: dict) -> None:
         param_group = self._split_betas(param_group)
         if self._has_betas and ("beta1" in param_group or "beta2" in param_group):
