@@ -166,12 +166,14 @@ class Bucket:
         ``index``'s gradient from an earlier backward (``g = p.grad`` kept across a
         ``zero_grad()``): torch gives every backward new gradient tensors in that mode, and
         the kept one must not change. Held means the view itself has a Python reference
-        besides our list (``sys.getrefcount``: list, local, argument), or the storage a
-        reference besides the buffer, its views and the temporary handle (a slice or reshape
-        of a gradient). Gradients already captured into the old buffer are copied by the step."""
-        view = self.grad_views[index]
+        besides our list, or the storage a reference besides the buffer, its views and the
+        temporary handle (a slice or reshape of a gradient). The Python count is compared with
+        that of an object only a list holds, taken the same way, because what
+        ``sys.getrefcount`` counts (the argument, borrowed references) varies between Python
+        versions. Gradients already captured into the old buffer are copied by the step."""
         storage = self.grad.untyped_storage()
-        if sys.getrefcount(view) > 3 or torch._C._storage_Use_Count(storage._cdata) > len(self.grad_views) + 2:
+        held_elsewhere = sys.getrefcount(self.grad_views[index]) > sys.getrefcount(_ONLY_IN_A_LIST[0])
+        if held_elsewhere or torch._C._storage_Use_Count(storage._cdata) > len(self.grad_views) + 2:
             self.grad = torch.empty_like(self.grad)
             self.grad_views = self.views(self.grad)
 
@@ -185,6 +187,9 @@ class Bucket:
             for name, value in list(entry.items()):
                 if isinstance(value, torch.Tensor):
                     entry[name] = value.clone()
+
+
+_ONLY_IN_A_LIST = [object()]  # the reference count of an object nothing else holds (unshare_grads)
 
 
 class GradientCapture:
