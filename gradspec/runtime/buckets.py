@@ -11,8 +11,7 @@ default) drops those views, and backward then hands each parameter a fresh gradi
 post-accumulate-grad hook copies it into the buffer at once, while it is still in cache,
 and puts the view back: over a whole training step (bench/bench_train_step.py, 9.4M
 parameters) that took torch's default mode from 1.45-1.50x fused Adam's time, with the copy
-in the step, to 1.13-1.16x; ``set_to_none=False`` (no copy, but backward adds into zeroed
-views) measured 1.05-1.19x. A
+in the step, to 1.13-1.15x in the same runs (docs/design.md has more runs). A
 gradient that arrives otherwise (assigned by hand, or computed during ``step()``, where
 probes need their own) is copied in by the step.
 
