@@ -9,11 +9,13 @@ import). The roofline is the bytes a perfect step moves, read off the spec's IR 
 buffer the elementwise phase reads or writes, see compiler/cost.py), divided by the copy
 bandwidth. Every row's steps are interleaved with fused Adam's steps and with a copy of the
 same size, and its ratios use those paired timings: on a shared machine whose speed drifts
-by 30% within a run, ratios against figures taken minutes apart are noise. Compile time is
-construction plus the first step, in a fresh process: cold (empty Inductor cache) and warm (the cache the cold run filled), each for the process's first graph, which
+by 30% within a run, ratios against figures taken minutes apart are noise.
+
+Compile time is construction plus the first step, in a fresh process: cold (empty Inductor
+cache) and warm (the cache the cold run filled), each for the process's first graph, which
 also pays torch.compile's one-time start (imports, Inductor's source hash, CPU probes), and
-for a second graph in the same process (what one more optimizer, or a program already using
-torch.compile, waits for).
+for a second graph in the same process, once started (what one more optimizer, or a program
+already using torch.compile, waits for).
 
 Specs with probes are timed on their ordinary step (probes need a model: see
 bench/bench_probes.py).
@@ -174,10 +176,10 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
             measure(f"pytorch_optimizer.{peer}", "peer", stepper(opt, ps, gs, device, True), moved)
         for count in compile_tensors:
             with tempfile.TemporaryDirectory() as cache:
-                cold, cold_loaded = compile_seconds(spec, count, cache)
-                warm, warm_loaded = compile_seconds(spec, count, cache)
+                cold, cold_started = compile_seconds(spec, count, cache)
+                warm, warm_started = compile_seconds(spec, count, cache)
             result["compile"].append({"spec": spec, "tensors": count, "cold_s": cold, "warm_s": warm,
-                                      "cold_loaded_s": cold_loaded, "warm_loaded_s": warm_loaded})
+                                      "cold_started_s": cold_started, "warm_started_s": warm_started})
     result["bandwidth_gbs"] = statistics.median(r["bandwidth_gbs"] for r in result["rows"])
     return result
 
@@ -207,7 +209,7 @@ def render(result: dict) -> str:
                   "", "| spec | tensors | cold s | warm s | cold, started s | warm, started s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {c['spec']} | {c['tensors']} | {c['cold_s']:.2f} | {c['warm_s']:.2f} | "
-                  f"{c['cold_loaded_s']:.2f} | {c['warm_loaded_s']:.2f} |" for c in result["compile"]]
+                  f"{c['cold_started_s']:.2f} | {c['warm_started_s']:.2f} |" for c in result["compile"]]
     return "\n".join(lines)
 
 

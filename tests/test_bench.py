@@ -50,6 +50,6 @@ def test_compile_times_are_taken_in_fresh_processes_for_a_first_and_a_second_gra
     assert not [row for row in result["rows"] if row["kind"] == "peer"]
     [entry] = result["compile"]  # a missing peer package must not drop the compile rows
     assert entry["spec"] == "lamb" and entry["tensors"] == 3
-    for key in ("cold_s", "warm_s", "cold_loaded_s", "warm_loaded_s"):
+    for key in ("cold_s", "warm_s", "cold_started_s", "warm_started_s"):
         assert entry[key] > 0, key
     assert "| lamb | 3 |" in bench.render(result)

@@ -71,14 +71,14 @@ class Bucket:
         self._versions = None  # the shards' version counters after this bucket last wrote them
         self.grad_views = self.views(self.grad)
         self.capture = capture
+        self._hooks = []
         if not self.sharding:
             for p, view in zip(params, self.grad_views):
                 p.grad = view
             own = weakref.ref(self)  # the hooks must not keep a dropped bucket alive
-            handles = [p.register_post_accumulate_grad_hook(functools.partial(_capture_gradient, own, i))
-                       for i, p in enumerate(params) if p.is_leaf and p.requires_grad]
-            weakref.finalize(self, _remove_all, handles)
-            self._hooks = handles
+            self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(_capture_gradient, own, i))
+                           for i, p in enumerate(params) if p.is_leaf and p.requires_grad]
+            weakref.finalize(self, _remove_all, self._hooks)
         # a 1-element buffer (see lower.py on 0-d inputs); state[p]["step"] is a 0-d view of it
         self.step = torch.full((1,), step, dtype=scalar_dtype(self.device), device=self.device)
 
@@ -178,7 +178,7 @@ class Bucket:
 
     def detach(self, state: dict) -> None:
         """Give parameters and states their own storage again, before this bucket is dropped."""
-        _remove_all(getattr(self, "_hooks", ()))
+        _remove_all(self._hooks)
         for p in self.params:
             if not self.sharding:
                 p.data = p.data.clone()

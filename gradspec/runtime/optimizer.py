@@ -74,7 +74,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
-        self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)  # _split_betas reads it
+        self._fresh_runtime()
         hyper = self._split_betas(hyper)
         for name in hyper:
             if name not in self.spec.hypers:
@@ -86,7 +86,6 @@ class Optimizer(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
-        self._fresh_runtime()
         defaults = {**self.spec.hyper_defaults, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
