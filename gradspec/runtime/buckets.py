@@ -170,9 +170,8 @@ class Bucket:
         that of an object only a list holds, taken the same way, because what
         ``sys.getrefcount`` counts (the argument, borrowed references) varies between Python
         versions. Gradients already captured into the old buffer are copied by the step."""
-        storage = self.grad.untyped_storage()
         held_elsewhere = sys.getrefcount(self.grad_views[index]) > sys.getrefcount(_ONLY_IN_A_LIST[0])
-        if held_elsewhere or torch._C._storage_Use_Count(storage._cdata) > len(self.grad_views) + 2:
+        if held_elsewhere or _storage_references(self.grad) > len(self.grad_views) + 2:
             self.grad = torch.empty_like(self.grad)
             self.grad_views = self.views(self.grad)
 
@@ -189,6 +188,13 @@ class Bucket:
 
 
 _ONLY_IN_A_LIST = [object()]  # the reference count of an object nothing else holds (unshare_grads)
+
+
+def _storage_references(tensor: torch.Tensor) -> int:
+    """How many tensors (and handles) share ``tensor``'s storage; 0 where this torch does not
+    say (a private function), which leaves the Python count as the only check."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(tensor.untyped_storage()._cdata) if use_count is not None else 0
 
 
 class GradientCapture:
