@@ -90,9 +90,7 @@ class Optimizer(torch.optim.Optimizer):
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][:1]
-        device = distributed.local(first[0]).device if first else "cpu"
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = self._new_generator().manual_seed(seed)
         self.param_groups[0][GENERATOR] = self.generator.get_state()
         self._join_processes(process_group)
         if self._sharded and self._has_probes:
@@ -116,6 +114,14 @@ class Optimizer(torch.optim.Optimizer):
         self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
         self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
         self.evaluations = Evaluations()
+
+    def _new_generator(self) -> torch.Generator:
+        """The generator behind randn() and sampled labels, on the first parameter's device."""
+        first = self.param_groups[0]["params"][:1]
+        return torch.Generator(device=distributed.local(first[0]).device if first else "cpu")
+
+    def _restore_generator(self, saved: torch.Tensor) -> None:
+        self.generator.set_state(saved.to(torch.uint8).cpu())  # a checkpoint may have moved or cast it
 
     def _join_processes(self, process_group) -> None:
         everything = [p for group in self.param_groups for p in group["params"]]
@@ -144,9 +150,8 @@ class Optimizer(torch.optim.Optimizer):
         self.nonfinite, self.state_dtype = state.pop("nonfinite"), state.pop("state_dtype")
         super().__setstate__(state)
         self._fresh_runtime()
-        first = self.param_groups[0]["params"][:1]
-        self.generator = torch.Generator(device=distributed.local(first[0]).device if first else "cpu")
-        self.generator.set_state(self.param_groups[0][GENERATOR].to(torch.uint8).cpu())
+        self.generator = self._new_generator()
+        self._restore_generator(self.param_groups[0][GENERATOR])
         self._join_processes("auto")
 
     def add_param_group(self, param_group: dict) -> None:
@@ -179,7 +184,7 @@ class Optimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
         saved = state_dict["param_groups"][0].get(GENERATOR, state_dict.pop(GENERATOR, None))  # older checkpoints: top level
         if saved is not None:
-            self.generator.set_state(saved.to(torch.uint8).cpu())
+            self._restore_generator(saved)
         for plan in self._plans.values():
             plan.detach(self.state)
         self._plans.clear()
