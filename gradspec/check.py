@@ -14,8 +14,10 @@ from .compiler.ir import build
 from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, apply_adaptor, load
 from .symbolic import domains, laws, safety
+from .recursion import deep
 
 
+@deep
 def check(spec: Spec | str, dtype=None) -> Spec:
     """Every check; raises SpecError with all errors, returns the resolved spec when sound."""
     spec = load(spec) if isinstance(spec, str) else spec
@@ -25,6 +27,7 @@ def check(spec: Spec | str, dtype=None) -> Spec:
     return spec
 
 
+@deep
 def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diagnostic]:
     """All diagnostics of ``spec``, errors and warnings, in source order. Adaptors are checked
     applied to ``sgd``, the simplest base; a spec is built under every setting of its boolean
@@ -68,6 +71,7 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
     return _unique(found)
 
 
+@deep  # hashing a deep spec's statements recurses too
 @functools.lru_cache(maxsize=256)
 def safety_checked(spec: Spec) -> None:
     """The checks an optimizer runs once per spec, at construction: everything but the laws

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..dsl.resolve import Spec
 from .ir import Program, Scope, build
+from ..recursion import deep
 
 # per call: (closure calls, gradients, Hessian-vector products); hessian_eigvecs: per iteration
 EVALUATIONS = {"grad_at": (1, 1, 0), "hvp": (0, 0, 1), "gauss_newton": (0, 1, 0), "randn": (0, 0, 0),
@@ -32,6 +33,7 @@ class StepCost:
     differentiates_gradient: bool  # an exact HVP: the step's gradient is taken with create_graph
 
 
+@deep
 def step_cost(spec: Spec, values: dict | None = None) -> StepCost:
     values = {**spec.hyper_defaults, **(values or {})}
     plain = build(spec, values)

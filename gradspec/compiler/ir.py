@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..dsl import ast
 from ..dsl.errors import Collector, SpecError, did_you_mean
 from ..dsl.resolve import INPUTS, Spec
+from ..recursion import deep
 
 
 class Scope(enum.IntEnum):
@@ -127,17 +128,16 @@ class Program:
         """Every node reachable from the next values (and, with ``initial``, the initial
         values), each once, arguments before users."""
         seen, order = set(), []
-
-        def visit(node):
-            if id(node) in seen:
-                return
-            seen.add(id(node))
-            for a in node.args:
-                visit(a)
-            order.append(node)
-
         for root in list(self.next.values()) + (list(self.init.values()) if initial else []):
-            visit(root)
+            stack = [(root, False)]  # no recursion: a program may be thousands of nodes deep
+            while stack:
+                node, expanded = stack.pop()
+                if expanded:
+                    order.append(node)
+                elif id(node) not in seen:
+                    seen.add(id(node))
+                    stack.append((node, True))
+                    stack.extend((a, False) for a in reversed(node.args))
         return order
 
 
@@ -202,6 +202,7 @@ def _fold(op, values):
     return None
 
 
+@deep
 def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None,
           probing=frozenset()) -> Program:
     """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
@@ -222,6 +223,7 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
     return _ProgramBuilder(spec, values, forced or {}, frozenset(probing)).run()
 
 
+@deep
 def build_probing(spec: Spec, hyper_values: dict | None = None) -> Program:
     """The program of a step where every probe of ``spec`` runs (the plain one if it has none):
     the whole method, for showing and checking."""

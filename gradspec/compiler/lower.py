@@ -35,6 +35,7 @@ import torch.fx as fx
 from ..runtime.distributed import Sharding, all_reduce
 from .ir import Node, Program, Scope
 from .newton_schulz import operator_args
+from ..recursion import deep
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -114,6 +115,7 @@ def _scalar_roots(program: Program, n_buckets: int) -> list:
     return roots
 
 
+@deep
 def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate") -> StepGraphs:
     """The scalar and main graphs of one step (see the module docstring)."""
     roots = _scalar_roots(program, len(buckets))
@@ -138,6 +140,7 @@ def main_inputs(program: Program, n_buckets: int, n_scalars: int, nonfinite: str
     return names
 
 
+@deep
 def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -> fx.GraphModule:
     """A graph from the main phase's inputs to the arguments of probe ``index``, per bucket:
     ((args of bucket 0), (args of bucket 1), ...). Probes after ``index`` are not read."""
@@ -192,6 +195,7 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_step")
 
 
+@deep
 def lower_init(program: Program, bucket: BucketShape) -> fx.GraphModule:
     """A graph from (hyperparameters, param, grad, random generator) of one bucket to each
     state's initial value."""

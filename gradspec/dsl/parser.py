@@ -14,6 +14,7 @@ from lark import Token, Transformer, v_args
 from ..cache import cache_path
 from . import ast
 from .errors import Diagnostic, Source, Span, SpecError
+from ..recursion import MAX_DEPTH, deep
 
 RESERVED = {"optimizer", "adaptor", "hyper", "state", "require", "import", "as", "if", "else",
             "and", "or", "not", "true", "false", "tensor", "global",
@@ -38,6 +39,7 @@ def _lark() -> lark.Lark:
                      cache=cache_path(f"grammar-lark-{lark.__version__}.pickle"))
 
 
+@deep
 def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
     """Parse one spec; raise :class:`SpecError` with a located message on bad syntax."""
     source = Source(text, filename)
@@ -45,12 +47,32 @@ def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as error:
         raise SpecError(_syntax_diagnostic(error, source)) from None
+    _refuse_too_deep(tree, source)
     try:
         return _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as error:  # a SpecError raised while building the AST
         if isinstance(error.orig_exc, SpecError):
             raise error.orig_exc from None
         raise
+
+
+_CHAINS = {"sum", "product", "comparison", "and_expr", "or_expr"}
+"""Rules whose operands Lark keeps flat and the AST nests: ``a + b + c`` is two deep."""
+
+
+def _refuse_too_deep(tree: lark.Tree, source: Source) -> None:
+    """A located SpecError for an expression nested deeper than MAX_DEPTH (see
+    gradspec.recursion); measured without recursion, before anything walks the tree."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SpecError(Diagnostic(
+                "GS009", f"an expression nests more than {MAX_DEPTH:,} operations deep", source,
+                _span(node.meta), "split it into shorter expressions joined by named definitions"))
+        children = [child for child in node.children if isinstance(child, lark.Tree)]
+        weight = len(children) if node.data in _CHAINS else 1
+        stack.extend((child, depth + weight) for child in children)
 
 
 def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -> Diagnostic:

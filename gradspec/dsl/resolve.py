@@ -18,6 +18,7 @@ from .. import stdlib
 from . import ast
 from .errors import Collector, Diagnostic, Source, SpecError, did_you_mean
 from .parser import RESERVED, parse
+from ..recursion import deep
 
 INPUTS = ("grad", "param", "step", "loss")
 """What the runtime feeds every spec: the gradient, the parameter, the step t (from 1) and the
@@ -69,6 +70,7 @@ class SpecRef:
         return self.text
 
 
+@deep
 def load(name_or_path: str) -> Spec:
     """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
     path to a ``.opt`` file."""
@@ -100,11 +102,13 @@ def _shift_call(call: ast.SpecCall, columns: int) -> ast.SpecCall:
                         tuple((k, v, moved(sp)) for k, v, sp in call.overrides), moved(call.span))
 
 
+@deep
 def parse_spec(text: str, filename: str = "<string>") -> Spec:
     """Parse and resolve spec text (the public ``gradspec.parse``)."""
     return resolve(parse(text, filename), os.path.dirname(filename) if os.path.sep in filename else ".")
 
 
+@deep
 def resolve(tree: ast.SpecAST, directory: str = ".") -> Spec:
     return _Resolver(tree.source, directory, tree).spec_of(tree)
 
@@ -293,6 +297,7 @@ def _override(spec: Spec, overrides, source: Source | None) -> Spec:
 # ---- adaptors ------------------------------------------------------------------------------
 
 
+@deep
 def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
     """Expand ``adaptor(base)`` into one flat spec (see the module docstring for the rules)."""
     if base.kind == "adaptor":

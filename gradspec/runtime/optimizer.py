@@ -21,6 +21,7 @@ from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
+from ..recursion import deep
 from ..symbolic.simplify import simplified
 from . import distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
@@ -581,6 +582,7 @@ class _Plan:
             bucket.detach(state)
 
 
+@deep
 def _static_hypers(spec: Spec) -> tuple:
     """Hyperparameters that decide the compiled program: booleans, and those read by an
     ``if`` or ``require`` condition. Their values key the program cache."""

@@ -17,6 +17,7 @@ from ..compiler.ir import build
 from ..dsl.resolve import Spec
 from .laws import is_zero, search, split_roots, state_signs
 from .translate import Translator, outputs, varies_per_element
+from ..recursion import deep
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Difference:
         return "\n".join(lines)
 
 
+@deep
 def diff(a: Spec, b: Spec) -> tuple[list[Difference], list[str]]:
     """The differences of every shared output, and the outputs only one spec has."""
     pa, pb = build(a), build(b)

@@ -33,7 +33,10 @@ class _OverBudget(Exception):
 def simplified(program: Program) -> Program:
     """``program`` with SymPy-simplified next values, or ``program`` itself if that is not
     smaller, if a value has no IR form, or if SymPy needs more than BUDGET_SECONDS."""
-    candidate = _within_budget(rewritten, program)
+    try:
+        candidate = _within_budget(rewritten, program)
+    except RecursionError:  # a very deep program: compiled as written
+        return program
     return candidate if candidate is not None and len(candidate.nodes()) < len(program.nodes()) else program
 
 

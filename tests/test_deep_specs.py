@@ -1,0 +1,63 @@
+"""Specs that nest far deeper than Python's recursion limit: each is checked and built (or
+refused with a located SpecError), and computes what it says."""
+import sys
+
+import pytest
+import torch
+
+import gradspec
+from gradspec.recursion import MAX_DEPTH
+
+HEAD = "optimizer deep\nhyper lr = 0.5 > 0\n"
+
+
+def _step(text: str, grad: torch.Tensor) -> torch.Tensor:
+    param = torch.nn.Parameter(torch.zeros_like(grad))
+    opt = gradspec.Optimizer([param], gradspec.parse(text), backend="eager")
+    param.grad = grad.clone()
+    opt.step()
+    return param.detach()
+
+
+GRAD = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def test_ten_thousand_term_sum():
+    text = HEAD + "d = " + " + ".join(["grad"] * 10_000) + "\nparam' = param - lr * d\n"
+    gradspec.check(gradspec.parse(text))
+    assert torch.allclose(_step(text, GRAD), -0.5 * 10_000 * GRAD, rtol=1e-12)
+
+
+def test_three_thousand_unary_minuses_and_nots():
+    minus = HEAD + "d = " + "-" * 3001 + "grad\nparam' = param - lr * d\n"
+    assert torch.equal(_step(minus, GRAD), 0.5 * GRAD)  # an odd count: -grad
+    nots = HEAD + "hyper flip = true\nd = where(" + "not " * 3000 + "flip, grad, 0)\nparam' = param - lr * d\n"
+    gradspec.check(gradspec.parse(nots))
+    assert torch.equal(_step(nots, GRAD), -0.5 * GRAD)  # an even count: flip itself
+
+
+def test_five_thousand_deep_definition_chain():
+    lines = ["d0 = grad"] + [f"d{i} = d{i - 1} + 1" for i in range(1, 5001)]
+    text = HEAD + "\n".join(lines) + "\nparam' = param - lr * d5000\n"
+    gradspec.check(gradspec.parse(text))
+    assert torch.allclose(_step(text, GRAD), -0.5 * (GRAD + 5000), rtol=1e-12)
+
+
+def test_deeper_than_the_limit_is_a_located_error():
+    text = HEAD + "d = " + " + ".join(["grad"] * (MAX_DEPTH + 10)) + "\nparam' = param - lr * d\n"
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.parse(text)
+    assert (error.value.code, error.value.line) == ("GS009", 3)
+    assert error.value.hint
+
+
+def test_the_recursion_limit_is_restored():
+    before = sys.getrecursionlimit()
+    gradspec.check(gradspec.parse(HEAD + "d = " + "-" * 2000 + "grad\nparam' = param - lr * d\n"))
+    assert sys.getrecursionlimit() == before
+
+
+def test_errors_keep_their_type_across_the_deep_thread():
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.parse(HEAD + "param' = param - lr * grad $\n")
+    assert error.value.code == "GS001"
