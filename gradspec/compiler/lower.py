@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..runtime.distributed import Sharding, all_reduce
+from .collectives import Sharding, all_reduce
 from .ir import Node, Program, Scope
 from .newton_schulz import operator_args
 from ..recursion import deep

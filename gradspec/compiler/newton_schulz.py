@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.distributed import gather_full
+from .collectives import gather_full
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller Jordan et al.)
 NEWTON_SCHULZ_STEPS = 5

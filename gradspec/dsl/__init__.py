@@ -1,0 +1,1 @@
+"""The language: grammar, parser, AST, name resolution and adaptor expansion, diagnostics."""

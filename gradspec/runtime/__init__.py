@@ -1,0 +1,1 @@
+"""What runs a compiled spec on real parameters: flat buckets, the closure driver, the Optimizer."""
