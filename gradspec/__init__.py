@@ -8,8 +8,10 @@ from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, load
 from .dsl.resolve import parse_spec as parse
 from .runtime.lanczos import hessian_eigenpairs
+from .runtime.functional import Transform, transform
 from .runtime.optimizer import Optimizer
 from .check import check
 
-__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "check", "hessian_eigenpairs", "load", "parse"]
+__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "Transform", "check", "hessian_eigenpairs", "load", "parse",
+           "transform"]
 __version__ = "0.1.0"
