@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.fx as fx
 
-from ..cache import cache_path
+from ..cache import trusted_file, write_private
 
 BACKENDS = ("eager", "compiled")
 
@@ -69,27 +69,27 @@ class _FirstCall:
 # step has run in this environment (same torch, Python, CPU capability and C++ compiler),
 # later processes skip the probe with Inductor's own switch, cpp.vec_isa_ok, unless the user
 # set it (or TORCHINDUCTOR_VEC_ISA_OK). GRADSPEC_CACHE_DIR moves the memo; deleting it
-# brings the probe back.
+# brings the probe back. The memo is trusted only in a folder no other user can write
+# (gradspec/cache.py): a planted one would make Inductor skip the probe.
 
 def _isa_memo() -> str:
+    """The memo's file name, which changes with anything that could change the probe's result."""
     compiler = shutil.which(os.environ.get("CXX", "c++")) or ""
     fingerprint = "|".join([torch.__version__, sys.executable, platform.machine(), compiler,
                             torch.backends.cpu.get_cpu_capability()])
-    return cache_path("vec-isa-ok-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    return "vec-isa-ok-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
 def trust_known_vector_isa() -> None:
     config = torch._inductor.config.cpp
-    if config.vec_isa_ok is None and os.path.exists(_isa_memo()):
+    if config.vec_isa_ok is None and trusted_file(_isa_memo()) is not None:
         config.vec_isa_ok = True
 
 
 def remember_vector_isa() -> None:
-    try:
-        with open(_isa_memo(), "w") as handle:
-            handle.write("a compiled gradspec step ran here; Inductor's vector-ISA probe passed\n")
-    except OSError:
-        pass  # a read-only home: the probe simply runs again next time
+    """Leave the memo; a folder that is not private, or a read-only home, leaves none (the
+    probe simply runs again next time)."""
+    write_private(_isa_memo(), "a compiled gradspec step ran here; Inductor's vector-ISA probe passed\n")
 
 
 _CACHE: dict = {}

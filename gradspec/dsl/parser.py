@@ -11,7 +11,6 @@ from importlib import resources
 import lark
 from lark import Token, Transformer, v_args
 
-from ..cache import cache_path
 from . import ast
 from .errors import Diagnostic, Source, Span, SpecError
 from ..recursion import MAX_DEPTH, deep
@@ -31,12 +30,14 @@ _READABLE = {
 
 @functools.cache
 def _lark() -> lark.Lark:
-    """The LALR parser. Building its tables takes 0.07 s of every process's first spec; Lark
-    saves them in our cache folder, keyed by a hash of the grammar and options, and loads
-    them in 8 ms after that."""
-    grammar = resources.files("gradspec.dsl").joinpath("gradspec.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                     cache=cache_path(f"grammar-lark-{lark.__version__}.pickle"))
+    """The LALR parser, built from the grammar once per process. Lark could keep its tables
+    in a cache file, but that file is a pickle it loads before checking anything, so a file
+    planted there would run code; building them costs 0.1-0.15 s of the first spec's parse
+    (measured in fresh processes on the 2-core CPU: 0.21-0.29 s for lark's import, the
+    build and a first parse, against 0.09-0.14 s loading the same tables from JSON), and
+    commands that need no parser (``gradspec --help``) never pay it."""
+    grammar = resources.files(__package__).joinpath("gradspec.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
 @deep
