@@ -91,7 +91,8 @@ class StepGraphs:
     """The two phases of a step and what the runtime passes between them."""
 
     scalar: fx.GraphModule  # (hypers, loss, bucket steps) -> tuple of scalar values
-    main: fx.GraphModule  # (scalar values, counters, bucket buffers) -> None, writes in place
+    main: fx.GraphModule  # (scalar values, counters, bucket buffers) -> None, writes in place;
+    # with ``functional``, -> {input name: its next value} and nothing is written
 
 
 def _scalar_roots(program: Program, n_buckets: int) -> list:
@@ -116,8 +117,11 @@ def _scalar_roots(program: Program, n_buckets: int) -> list:
 
 
 @deep
-def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate") -> StepGraphs:
-    """The scalar and main graphs of one step (see the module docstring)."""
+def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "propagate",
+               functional: bool = False) -> StepGraphs:
+    """The scalar and main graphs of one step (see the module docstring). A ``functional``
+    main graph returns the next values instead of writing them (the pure transform's step:
+    differentiable and vmappable, since nothing is written in place)."""
     roots = _scalar_roots(program, len(buckets))
     scalar_inputs = [f"hyper_{h}" for h in program.hypers_used] + (["loss"] if program.uses_loss else [])
     scalar_inputs += [f"b{i}_step" for i in range(len(buckets))]
@@ -125,17 +129,18 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
     lowerer = _Lowerer(graph, {n: graph.placeholder(n) for n in scalar_inputs}, buckets, program)
     graph.output(tuple(lowerer.value(node, b if b is not None else 0) for node, b in roots))
     scalar = fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_scalars")
-    main = _lower_main(program, buckets, nonfinite, roots, main_inputs(program, len(buckets), len(roots), nonfinite))
+    main = _lower_main(program, buckets, nonfinite, roots, main_inputs(program, len(buckets), len(roots), nonfinite),
+                       functional)
     return StepGraphs(scalar, main)
 
 
 def main_inputs(program: Program, n_buckets: int, n_scalars: int, nonfinite: str = "propagate") -> list:
     """The main phase's input names, in the order the runtime passes them."""
     names = [f"scalar_{i}" for i in range(n_scalars)] + (["skipped"] if nonfinite == "skip" else [])
-    names += [f"global_{_ident(s)}" for s in program.global_states]
+    names += [global_input(s) for s in program.global_states]
     for i in range(n_buckets):
         names += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
-        names += [f"b{i}_state_{_ident(s)}" for s in program.state_names]
+        names += [state_input(i, s) for s in program.state_names]
         names += [f"b{i}_probe_{j}" for j in range(len(program.probes))]
     return names
 
@@ -156,7 +161,7 @@ def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + f"_probe{index}")
 
 
-def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
+def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> fx.GraphModule:
     graph = fx.Graph()
     placeholders = {name: graph.placeholder(name) for name in names}
     lowerer = _Lowerer(graph, placeholders, buckets, program)
@@ -167,7 +172,7 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
     writes = []
     for i in range(len(buckets)):
         for name in ("param",) + program.state_names:
-            old = placeholders[f"b{i}_param" if name == "param" else f"b{i}_state_{_ident(name)}"]
+            old = placeholders[f"b{i}_param" if name == "param" else state_input(i, name)]
             node = program.next[name]
             if node.op == "state" and node.attr == name:
                 continue  # m' = m: nothing to write
@@ -177,7 +182,7 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
             writes.append((old, new))
         writes.append((placeholders[f"b{i}_step"], lowerer.step(i)))
     for name in program.global_states:  # one value per group, written once
-        old = placeholders[f"global_{_ident(name)}"]
+        old = placeholders[global_input(name)]
         if program.next[name].op == "state" and program.next[name].attr == name:
             continue  # kept, as between probes: nothing to write
         new = lowerer.value(program.next[name], 0)
@@ -187,6 +192,9 @@ def _lower_main(program, buckets, nonfinite, roots, names) -> fx.GraphModule:
     if lowerer.ok is not None:
         skipped = placeholders["skipped"]
         writes.append((skipped, lowerer.call(operator.add, skipped, lowerer.call(torch.logical_not, lowerer.ok))))
+    if functional:
+        graph.output({target.target: value for target, value in writes})  # the input names
+        return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_update")
     # Counters (step, skipped) are 1-element buffers, not 0-d tensors: torch 2.13's compiled
     # graphs silently drop every input mutation when one mutated input is a 0-d CPU tensor.
     for target, value in writes:  # all reads happen before the first write
@@ -210,6 +218,16 @@ def lower_init(program: Program, bucket: BucketShape) -> fx.GraphModule:
 
 def _ident(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def state_input(bucket: int, name: str) -> str:
+    """The main graph's input (and, functional, output key) for a per-element state."""
+    return f"b{bucket}_state_{_ident(name)}"
+
+
+def global_input(name: str) -> str:
+    """The main graph's input (and, functional, output key) for a ``state s: global``."""
+    return f"global_{_ident(name)}"
 
 
 def _is_python(value) -> bool:
@@ -257,7 +275,7 @@ class _Lowerer:
         """A ``state s: global``, kept as a 1-element buffer (see the note on 0-d inputs)."""
         key = ("global", name)
         if key not in self.memo:
-            self.memo[key] = self.graph.call_method("reshape", (self.ph[f"global_{_ident(name)}"], ()))
+            self.memo[key] = self.graph.call_method("reshape", (self.ph[global_input(name)], ()))
         return self.memo[key]
 
     def all_finite(self):
@@ -324,7 +342,7 @@ class _Lowerer:
         if op == "state":
             if node.scope == Scope.GLOBAL:
                 return self.global_state(node.attr)
-            return self.load(self.ph[f"b{bucket}_state_{_ident(node.attr)}"], bucket, state=True)
+            return self.load(self.ph[state_input(bucket, node.attr)], bucket, state=True)
         if op == "reduce":
             return self._reduce(node, bucket)
         if op == "matrix":

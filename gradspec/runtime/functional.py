@@ -1,0 +1,364 @@
+"""The functional core: a spec as a pure update, ``(grads, state, params) -> (params', state')``.
+
+This is what a spec means, without the imperative shell of :class:`gradspec.Optimizer`
+(param groups, flat buffers updated in place, hooks, closures): the same compiled programs,
+lowered with ``functional=True`` so that the step returns its next values instead of writing
+them. Nothing is mutated, so an update can be
+
+* differentiated: a hyperparameter given as a tensor that requires grad (``lr=torch.tensor(
+  0.1, requires_grad=True)``) carries gradients through any number of unrolled steps, as
+  hypergradient and meta-learning methods need;
+* vmapped with ``torch.func.vmap`` over parameters, gradients, states and hyperparameters
+  (an ensemble, an lr grid);
+* traced inside a user's ``torch.compile(fullgraph=True)`` step: the spec is parsed, checked
+  and lowered when :meth:`Transform.init` sees the parameters' shapes, so the update itself
+  is only tensor code.
+
+Parameters are a list (or tuple) or a dict of tensors; gradients and state mirror them. The
+state is a plain dict of tensors, a pytree every torch.func transform understands: ``step``
+(a 0-d count), one entry per per-element state holding a container like the parameters, and
+one 0-d tensor per ``state s: global``.
+
+Specs with curvature probes (``probe every k { }``) evaluate the model again; :meth:`update`
+then takes ``loss_fn``, a function of the parameters (same container) returning the loss, and
+``generator`` for their random draws. ``gauss_newton()`` and ``hessian_eigvecs()`` need the
+model's logits or Lanczos iterations and run only through :class:`gradspec.Optimizer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..check import safety_checked
+from ..compiler import backends
+from ..compiler.ir import Program, Scope, build
+from ..compiler.lower import (BucketShape, bucket_normal, global_input, lower_init, lower_probe_args, lower_step,
+                              state_input)
+from ..compiler.switches import static_hypers
+from ..dsl.errors import SpecError
+from ..dsl.resolve import Spec, load
+from ..symbolic.simplify import simplified
+from .buckets import scalar_dtype
+
+FUNCTIONAL_PROBES = ("grad_at", "hvp", "randn")
+
+
+def transform(spec: str | Spec, *, backend: str = "eager", **hyper) -> "Transform":
+    """The pure update of ``spec`` (a stdlib name, an expression, a path or a Spec) with
+    ``hyper`` as defaults; ``betas=(b1, b2, ...)`` sets ``beta1``, ``beta2``, ... Raises
+    SpecError for a spec that does not check and ValueError for a hyperparameter outside its
+    constraint. ``backend="compiled"`` runs each update through ``torch.compile``; inside a
+    compiled step of your own, keep the default ``eager``: your compile fuses it."""
+    spec = load(spec) if isinstance(spec, str) else spec
+    if not isinstance(spec, Spec):
+        raise TypeError(f"transform() takes a spec name, expression, path or Spec, not {type(spec).__name__}")
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
+    safety_checked(spec)
+    defaults = _checked(spec, {**spec.hyper_defaults, **_split_betas(spec, hyper)})
+    return Transform(spec, defaults, backend, static_hypers(spec))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The parameters as the compiler sees them: one bucket per (device, dtype), each holding
+    the positions (in the flattened container) of its tensors."""
+
+    keys: tuple  # the dict's keys, or None for a list or tuple
+    container: type
+    buckets: tuple  # BucketShape per bucket
+    members: tuple  # per bucket, the positions of its tensors
+    devices: tuple  # per bucket
+
+    @staticmethod
+    def of(params) -> "_Layout":
+        keys, tensors = _flatten(params)
+        groups: dict = {}
+        for position, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"parameters must be tensors, got {type(tensor).__name__}")
+            if not (tensor.is_floating_point()):
+                raise TypeError(f"gradspec updates floating-point tensors, got {tensor.dtype}")
+            groups.setdefault((tensor.device, tensor.dtype), []).append(position)
+        buckets = tuple(BucketShape(sum(tensors[i].numel() for i in members), len(members), dtype,
+                                    tuple(tuple(tensors[i].shape) for i in members))
+                        for (_, dtype), members in groups.items())
+        return _Layout(keys, type(params), buckets, tuple(tuple(m) for m in groups.values()),
+                       tuple(device for device, _ in groups))
+
+    def flat(self, tensors: list, bucket: int) -> torch.Tensor:
+        """The bucket's tensors as one flat vector (a differentiable concatenation)."""
+        pieces = [tensors[i].reshape(-1) for i in self.members[bucket]]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def split(self, flat: torch.Tensor, bucket: int, like: list, out: list) -> None:
+        """Scatter a bucket's flat vector back into tensors shaped and typed as ``like``."""
+        shape = self.buckets[bucket]
+        if not isinstance(flat, torch.Tensor):  # a next value that folded to a constant
+            flat = torch.tensor(float(flat), dtype=shape.dtype, device=self.devices[bucket])
+        flat = flat.expand(shape.numel) if flat.dim() == 0 else flat
+        sizes = [like[i].numel() for i in self.members[bucket]]
+        for i, piece in zip(self.members[bucket], torch.split(flat, sizes)):
+            out[i] = piece.view(like[i].shape).to(like[i].dtype)
+
+    def rebuild(self, tensors: list):
+        if self.keys is not None:
+            return self.container(zip(self.keys, tensors))
+        return self.container(tensors)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """The lowered programs of one (switch setting, layout): the ordinary step and, for a
+    probing spec, the step where every due set of probes runs."""
+
+    program: Program
+    scalar: object
+    main: object
+    probe_args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A spec's pure update (see the module docstring). Build with :func:`transform`."""
+
+    spec: Spec
+    hyper: dict
+    backend: str = "eager"
+    switch_names: tuple = ()  # the structural hyperparameters (compiler.switches)
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+    _layouts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def init(self, params, generator: torch.Generator | None = None) -> dict:
+        """The state before the first step: the spec's initial values for ``params`` (their
+        gradient, which some initial values read, taken as zero), and step 0; ``generator``
+        draws a ``randn()`` initial value (default: seeded with 0, as the Optimizer's). Also
+        lowers the step for these shapes, so that :meth:`update` runs only tensor code."""
+        layout = self._layout(params)
+        _, tensors = _flatten(params)
+        program = self._lowered(self.hyper, layout, frozenset()).program
+        for probing in self._probe_sets(program):
+            self._lowered(self.hyper, layout, probing)
+        state: dict = {"step": torch.zeros((), dtype=scalar_dtype(layout.devices[0]), device=layout.devices[0])}
+        per_element = {name: [None] * len(tensors) for name in program.state_names}
+        for b, shape in enumerate(layout.buckets):
+            flat = layout.flat([t.detach() for t in tensors], b)
+            hypers = [self._hyper_tensor(self.hyper[h], layout.devices[b]) for h in program.hypers_used]
+            if generator is None:
+                generator = torch.Generator(device=layout.devices[b]).manual_seed(0)
+            values = lower_init(program, shape)(*hypers, flat, torch.zeros_like(flat), generator)
+            for name, value in zip(program.state_names, values):
+                value = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
+                layout.split(value.expand_as(flat) if value.dim() == 0 else value, b, tensors,
+                             per_element[name])
+        state.update({name: layout.rebuild(values) for name, values in per_element.items()})
+        for name in program.global_states:
+            state[name] = torch.tensor(float(program.init[name].attr), dtype=_compute(layout.buckets[0].dtype),
+                                       device=layout.devices[0])
+        return state
+
+    def update(self, grads, state: dict, params, *, loss=None, loss_fn=None, generator=None, **hyper):
+        """``(new_params, new_state)`` after one step; nothing passed in is changed. Keyword
+        hyperparameters override the transform's for this call (a float or a tensor, which
+        may require grad); ``loss`` feeds specs that read it; ``loss_fn(params) -> loss`` and
+        ``generator`` feed a probing spec's model evaluations."""
+        values = {**self.hyper, **_checked(self.spec, _split_betas(self.spec, hyper))} if hyper else self.hyper
+        layout = self._layout(params)
+        _, tensors = _flatten(params)
+        _, grad_tensors = _flatten(grads)
+        if len(grad_tensors) != len(tensors):
+            raise ValueError(f"got {len(grad_tensors)} gradients for {len(tensors)} parameters")
+        compiled = self._lowered(values, layout, frozenset())
+        program = compiled.program
+        due = self._due(program, state["step"], values)
+        if due:
+            compiled = self._lowered(values, layout, due)
+            program = compiled.program
+        device = layout.devices[0]
+        steps = [state["step"].reshape(1) for _ in layout.buckets]
+        scalar_args = [self._hyper_tensor(values[h], device) for h in program.hypers_used]
+        if program.uses_loss:
+            if loss is None:
+                raise ValueError(f"{self.spec.name} reads the loss: pass update(..., loss=...)")
+            scalar_args.append(torch.as_tensor(loss, dtype=scalar_dtype(device), device=device))
+        scalars = list(compiled.scalar(*scalar_args, *steps))
+        inputs = list(scalars) + [state[name].reshape(1) for name in program.global_states]
+        per_bucket = []
+        _, state_containers = zip(*[_flatten(state[n]) for n in program.state_names]) if program.state_names else ((), ())
+        for b in range(len(layout.buckets)):
+            per_bucket.append([steps[b], layout.flat(tensors, b), layout.flat(grad_tensors, b),
+                               *(layout.flat(list(c), b) for c in state_containers)])
+        if program.probes:
+            self._run_probes(compiled, layout, tensors, params, inputs, per_bucket, loss_fn, generator)
+        for bucket_inputs in per_bucket:
+            inputs += bucket_inputs
+        written = compiled.main(*inputs)
+        return self._unpack(written, program, layout, tensors, state, state_containers)
+
+    # ---- internals
+
+    def _layout(self, params) -> _Layout:
+        """The layout of ``params``, made once per signature: inside a traced step this is a
+        dictionary lookup on shapes and dtypes, which the tracer guards on."""
+        keys, tensors = _flatten(params)
+        signature = (keys, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
+        layout = self._layouts.get(signature)
+        if layout is None:
+            layout = self._layouts[signature] = _Layout.of(params)
+        return layout
+
+    def _lowered(self, values: dict, layout: _Layout, probing: frozenset) -> _Compiled:
+        switches = tuple(values[name] for name in self.switch_names)
+        key = (switches, layout.buckets, probing)
+        found = self._compiled.get(key)
+        if found is None:
+            program = simplified(build(self.spec, _checked(self.spec, values), probing=probing))
+            unsupported = sorted({n.attr[0] for n in program.probes} - set(FUNCTIONAL_PROBES))
+            if unsupported:
+                raise ValueError(f"{self.spec.name}: the functional update evaluates grad_at, hvp and randn "
+                                 f"probes; {', '.join(unsupported)} need the model's outputs: use gradspec.Optimizer")
+            graphs = lower_step(program, list(layout.buckets), functional=True)
+            main = backends.make(graphs.main, self.backend, layout.devices[0])
+            probe_args = tuple(lower_probe_args(program, list(layout.buckets), j) if node.args else None
+                               for j, node in enumerate(program.probes))
+            found = self._compiled[key] = _Compiled(program, graphs.scalar, main, probe_args)
+        return found
+
+    def _probe_sets(self, program: Program):
+        count = len(program.probe_periods)
+        return [frozenset(range(count))] if count else []
+
+    def _due(self, program: Program, step: torch.Tensor, values: dict) -> frozenset:
+        """The probe blocks due at this step: those whose period divides the steps done (a
+        Python decision: probing changes which graph runs)."""
+        if not program.probe_periods:
+            return frozenset()
+        done = int(step)
+        return frozenset(j for j, every in enumerate(program.probe_periods)
+                         if done % int(values[every] if isinstance(every, str) else every) == 0)
+
+    def _run_probes(self, compiled, layout, tensors, params, inputs, per_bucket, loss_fn, generator):
+        """Each due probe's value per bucket, appended to that bucket's inputs in order."""
+        program = compiled.program
+        for bucket_inputs in per_bucket:
+            bucket_inputs += [None] * len(program.probes)
+        first = 3 + len(program.state_names)  # a bucket's inputs: step, param, grad, states, probes
+        for j, node in enumerate(program.probes):
+            func = node.attr[0]
+            if func == "randn":
+                if generator is None:
+                    raise ValueError(f"{self.spec.name} draws random numbers: pass update(..., generator=...)")
+                for b, shape in enumerate(layout.buckets):
+                    per_bucket[b][first + j] = bucket_normal(generator, *shape.normal_layout(),
+                                                                  _compute(shape.dtype), layout.devices[b])
+                continue
+            if loss_fn is None:
+                raise ValueError(f"{self.spec.name} evaluates the model ({func}): pass update(..., loss_fn=...), "
+                                 "a function of the parameters returning the loss")
+            flat_inputs = inputs + [x for bucket_inputs in per_bucket for x in bucket_inputs]
+            args = compiled.probe_args[j](*flat_inputs)
+            vectors = [None] * len(tensors)
+            for b, (x,) in enumerate(args):
+                full = torch.as_tensor(x, dtype=layout.buckets[b].dtype, device=layout.devices[b])
+                layout.split(full.reshape(-1).expand(layout.buckets[b].numel) if full.dim() == 0 else full,
+                             b, tensors, vectors)
+            result = _gradient_at(loss_fn, layout, vectors) if func == "grad_at" else \
+                _hessian_vector(loss_fn, layout, tensors, vectors)
+            for b in range(len(layout.buckets)):
+                per_bucket[b][first + j] = layout.flat(result, b)
+
+    def _unpack(self, written: dict, program, layout, tensors, state, state_containers):
+        new_params = list(tensors)
+        new_state = dict(state)
+        new_containers = {name: list(c) for name, c in zip(program.state_names, state_containers)}
+        steps = []
+        for b in range(len(layout.buckets)):
+            if f"b{b}_param" in written:
+                layout.split(written[f"b{b}_param"], b, tensors, new_params)
+            for name in program.state_names:
+                key = state_input(b, name)
+                if key in written:
+                    layout.split(written[key], b, new_containers[name], new_containers[name])
+            steps.append(written[f"b{b}_step"])
+        new_state["step"] = steps[0].reshape(()).to(state["step"].dtype)
+        for name, values in new_containers.items():
+            new_state[name] = layout.rebuild(values)
+        for name in program.global_states:
+            key = global_input(name)
+            if key in written:
+                new_state[name] = torch.as_tensor(written[key]).reshape(()).to(state[name].dtype)
+        return layout.rebuild(new_params), new_state
+
+    @staticmethod
+    def _hyper_tensor(value, device) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value.to(device=device, dtype=scalar_dtype(device)) if value.dtype != scalar_dtype(device) \
+                or value.device != device else value
+        return torch.tensor(float(value), dtype=scalar_dtype(device), device=device)
+
+
+def _gradient_at(loss_fn, layout: _Layout, displaced: list) -> list:
+    """d loss / d params at ``displaced`` (detached from any outer graph, as the
+    Optimizer's probe is: a probe's value is data for the step)."""
+    points = [x.detach().requires_grad_(True) for x in displaced]
+    loss = loss_fn(layout.rebuild(points))
+    grads = torch.autograd.grad(loss, points, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(points, grads)]
+
+
+def _hessian_vector(loss_fn, layout: _Layout, tensors: list, vectors: list) -> list:
+    """H v at the current parameters by double backward."""
+    points = [t.detach().requires_grad_(True) for t in tensors]
+    grads = torch.autograd.grad(loss_fn(layout.rebuild(points)), points, create_graph=True, allow_unused=True)
+    pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in tensors]
+    products = torch.autograd.grad([g for g, _ in pairs], points, grad_outputs=[v for _, v in pairs],
+                                   allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(points, products)]
+
+
+def _flatten(container) -> tuple:
+    """(keys or None, list of values) of a list, tuple or dict."""
+    if isinstance(container, dict):
+        return tuple(container), list(container.values())
+    if isinstance(container, (list, tuple)):
+        return None, list(container)
+    raise TypeError(f"parameters, gradients and states are a list, tuple or dict of tensors, "
+                    f"not {type(container).__name__}")
+
+
+def _split_betas(spec: Spec, hyper: dict) -> dict:
+    """``betas=(b1, b2, ...)`` as ``beta1``, ``beta2``, ... (as many as given)."""
+    if "betas" not in hyper:
+        return hyper
+    hyper = dict(hyper)
+    betas = tuple(hyper.pop("betas"))
+    names = [f"beta{i}" for i in range(1, len(betas) + 1)]
+    missing = [n for n in names if n not in spec.hypers]
+    if missing:
+        raise ValueError(f"{spec.name} has no {', '.join(missing)}: betas gives {len(betas)} values")
+    hyper.update(zip(names, betas))
+    return hyper
+
+
+def _checked(spec: Spec, values: dict) -> dict:
+    """``values`` if every name is a hyperparameter of the spec and every plain number meets
+    its constraint; ValueError otherwise."""
+    unknown = sorted(set(values) - set(spec.hypers))
+    if unknown:
+        raise ValueError(f"{spec.name} has no hyperparameter {', '.join(map(repr, unknown))}; "
+                         f"its hyperparameters: {', '.join(spec.hypers)}")
+    for name, value in values.items():
+        hyper = spec.hypers[name]
+        if isinstance(value, torch.Tensor):
+            continue  # data, as in a traced or vmapped call: checked only as plain numbers
+        problem = hyper.check(value)
+        if problem:
+            raise ValueError(f"{spec.name}: {problem}")
+    return values
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
