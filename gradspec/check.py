@@ -4,13 +4,20 @@ Resolution and the IR builder find syntax, name, type and scope errors; the symb
 adds the hyperparameters' domains, numerical safety under every setting of the switches, and
 the spec's laws. Errors raise :class:`SpecError`; warnings (a constant that underflows in a
 half-precision dtype) are returned by :func:`diagnose` and printed by ``gradspec check``.
+
+Only the switches the spec reads are enumerated: a boolean hyperparameter that no statement
+names cannot change the program, so twenty unused ones cost nothing. A problem found under
+several settings is reported once, saying under which settings it occurs when not under all.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+from dataclasses import dataclass
 
 from .compiler.ir import build
+from .dsl import ast
 from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, apply_adaptor, load
 from .symbolic import domains, laws, safety
@@ -27,48 +34,42 @@ def check(spec: Spec | str, dtype=None) -> Spec:
     return spec
 
 
+@dataclass
+class _Run:
+    """One setting of the switches the spec reads, and what checking it found."""
+
+    values: tuple  # one bool per read switch, in the order of ``read_switches``
+    setting: dict  # every hyperparameter's value
+    found: list
+    program: object = None  # the Program at this setting, if it built
+    allowed: bool = True  # False where a ``require`` rules the setting out
+
+
 @deep
 def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diagnostic]:
     """All diagnostics of ``spec``, errors and warnings, in source order. Adaptors are checked
-    applied to ``sgd``, the simplest base; a spec is built under every setting of its boolean
-    switches, so that an error in a branch not taken by default is found too; a spec with
-    probes is also built as at a step where every probe runs."""
+    applied to ``sgd``, the simplest base; a spec is built under every setting of the switches
+    it reads, so that an error in a branch not taken by default is found too; a spec with
+    probes is also built as at a step where every probe runs. Laws are proven under every
+    setting of the switches they do not fix with ``at``."""
     try:
         spec = load(spec) if isinstance(spec, str) else spec
         base = load("sgd") if spec.kind == "adaptor" else None
         target = apply_adaptor(spec, base) if base is not None else spec
     except SpecError as error:
         return error.diagnostics
-    found = domains.diagnostics(target)
-    switches = [n for n, h in target.hypers.items() if h.kind == "bool"]
-    default = None
-    for values in itertools.product((False, True), repeat=len(switches)):
-        setting = {**target.hyper_defaults, **dict(zip(switches, values))}
-        try:
-            program = build(target, setting)
-        except SpecError as error:  # a require failing is a setting, not a bug
-            found += [d for d in error.diagnostics if d.code != "GS043"]
-            continue
-        found += safety.diagnostics(program)
-        found += _other_branches(target, setting, program)
-        if program.probe_periods:  # the steps where every probe runs, too
-            probing = frozenset(range(len(program.probe_periods)))
-            try:
-                probed = build(target, setting, probing=probing)
-            except SpecError as error:
-                found += [d for d in error.diagnostics if d.code != "GS043"]
-            else:
-                found += safety.diagnostics(probed)
-                found += _other_branches(target, setting, probed, probing=probing)
-        if all(setting[n] == target.hypers[n].default for n in switches):
-            default = program
-    if default is not None and not any(d.severity == "error" for d in found):
+    switches = read_switches(target)
+    runs = [_check_setting(target, switches, values) for values in _settings(target, switches)]
+    found = [(d, None) for d in domains.diagnostics(target)]  # None: the same under every setting
+    found += [(d, run.values) for run in runs for d in run.found]
+    if not any(d.severity == "error" for d, _ in found):
         if prove_laws:
             pinned = base.hyper_defaults if base is not None else None
-            found += laws.check_laws(default, pinned)
-        if dtype is not None:
-            found += domains.underflow(default, dtype)
-    return _unique(found)
+            found += _laws(runs, switches, pinned)
+        default = runs[0].program
+        if dtype is not None and default is not None:
+            found += [(d, runs[0].values) for d in domains.underflow(default, dtype)]
+    return _merged(found, switches, [run.values for run in runs if run.allowed])
 
 
 @deep  # hashing a deep spec's statements recurses too
@@ -79,6 +80,82 @@ def safety_checked(spec: Spec) -> None:
     errors = [d for d in diagnose(spec, prove_laws=False) if d.severity == "error"]
     if errors:
         raise SpecError(errors)
+
+
+def read_switches(spec: Spec) -> list[str]:
+    """The boolean hyperparameters some statement of ``spec`` names, in declaration order:
+    the only ones whose value can change the program (a law's ``at`` sets its own)."""
+    named = set()
+    for _, item in _items(spec.items):
+        for expr in _expressions(item):
+            named.update(n.name for n in ast.names_in(expr) if n.qualifier is None)
+    return [n for n, h in spec.hypers.items() if h.kind == "bool" and n in named]
+
+
+def _items(items):
+    for src, item in items:
+        yield src, item
+        if isinstance(item, ast.If):
+            yield from _items([(src, i) for i in item.then + item.otherwise])
+        elif isinstance(item, ast.Probe):
+            yield from _items([(src, i) for i in item.items])
+
+
+def _expressions(item) -> list:
+    if isinstance(item, ast.State):
+        return [item.init]
+    if isinstance(item, (ast.Define, ast.Override)):
+        return [item.expr]
+    if isinstance(item, (ast.Require, ast.If)):
+        return [item.cond]
+    return []
+
+
+def _settings(spec: Spec, switches: list[str]):
+    """Every setting of ``switches``, the defaults first."""
+    defaults = [spec.hypers[n].default for n in switches]
+    for flips in itertools.product((False, True), repeat=len(switches)):
+        yield tuple(d != flip for d, flip in zip(defaults, flips))
+
+
+def _check_setting(spec: Spec, switches: list[str], values: tuple) -> _Run:
+    """Build and check ``spec`` at one setting: the plain step, the other branches of its
+    numeric ``if`` conditions and, for a spec with probes, a step where every probe runs."""
+    run = _Run(values, {**spec.hyper_defaults, **dict(zip(switches, values))}, [])
+    try:
+        run.program = build(spec, run.setting)
+    except SpecError as error:  # a require failing is a setting, not a bug
+        run.allowed = not any(d.code == "GS043" for d in error.diagnostics)
+        run.found = [d for d in error.diagnostics if d.code != "GS043"]
+        return run
+    run.found += safety.diagnostics(run.program)
+    run.found += _other_branches(spec, run.setting, run.program)
+    if run.program.probe_periods:  # the steps where every probe runs, too
+        probing = frozenset(range(len(run.program.probe_periods)))
+        try:
+            probed = build(spec, run.setting, probing=probing)
+        except SpecError as error:
+            run.found += [d for d in error.diagnostics if d.code != "GS043"]
+        else:
+            run.found += safety.diagnostics(probed)
+            run.found += _other_branches(spec, run.setting, probed, probing=probing)
+    return run
+
+
+def _laws(runs: list[_Run], switches: list[str], pinned) -> list:
+    """Each law proven once per setting of the read switches its ``at`` leaves free."""
+    found, done = [], set()
+    for run in runs:
+        if run.program is None:
+            continue
+        for index, (_, law) in enumerate(run.program.laws):
+            bound = {name for name, value, _ in law.bindings if isinstance(value, bool)}
+            key = (index, tuple(v for n, v in zip(switches, run.values) if n not in bound))
+            if key in done:
+                continue
+            done.add(key)
+            found += [(d, run.values) for d in laws.check_law(run.program, index, pinned)]
+    return found
 
 
 def _other_branches(spec, setting, program, limit: int = 6, probing=frozenset()) -> list[Diagnostic]:
@@ -99,11 +176,37 @@ def _other_branches(spec, setting, program, limit: int = 6, probing=frozenset())
     return found
 
 
-def _unique(diagnostics):
-    seen, out = set(), []
-    for d in diagnostics:
-        key = (d.code, d.message, d.line, d.column, d.source.filename if d.source else None)
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
+def _merged(found: list, switches: list[str], allowed: list[tuple]) -> list[Diagnostic]:
+    """One diagnostic per problem: the same code, place and headline (a message's text before
+    its first ': ', the reason after it may name what a setting knows) found under several
+    settings is reported once, with the settings named when it does not occur under all."""
+    groups: dict = {}
+    for d, values in found:
+        key = (d.code, d.source.filename if d.source else None, d.span, d.message.split(": ", 1)[0])
+        first, settings = groups.setdefault(key, (d, set()))
+        settings.add(values)
+    out = []
+    for d, settings in groups.values():
+        note = None if None in settings else _settings_note(switches, settings, allowed)
+        out.append(dataclasses.replace(d, message=f"{d.message} ({note})") if note else d)
     return sorted(out, key=lambda d: (d.source.filename if d.source else "", d.line or 0, d.column or 0))
+
+
+def _settings_note(switches: list[str], settings: set, allowed: list[tuple]) -> str | None:
+    """``"only with amsgrad = true"``, or None when ``settings`` holds every allowed one. The
+    switches every setting agrees on, if they describe exactly these settings; else a list."""
+    if not switches or set(allowed) <= settings:
+        return None
+    common = {i: values[i] for values in settings for i in range(len(switches))
+              if all(other[i] == values[i] for other in settings)}
+    matching = {values for values in allowed if all(values[i] == v for i, v in common.items())}
+    if common and matching == settings:
+        return "only with " + ", ".join(f"{switches[i]} = {_word(v)}" for i, v in sorted(common.items()))
+    listed = sorted(settings, key=lambda values: [v != first for v, first in zip(values, allowed[0])])
+    shown = [", ".join(f"{n} = {_word(v)}" for n, v in zip(switches, values)) for values in listed[:3]]
+    more = f" and {len(listed) - 3} more settings" if len(listed) > 3 else ""
+    return "only with " + "; or ".join(shown) + more
+
+
+def _word(value: bool) -> str:
+    return "true" if value else "false"

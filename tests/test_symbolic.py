@@ -53,7 +53,10 @@ def test_each_kind_of_law_can_be_refuted_with_a_counterexample():
 
 def test_laws_hold_where_the_at_and_given_clauses_make_them_true():
     for law in ["law equals adamw at weight_decay = 0", "law fixed_point at weight_decay = 0",
-                "law invariant grad -> k * grad, m -> k * m, v -> k^2 * v at eps = 0, weight_decay = 0 given k > 0",
+                "law invariant grad -> k * grad, m -> k * m, v -> k^2 * v, vmax -> k^2 * vmax at eps = 0, "
+                "weight_decay = 0 given k > 0",
+                "law invariant grad -> k * grad, m -> k * m, v -> k^2 * v at eps = 0, weight_decay = 0, "
+                "amsgrad = false given k > 0",
                 "law equals adam(amsgrad = true) at amsgrad = true", "law v' >= 0", "law m' == m at beta1 = 1"]:
         assert errors_of(ADAM_BODY + law + "\n") == [], law
 

@@ -25,6 +25,7 @@ from ..compiler.ir import Program, build
 from ..compiler.newton_schulz import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
+from ..dsl.resolve import tree_items
 from .ranges import Analysis, Range, constraint_range
 from .translate import STEP, ElementSymbol, Translator, _Reduction, number, outputs, varies_per_element
 
@@ -42,25 +43,24 @@ class _Refuted(Exception):
         self.hint = hint
 
 
-def check_laws(program: Program, pinned: dict | None = None) -> list[Diagnostic]:
-    """Prove every law of ``program``; ``pinned`` hyperparameters are held at the given values
-    (an adaptor's laws are checked on sgd at its defaults)."""
-    out = []
-    for source, law in program.laws:
-        try:
-            _prove(program, source, law, pinned or {})
-        except _Refuted as refuted:
-            out.append(Diagnostic("GS081", f"law refuted: {refuted}", source, law.span, refuted.hint))
-        except _Unproven as unproven:
-            out.append(Diagnostic("GS082", f"law not proven: {unproven}", source, law.span,
-                                  f"it held at {SAMPLES} random points, but SymPy could not prove it; "
-                                  "state it in simpler terms"))
-        except SpecError as error:
-            out.extend(error.diagnostics)
-        except (TypeError, ValueError, ArithmeticError, RecursionError) as error:  # SymPy gave up
-            out.append(Diagnostic("GS082", f"law not proven: SymPy could not evaluate it ({error})", source,
-                                  law.span, "an expression in it may be undefined (0 / 0) where the law looks"))
-    return out
+def check_law(program: Program, index: int, pinned: dict | None = None) -> list[Diagnostic]:
+    """Prove law number ``index`` of ``program`` at the program's switches (those the law
+    sets with ``at`` excepted): GS081 with a counterexample, GS082 if it is not proven."""
+    source, law = program.laws[index]
+    try:
+        _prove(program, source, law, pinned or {})
+    except _Refuted as refuted:
+        return [Diagnostic("GS081", f"law refuted: {refuted}", source, law.span, refuted.hint)]
+    except _Unproven as unproven:
+        return [Diagnostic("GS082", f"law not proven: {unproven}", source, law.span,
+                           f"it held at {SAMPLES} random points, but SymPy could not prove it; "
+                           "state it in simpler terms")]
+    except SpecError as error:
+        return list(error.diagnostics)
+    except (TypeError, ValueError, ArithmeticError, RecursionError) as error:  # SymPy gave up
+        return [Diagnostic("GS082", f"law not proven: SymPy could not evaluate it ({error})", source,
+                           law.span, "an expression in it may be undefined (0 / 0) where the law looks")]
+    return []
 
 
 class _Unproven(Exception):
@@ -81,8 +81,8 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                                                 f"{'a switch' if owner.kind == 'bool' else 'a number'}", source, span,
                                        "use true or false for a switch, a number otherwise"))
         (bools if owner.kind == "bool" else numbers)[name] = value
-    if bools:
-        program = build(spec, {**spec.hyper_defaults, **{k: v for k, v in bools.items() if k in spec.hypers}})
+    if bools:  # the law's switches, the program's for the rest
+        program = build(spec, {**program.context.values, **{k: v for k, v in bools.items() if k in spec.hypers}})
     # the state invariants hold for the values the law sets, which may lie outside the
     # constraints (eps = 0): recompute them there
     points = {k: Range.point(v) for k, v in numbers.items() if k in spec.hypers}
@@ -99,7 +99,9 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         _equal(given(a), given(b), what, law, bounds, given.facts)
 
     if law.kind == "equals":
-        settings = {n: h.default for n, h in other.hypers.items()}
+        # a switch both specs have is set alike in both: adamw with amsgrad is adam with amsgrad
+        settings = {n: program.context.values.get(n, h.default) if h.kind == "bool" and n in spec.hypers
+                    else h.default for n, h in other.hypers.items()}
         settings.update({k: v for k, v in bools.items() if k in other.hypers})
         theirs_program = build(other, settings)
         shared = {n: translate.symbols[n] for n in other.hypers if n in spec.hypers}
@@ -119,8 +121,11 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                 equal(translate(node), theirs_t(theirs_init), f"the initial value of {name} differs from {other.name}'s")
         return
     if law.kind == "invariant":
+        # a state the spec keeps only under other switches (adam's vmax without amsgrad) is
+        # mapped where it exists
+        inactive = _declared_states(spec) - set(program.init)
         mapping = {_symbol_of(program, name, translate, source, law): translate(program.law_expr(source, expr, True))
-                   for name, expr in law.mappings}
+                   for name, expr in law.mappings if name not in inactive}
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
             moved = value.xreplace(mapping)
@@ -144,6 +149,11 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
     if not law.bindings and not law.given and _bounded(node, analysis):
         return
     _holds(given(translate(node).xreplace(constants)), law, bounds, given.facts)
+
+
+def _declared_states(spec) -> set:
+    """Every state the spec declares, under any setting of its switches."""
+    return {i.name for i in tree_items([item for _, item in spec.items]) if isinstance(i, ast.State)}
 
 
 def _bounded(node, analysis) -> bool:
@@ -263,13 +273,30 @@ def _equal(a, b, what, law, bounds, facts=()):
 def is_zero(e) -> bool:
     """Proven 0: piecewise differences branch by branch, then cancel, cancel with roots of
     quotients split, and simplify only where it is cheap (it can run for minutes)."""
-    e = sympy.piecewise_fold(_normal_conditions(e))
+    e = sympy.piecewise_fold(_normal_conditions(_positive_factors_out(e)))
     if isinstance(e, sympy.Piecewise):
         return all(is_zero(piece.expr) for piece in e.args)
     for attempt in (sympy.cancel, lambda x: sympy.cancel(split_roots(x))):
         if attempt(e) == 0:
             return True
     return sympy.count_ops(e) < 120 and sympy.simplify(e) == 0
+
+
+def _positive_factors_out(e):
+    """max(k^2 a, k^2 b) as k^2 max(a, b) where k^2 > 0 (min too), so that a rescaled max
+    cancels against the max it came from (AMSGrad's v_max under grad -> k grad)."""
+    def out(f):
+        nonzero = [sympy.factor_terms(a) for a in f.args if a != 0]
+        if not nonzero:
+            return f
+        common = set(sympy.Mul.make_args(nonzero[0]))
+        for a in nonzero[1:]:
+            common &= set(sympy.Mul.make_args(a))
+        factor = sympy.Mul(*[c for c in common if c.is_positive and c != 1])
+        if factor == 1:
+            return f
+        return factor * f.func(*[sympy.cancel(a / factor) for a in f.args])
+    return e.replace(lambda x: isinstance(x, (sympy.Max, sympy.Min)), out)
 
 
 def _normal_conditions(e):
