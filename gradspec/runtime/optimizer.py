@@ -9,6 +9,7 @@ step and never cause a rebuild or a recompile.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -23,12 +24,13 @@ from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
 from ..recursion import deep
 from ..symbolic.simplify import simplified
-from . import distributed
+from . import checkpoints, distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
+from .checkpoints import GENERATOR, SPEC
 from .probes import ClosureDriver, Evaluations
+from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem, parameter_problem
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
-GENERATOR = "generator"  # the key of the probe generator's state in the first parameter group
 
 
 class UnderflowWarning(UserWarning):
@@ -43,7 +45,20 @@ class Optimizer(torch.optim.Optimizer):
     parameters as torch.optim does, ``"skip"`` the whole step for the group (parameters,
     states and step count stay as they were; ``skipped_steps`` counts them), or ``"raise"``
     FloatingPointError before anything changes. Other keyword arguments set the spec's
-    hyperparameters for every group; param-group dicts may override them per group.
+    hyperparameters for every group; param-group dicts may override them per group. Their
+    values are checked at construction, in ``add_param_group`` and, when they changed (a
+    scheduler, a hand edit), before each step: a value of the wrong type is a TypeError, one
+    outside its constraint (or not finite) a ValueError, a broken ``require`` a ValueError.
+    A step that raises leaves parameters, gradients, states, step counts and the generator
+    as they were.
+
+    ``maximize=True`` (per group, as in torch.optim) steps on the negated objective: the spec
+    reads -grad and -loss, and probes evaluate -loss; ``p.grad`` keeps the gradient of the
+    loss. torch.optim's implementation flags ``foreach``, ``fused``, ``capturable`` and
+    ``differentiable`` are accepted and do nothing: gradspec has one implementation.
+    ``load_state_dict`` checks a state dict whole before it changes anything, and takes
+    torch.optim's state dicts for sgd, adam, adamw, rmsprop and adagrad;
+    :meth:`torch_state_dict` gives one torch.optim loads.
 
     Specs with probes (``probe every k { ... }``) must be stepped with ``step(closure)``; see
     :mod:`gradspec.runtime.probes` for what the closure returns. ``seed`` seeds the
@@ -66,6 +81,9 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
                  nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
                  process_group="auto", **hyper):
+        if not isinstance(spec, (str, Spec)):
+            raise TypeError("spec must be a stdlib name, a spec expression, a path to a .opt file or a "
+                            f"gradspec.Spec, got {type(spec).__name__}")
         self.spec = load(spec) if isinstance(spec, str) else spec
         self._spec_argument = spec  # a name or expression pickles; an adaptor's Spec holds lambdas
         if self.spec.kind == "adaptor":
@@ -78,7 +96,7 @@ class Optimizer(torch.optim.Optimizer):
         self._fresh_runtime()
         hyper = self._split_betas(hyper)
         for name in hyper:
-            if name not in self.spec.hypers:
+            if name not in self.spec.hypers and name not in self._flags:
                 hint = did_you_mean(name, self.spec.hypers)
                 raise TypeError(f"{self.spec.name} has no hyperparameter {name!r}" + (f"; {hint}" if hint else "")
                                 + f" (it has: {', '.join(self.spec.hypers)})")
@@ -87,7 +105,7 @@ class Optimizer(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
-        defaults = {**self.spec.hyper_defaults, **hyper}
+        defaults = {**self.spec.hyper_defaults, **self._flags, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
@@ -115,6 +133,11 @@ class Optimizer(torch.optim.Optimizer):
         self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
         self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
         self.evaluations = Evaluations()
+        # torch.optim's flags with their defaults, where the spec does not use the name itself
+        self._flags = {name: default for name, default in {**TORCH_FLAGS, MAXIMIZE: False}.items()
+                       if name not in self.spec.hypers}
+        self._settings_seen: dict = {}  # id(group) -> the hyperparameter values last found valid
+        self._new_plans: list = []  # plans made by the step in progress: undone if it raises
 
     def _new_generator(self) -> torch.Generator:
         """The generator behind randn() and sampled labels, on the first parameter's device."""
@@ -164,11 +187,9 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate(group)
-        except ValueError:
+        except (TypeError, ValueError):
             self.param_groups.pop()  # a refused group must not stay behind
             raise
-        if self._has_betas:
-            self._betas_seen[id(group)] = tuple(group["betas"])
         for dtype in {p.dtype for p in group["params"]}:
             for warning in underflow(self._program(group), dtype, group):
                 warnings.warn(warning.render(), UnderflowWarning, stacklevel=4)
@@ -179,10 +200,25 @@ class Optimizer(torch.optim.Optimizer):
         "param_groups", and its flattened form rebuilds each group from the live group's
         keys, so the live first group carries the key too (refreshed here)."""
         self.param_groups[0][GENERATOR] = self.generator.get_state()
-        return super().state_dict()
+        return {**super().state_dict(), SPEC: self.spec.name}
+
+    def torch_state_dict(self) -> dict:
+        """This optimizer's state dict as the torch.optim class of its method loads it (sgd,
+        adam, adamw, rmsprop, adagrad: ``m`` is ``exp_avg``, ``buf`` is ``momentum_buffer``,
+        ``beta1``/``beta2`` are ``betas``); a ValueError for a spec torch.optim does not have.
+        Like ``state_dict()``, it shares the live state tensors: copy it to keep a snapshot."""
+        return checkpoints.to_torch(self.state_dict(), self.spec)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
+        """torch.optim's ``load_state_dict``, after checking the whole state dict (see
+        :mod:`gradspec.runtime.checkpoints`): a ValueError names what does not fit, and
+        nothing changes. A torch.optim state dict of the same method is translated first."""
+        target = checkpoints.Target(self.spec, self.param_groups, self._program, self.generator.device)
+        if checkpoints.is_from_torch(state_dict):
+            state_dict = checkpoints.from_torch(state_dict, target)
+        checkpoints.validate(state_dict, target)
+        state_dict = dict(state_dict, param_groups=[self._loaded_group(g) for g in state_dict["param_groups"]])
+        state_dict.pop(SPEC, None)
         saved = state_dict["param_groups"][0].get(GENERATOR, state_dict.pop(GENERATOR, None))  # older checkpoints: top level
         if saved is not None:
             self._restore_generator(saved)
@@ -208,6 +244,8 @@ class Optimizer(torch.optim.Optimizer):
         gradient), without a step. A fresh optimizer then shows the full state layout that
         ``torch.distributed.checkpoint`` loads into; its own way to get one, a step at lr 0
         on zero gradients, cannot run a spec with probes, which needs a closure."""
+        for group in self.param_groups:
+            self._check_settings(group)
         for index, group in enumerate(self.param_groups):
             missing = [p for p in group["params"] if p.grad is None and p.requires_grad]
             for p in missing:
@@ -229,8 +267,24 @@ class Optimizer(torch.optim.Optimizer):
             self._capture.on = True
 
     def _step(self, closure, loss):
-        if self._has_probes:
-            return self._probing_step(closure)
+        """The step as a transaction: settings are checked before anything runs, and where
+        something raises before the parameters change (a closure, a probe, a non-finite
+        gradient under "raise"), the states made by this step and the generator's draws are
+        undone. Only the plans built by this step have something to undo: an existing
+        plan's buffers change in its compiled step alone, which runs last."""
+        for group in self.param_groups:
+            self._check_settings(group)
+        generator = self.generator.get_state()
+        try:
+            return self._probing_step(closure) if self._has_probes else self._plain_step(closure, loss)
+        except BaseException:
+            self._undo_new_plans()
+            self.generator.set_state(generator)
+            raise
+        finally:
+            self._new_plans.clear()
+
+    def _plain_step(self, closure, loss):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -243,6 +297,19 @@ class Optimizer(torch.optim.Optimizer):
         for plan, group in plans:
             plan.run(group, loss)
         return returned
+
+    def _undo_new_plans(self) -> None:
+        """Drop the plans this step built and give their parameters back the states they had
+        (none, on a first step); the next step builds them again."""
+        for index, params, before in reversed(self._new_plans):
+            plan = self._plans.pop(index, None)
+            if plan is not None:
+                plan.detach(self.state)
+            for p in params:
+                if p in before:
+                    self.state[p] = before[p]
+                else:
+                    self.state.pop(p, None)
 
     def _mean_loss(self, loss):
         """The loss a spec reads: under data parallelism, the mean over the processes' batches
@@ -265,6 +332,7 @@ class Optimizer(torch.optim.Optimizer):
         probes = [n.attr[0] for group, probing in zip(self.param_groups, due)
                   for n in self._program(group, probing).probes]
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        grads_before = [p.grad for p in params]
         driver = ClosureDriver(closure, params, self.generator, self.evaluations,
                                needs_graph=bool({"hvp", "hessian_eigvecs"} & set(probes)),
                                needs_logits="gauss_newton" in probes, who=self.spec.name,
@@ -272,19 +340,42 @@ class Optimizer(torch.optim.Optimizer):
         try:
             returned = driver.step_gradient()
             loss = self._mean_loss(returned)
-            plans = [(self._plan(i, group), group, probing)
+            # the gradients are the closure's fresh tensors: a non-finite one is found before a
+            # probe runs (a skipped group draws nothing) and before a plan copies it in
+            plans = [(self._plan(i, group, checked=self._finite_or_skipped(i, group)), group, probing)
                      for i, (group, probing) in enumerate(zip(self.param_groups, due))]
             plans = [entry for entry in plans if entry[0] is not None]
-            if self.nonfinite == "raise":
-                for plan, _, _ in plans:
-                    plan.raise_if_nonfinite()
             for plan, group, probing in plans:
                 plan.probe(group, probing, driver, loss)
             for plan, group, probing in plans:
                 plan.run(group, loss, probing)
+        except BaseException:
+            for p, grad in zip(params, grads_before):
+                p.grad = grad
+            raise
         finally:
             driver.release()
         return returned
+
+    def _finite_or_skipped(self, index: int, group: dict) -> bool | None:
+        """Under "skip" and "raise", whether the group's gradients (as ``p.grad`` holds them)
+        are finite: True if so, None if the group skips the step (counted), FloatingPointError
+        under "raise". Ranks holding shards of one tensor agree. Always True under "propagate"."""
+        if self.nonfinite == "propagate":
+            return True
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [distributed.local(p.grad) for p in params]
+        where = _nonfinite(grads, distributed.shard_group(distributed.sharding_of(params)) if params else None)
+        if where is None:
+            return True
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradient in {where} (nonfinite='raise'); nothing was updated")
+        counter = self._skipped.get(index)
+        if counter is None:
+            device = grads[0].device
+            counter = self._skipped[index] = torch.zeros(1, dtype=scalar_dtype(device), device=device)
+        counter += 1
+        return None
 
     def _due(self, group: dict) -> frozenset:
         """The probe blocks that run at this step of ``group``: those whose period divides t - 1."""
@@ -329,6 +420,18 @@ class Optimizer(torch.optim.Optimizer):
             if saved is not None:
                 self.param_groups[0][GENERATOR] = saved
 
+    def _loaded_group(self, saved: dict) -> dict:
+        """A checked group of a state dict as this optimizer keeps groups: ``betas`` (which a
+        scheduler may have changed last) decides ``beta1``/``beta2``; flags the dict lacks take
+        their defaults."""
+        group = {**self._flags, **saved}
+        if self._has_betas and "betas" in group:
+            group["beta1"], group["beta2"] = group["betas"] = tuple(group["betas"])
+        return group
+
+    def _maximizes(self, group: dict) -> bool:
+        return bool(group.get(MAXIMIZE, False)) if MAXIMIZE in self._flags else False
+
     def _split_betas(self, values: dict) -> dict:
         """torch.optim's ``betas=(b1, b2)`` as the spec's ``beta1`` and ``beta2``."""
         if "betas" not in values or not self._has_betas:
@@ -349,22 +452,43 @@ class Optimizer(torch.optim.Optimizer):
         self._betas_seen[id(group)] = pair
 
     def _validate(self, group: dict) -> None:
+        """A group as ``add_param_group`` receives it: its parameters, then its settings."""
         if any(param.is_sparse for param in group["params"]):
             raise ValueError("gradspec does not support sparse parameters")
+        for param in group["params"]:
+            problem = parameter_problem(param)
+            if problem is not None:
+                raise problem
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"a parameter group must be on one device, got {sorted(map(str, devices))}; "
                              "give each device its own group")
+        self._check_settings(group)
+
+    def _check_settings(self, group: dict) -> None:
+        """TypeError or ValueError (as torch.optim raises them) for a hyperparameter or flag
+        value the group cannot step with, or a ``require`` its values break. Values found
+        valid are remembered, so a step checks only what changed since."""
+        if self._has_betas:
+            self._sync_betas(group)
+        values = tuple(group.get(name) for name in (*self.spec.hypers, *self._flags))
+        if not any(isinstance(v, torch.Tensor) for v in values) and self._settings_seen.get(id(group)) == values:
+            return
         for name, hyper in self.spec.hypers.items():
-            problem = hyper.check(group[name])
-            if problem:
-                raise ValueError(f"{self.spec.name}: {problem}")
+            problem = hyper_problem(hyper, group[name]) if name in group else KeyError(name)
+            if problem is not None:
+                raise type(problem)(f"{self.spec.name}: {problem}")
+        for name in self._flags:
+            problem = flag_problem(name, group.get(name, self._flags[name]))
+            if problem is not None:
+                raise type(problem)(f"{self.spec.name}: {problem}")
         try:
             plain = self._program(group)
             if plain.probe_periods:  # the probing step's program too: its errors show now
                 self._program(group, frozenset(range(len(plain.probe_periods))))
         except SpecError as error:
             raise ValueError(f"{self.spec.name}: {error.message}") from None
+        self._settings_seen[id(group)] = values
 
     def _program(self, group: dict, probing: frozenset = frozenset()) -> Program:
         key = (tuple(group[name] for name in self._static_names), probing)
@@ -374,20 +498,27 @@ class Optimizer(torch.optim.Optimizer):
             self._programs[key] = simplified(build(self.spec, values, probing=probing))
         return self._programs[key]
 
-    def _plan(self, index: int, group: dict):
+    def _plan(self, index: int, group: dict, checked: bool | None = False):
         """The group's plan for this step (rebuilt on a structural change), or None if no
-        parameter of the group has a gradient."""
+        parameter of the group has a gradient or the group skips this step. ``checked``: the
+        gradients were found finite (True), or the group skips (None).
+
+        A new plan initialises states (drawing from the generator for ``randn()``), so under
+        "skip" and "raise" the gradients are checked before one is built: a skipped or
+        refused first step leaves no state behind."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
+        if not params or checked is None:
             return None
-        if self._has_betas:
-            self._sync_betas(group)
         program = self._program(group)
         layout = (program.switches, tuple(map(id, params)))
         plan = self._plans.get(index)
         if plan is None or plan.layout != layout or any(b.params_moved() for b in plan.buckets):
+            if not checked and not self._finite_or_skipped(index, group):
+                return None
             if plan is not None:
                 plan.detach(self.state)
+                del self._plans[index]
+            self._new_plans.append((index, params, {p: dict(self.state[p]) for p in params if p in self.state}))
             plan = _Plan(self, group, params, layout)
             if plan.skipped is not None:
                 plan.skipped = self._skipped.setdefault(index, plan.skipped).to(plan.device)
@@ -486,13 +617,14 @@ class _Plan:
                 tensor.fill_(value)
                 self._hyper_values[name] = value
 
-    def _scalars(self, variant: _Variant, loss) -> list:
+    def _scalars(self, variant: _Variant, loss, negate: bool) -> list:
         program = variant.program
         scalar_args = [self.hypers[h] for h in program.hypers_used]
         if program.uses_loss:
             if loss is None:
                 raise RuntimeError(f"{program.spec.name} reads the loss: call step(closure) or step(loss=...)")
-            scalar_args.append(torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device)))
+            loss = torch.as_tensor(loss).detach().to(self.device, scalar_dtype(self.device))
+            scalar_args.append(-loss if negate else loss)
         scalar_args += [bucket.step for bucket in self.buckets]
         return list(variant.scalar_fn(*scalar_args))
 
@@ -512,20 +644,24 @@ class _Plan:
         self.refresh_hypers(group)
         variant = self.variant(probing)
         probes = variant.program.probes
+        negate = self.optimizer._maximizes(group)
         for bucket in self.buckets:
             bucket.gather_grads()
             bucket.gather_params()
-        scalars = self._scalars(variant, loss)
         values = [[None] * len(probes) for _ in self.buckets]
         params = [p for bucket in self.buckets for p in bucket.params]
-        for j, node in enumerate(probes):
-            args = variant.probe_args[j](*self._inputs(variant, scalars, values, False)) if node.args else None
-            for i, out in enumerate(self._evaluate(node, args, params, driver)):
-                values[i][j] = out
+        with _negated_grads(self.buckets, negate):
+            scalars = self._scalars(variant, loss, negate)
+            for j, node in enumerate(probes):
+                args = variant.probe_args[j](*self._inputs(variant, scalars, values, False)) if node.args else None
+                for i, out in enumerate(self._evaluate(node, args, params, driver, negate)):
+                    values[i][j] = out
         self._probed = (probing, scalars, values)
 
-    def _evaluate(self, node, args, params: list, driver: ClosureDriver) -> list:
-        """One probe's result per bucket, as flat buffers ((k, numel) for a subspace)."""
+    def _evaluate(self, node, args, params: list, driver: ClosureDriver, negate: bool) -> list:
+        """One probe's result per bucket, as flat buffers ((k, numel) for a subspace).
+        ``negate``: the group maximises, so gradients and Hessians are those of -loss; the
+        Gauss-Newton estimate, from the model's own logits, does not depend on the sign."""
         func = node.attr[0]
         buckets = self.buckets
         starts = [0]
@@ -539,11 +675,12 @@ class _Plan:
                        for view in b.views(torch.as_tensor(x, dtype=b.dtype, device=b.device).reshape(-1)
                                            .expand(b.numel).contiguous())]
             result = driver.gradient_at(params, vectors) if func == "grad_at" else driver.hvp(params, vectors)
+            result = [-r for r in result] if negate else result
         elif func == "gauss_newton":
             result = driver.gauss_newton(params)
         else:
             _, _, k, iters = node.attr
-            result = driver.eigenvectors(params, k, iters, torch.float64)
+            result = driver.eigenvectors(params, k, iters, torch.float64, negate)
             return [torch.cat([r.reshape(k, -1) for r in result[a:z]], dim=1).to(b.dtype)
                     for b, a, z in zip(buckets, starts, starts[1:])]
         return [torch.cat([r.reshape(-1) for r in result[a:z]]).to(b.dtype) for b, a, z in zip(buckets, starts, starts[1:])]
@@ -554,32 +691,58 @@ class _Plan:
         if probing and (probed is None or probed[0] != probing):
             raise RuntimeError("internal: a probing step without its probes")  # pragma: no cover
         self.refresh_hypers(group)
+        negate = self.optimizer._maximizes(group)
         for bucket in self.buckets:
             bucket.gather_grads()
-        scalars = probed[1] if probed else self._scalars(variant, loss)
-        if not probed:
-            for bucket in self.buckets:
-                bucket.gather_params()
-        variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True))
+        with _negated_grads(self.buckets, negate):
+            scalars = probed[1] if probed else self._scalars(variant, loss, negate)
+            if not probed:
+                for bucket in self.buckets:
+                    bucket.gather_params()
+            variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True))
         for bucket in self.buckets:
             bucket.scatter_params()
 
     def raise_if_nonfinite(self):
         """FloatingPointError if a gradient holds a NaN or an infinity; shards agree, so every
-        rank raises or none does."""
-        bad = None
+        rank raises or none does. One check per flat buffer; per tensor only to say where."""
         for bucket in self.buckets:
             bucket.gather_grads()
-            if bad is None and not bool(torch.isfinite(bucket.grad).all()):
-                bad = next(tuple(view.shape) for view in bucket.grad_views if not bool(torch.isfinite(view).all()))
-        group = distributed.shard_group(self.buckets[0].sharding)
-        if distributed.any_process(bad is not None, group):
-            where = f"a parameter of shape {bad}" if bad is not None else "a parameter shard on another rank"
+        finite = all(bool(torch.isfinite(bucket.grad).all()) for bucket in self.buckets)
+        views = [] if finite else [view for bucket in self.buckets for view in bucket.grad_views]
+        where = _nonfinite(views, distributed.shard_group(self.buckets[0].sharding))
+        if where is not None:
             raise FloatingPointError(f"non-finite gradient in {where} (nonfinite='raise'); nothing was updated")
 
     def detach(self, state: dict) -> None:
         for bucket in self.buckets:
             bucket.detach(state)
+
+
+@contextlib.contextmanager
+def _negated_grads(buckets: list, negate: bool):
+    """The flat gradient buffers negated while the block runs (``maximize``), then restored:
+    the users' ``p.grad`` are views of them. A sign flip is exact, so the restored gradients
+    are the same bits; it costs two passes over the gradients, only for maximising groups."""
+    if not negate:
+        yield
+        return
+    for bucket in buckets:
+        bucket.grad.neg_()
+    try:
+        yield
+    finally:
+        for bucket in buckets:
+            bucket.grad.neg_()
+
+
+def _nonfinite(grads: list, shard_group) -> str | None:
+    """Where the first gradient holding a NaN or an infinity is, or None if every one is
+    finite on every rank of ``shard_group``."""
+    bad = next((tuple(g.shape) for g in grads if not bool(torch.isfinite(g).all())), None)
+    if not distributed.any_process(bad is not None, shard_group):
+        return None
+    return f"a parameter of shape {bad}" if bad is not None else "a parameter shard on another rank"
 
 
 @deep

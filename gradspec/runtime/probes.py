@@ -189,13 +189,16 @@ class ClosureDriver:
         labels = torch.searchsorted(cumulative, uniforms.unsqueeze(-1), right=True).reshape(-1)
         return labels.clamp(max=logits.shape[-1] - 1), rows
 
-    def eigenvectors(self, params: list, k: int, iters: int, dtype) -> list:
+    def eigenvectors(self, params: list, k: int, iters: int, dtype, negate: bool = False) -> list:
         """The top-k Hessian eigenvectors over ``params`` (Lanczos from a random start); each
-        (k, *p.shape)."""
+        (k, *p.shape). ``negate``: of -H, the Hessian of -loss (a maximising group)."""
         start = [torch.randn(p.shape, generator=self.generator, dtype=dtype,
                              device=self.generator.device).to(p.device) for p in params]
-        _, vectors = lanczos(lambda v: self.hvp(params, [x.to(p.dtype) for x, p in zip(v, params)]),
-                             start, k, iters)
+        def product(v: list) -> list:
+            hv = self.hvp(params, [x.to(p.dtype) for x, p in zip(v, params)])
+            return [-h for h in hv] if negate else hv
+
+        _, vectors = lanczos(product, start, k, iters)
         return [v.reshape(k, *p.shape) for v, p in zip(vectors, params)]
 
     def release(self) -> None:
