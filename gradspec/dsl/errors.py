@@ -141,5 +141,11 @@ def _position(d: Diagnostic):
 
 def did_you_mean(word: str, candidates) -> str | None:
     """``"did you mean 'beta1'?"`` for the closest candidate, or None if none is close."""
+    close = closest(word, candidates)
+    return f"did you mean '{close}'?" if close else None
+
+
+def closest(word: str, candidates) -> str | None:
+    """The candidate most like ``word``, or None if none is close."""
     close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    return close[0] if close else None

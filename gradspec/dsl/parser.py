@@ -13,6 +13,7 @@ from lark import Token, Transformer, v_args
 
 from . import ast
 from .errors import Diagnostic, Source, Span, SpecError
+from .files import strip_bom
 from ..recursion import MAX_DEPTH, deep
 
 RESERVED = {"optimizer", "adaptor", "hyper", "state", "require", "import", "as", "if", "else",
@@ -43,7 +44,8 @@ def _lark() -> lark.Lark:
 @deep
 def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
     """Parse one spec; raise :class:`SpecError` with a located message on bad syntax."""
-    source = Source(text, filename)
+    source = Source(strip_bom(text), filename)
+    text = source.text
     try:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as error:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from .. import stdlib
 from . import ast
-from .errors import Collector, Diagnostic, Source, SpecError, did_you_mean
+from .errors import Collector, Diagnostic, Source, SpecError, closest, did_you_mean
+from .files import SUFFIX, Unreadable, read_spec_file
 from .parser import RESERVED, parse
 from ..recursion import deep
 
@@ -73,10 +74,15 @@ class SpecRef:
 @deep
 def load(name_or_path: str) -> Spec:
     """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
-    path to a ``.opt`` file."""
-    if name_or_path.endswith(".opt") or os.path.sep in name_or_path:
-        with open(name_or_path) as handle:
-            return resolve(parse(handle.read(), name_or_path), os.path.dirname(name_or_path))
+    path to a ``.opt`` file (anything ending in ``.opt`` or holding a path separator)."""
+    if name_or_path.endswith(SUFFIX) or os.path.sep in name_or_path:
+        try:
+            source = read_spec_file(name_or_path)
+        except Unreadable as problem:
+            raise SpecError(Diagnostic("GS005", f"cannot load '{name_or_path}': {problem.reason}",
+                                       Source("", name_or_path), None,
+                                       problem.hint or _load_hint(name_or_path, problem))) from None
+        return resolve(parse(source.text, name_or_path), os.path.dirname(name_or_path))
     text = stdlib.source(name_or_path)
     if text is not None:
         return resolve(parse(text, f"<stdlib>/{name_or_path}.opt"))
@@ -87,6 +93,30 @@ def load(name_or_path: str) -> Spec:
         raise SpecError([_shift(d, Source(name_or_path, "<expression>"), -len(prefix))
                          for d in error.diagnostics]) from None
     return _Resolver(Source(name_or_path, "<expression>"), ".").call(_shift_call(expr.variant, -len(prefix)))
+
+
+def _load_hint(path: str, problem: Unreadable) -> str:
+    """For a missing file: the stdlib spec of that name, or a spec file of a similar name in
+    the same folder, or where the path was looked for."""
+    if not problem.missing:
+        return "name a .opt file, a stdlib spec or a spec expression"
+    folder, name = os.path.split(path)
+    stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else name
+    if stdlib.source(stem) is not None:
+        return f"the stdlib's '{stem}' is loaded by its name, without .opt"
+    where = ("check the path" if os.path.isabs(path)
+             else f"a relative path is looked for from the current folder, {os.getcwd()}")
+    return _nearby_spec(folder, name) or where
+
+
+def _nearby_spec(folder: str, name: str) -> str | None:
+    """``did you mean 'x.opt'?`` for a spec file in ``folder`` named like ``name``."""
+    try:
+        nearby = {f[:-len(SUFFIX)]: f for f in os.listdir(folder or ".") if f.endswith(SUFFIX)}
+    except OSError:
+        return None
+    close = closest(name[:-len(SUFFIX)] if name.endswith(SUFFIX) else name, nearby)
+    return f"did you mean '{os.path.join(folder, nearby[close])}'?" if close else None
 
 
 def _shift(d: Diagnostic, source: Source, columns: int) -> Diagnostic:
@@ -113,38 +143,89 @@ def resolve(tree: ast.SpecAST, directory: str = ".") -> Spec:
     return _Resolver(tree.source, directory, tree).spec_of(tree)
 
 
-class _Resolver:
-    """Resolves one file: its imports are visible to its spec expressions."""
+@dataclass(frozen=True)
+class _Importer:
+    """A file on the way to the one being read: its real path (to find cycles) and the name
+    it was given (to show them)."""
 
-    def __init__(self, source: Source, directory: str, tree: ast.SpecAST | None = None):
+    real_path: str
+    shown: str
+
+
+class _Resolver:
+    """Resolves one file: its imports are visible to its spec expressions.
+
+    Imports are read when the file is, and their imports in turn, so a cycle is found
+    however the specs are used; ``importers`` are the files whose imports led here, and
+    ``loaded`` the files already read (with their own imports) during this resolution,
+    so a file imported along many paths is read once.
+    """
+
+    def __init__(self, source: Source, directory: str, tree: ast.SpecAST | None = None,
+                 importers: tuple[_Importer, ...] = (), loaded: dict | None = None):
         self.source = source
         self.directory = directory
-        self.imports: dict[str, ast.SpecAST] = {}
+        self.tree = tree
+        self.loaded = {} if loaded is None else loaded
+        here = _importer(source.filename)
+        self.importers = importers + ((here,) if here else ())
+        self.imports: dict[str, _Resolver] = {}
         errors = Collector(source)
         for item in (tree.items if tree else ()):
             if isinstance(item, ast.Import):
-                path = os.path.join(directory, item.path)
-                try:
-                    with open(path) as handle:
-                        self.imports[item.alias] = parse(handle.read(), path)
-                except OSError as error:
-                    errors.error("GS020", f"cannot import '{item.path}': {error.strerror}", item.span,
-                                 "paths are relative to the importing file")
+                imported = self._read_import(item, errors)
+                if imported is not None:
+                    self.imports[item.alias] = imported
         errors.raise_if_any()
 
-    def lookup(self, name: str, span) -> ast.SpecAST:
+    def _read_import(self, item: ast.Import, errors: Collector) -> "_Resolver | None":
+        """The resolver of an imported file. Import paths are relative to the importing
+        file's folder and name .opt files; absolute paths are refused, so that a spec means
+        the same on every machine and never reads a system file."""
+        if os.path.isabs(item.path):
+            errors.error("GS020", f"cannot import '{item.path}': import paths are relative, not absolute", item.span,
+                         "give the path from this file's folder, or copy the spec next to it")
+            return None
+        path = os.path.normpath(os.path.join(self.directory, item.path))
+        key = os.path.realpath(path)
+        cycle = [i.shown for i in self.importers]
+        if any(i.real_path == key for i in self.importers):
+            start = next(n for n, i in enumerate(self.importers) if i.real_path == key)
+            errors.error("GS032", "import cycle: " + " -> ".join(cycle[start:] + [path]), item.span,
+                         "a spec cannot import itself or a spec that imports it; move the shared part "
+                         "into a third file")
+            return None
+        if key in self.loaded:
+            return self.loaded[key]
+        try:
+            source = read_spec_file(path)
+        except Unreadable as problem:
+            hint = problem.hint or (problem.missing and _nearby_spec(*os.path.split(path))) or (
+                "paths are relative to the importing file's folder" if problem.missing
+                else "an import names a .opt spec file; stdlib specs need no import")
+            errors.error("GS020", f"cannot import '{item.path}': {problem.reason}", item.span, hint)
+            return None
+        tree = parse(source.text, path)
+        resolver = _Resolver(tree.source, os.path.dirname(path), tree, self.importers, self.loaded)
+        self.loaded[key] = resolver
+        return resolver
+
+    def lookup(self, name: str, span) -> "tuple[_Resolver, ast.SpecAST]":
+        """The spec ``name`` (an import, else a stdlib spec) and the resolver of its file."""
         if name in self.imports:
-            return self.imports[name]
+            imported = self.imports[name]
+            return imported, imported.tree
         text = stdlib.source(name)
         if text is None:
             hint = did_you_mean(name, list(self.imports) + stdlib.names())
             raise SpecError(Diagnostic("GS021", f"unknown spec '{name}'", self.source, span,
                                        hint or "see `gradspec list` for the stdlib"))
-        return parse(text, f"<stdlib>/{name}.opt")
+        return self, parse(text, f"<stdlib>/{name}.opt")
 
     def spec_of(self, tree: ast.SpecAST) -> Spec:
         if tree.kind == "variant":
-            resolver = _Resolver(tree.source, self.directory, tree)
+            resolver = self if tree is self.tree else _Resolver(tree.source, self.directory, tree,
+                                                               self.importers, self.loaded)
             spec = resolver.call(tree.variant)
             errors = Collector(tree.source)
             laws = []
@@ -170,11 +251,7 @@ class _Resolver:
         return dataclasses.replace(law, target=SpecRef(str(law.target), lambda: self.call(law.target)))
 
     def call(self, call: ast.SpecCall) -> Spec:
-        tree = self.lookup(call.name, call.span)
-        if tree is not None and tree.source.filename.startswith("<stdlib>"):
-            resolver = self
-        else:
-            resolver = _Resolver(tree.source, os.path.dirname(tree.source.filename), tree)
+        resolver, tree = self.lookup(call.name, call.span)
         spec = resolver.spec_of(tree)
         if spec.kind == "adaptor":
             if len(call.args) != 1:
@@ -187,6 +264,12 @@ class _Resolver:
                 "GS023", f"'{call.name}' is an optimizer, not an adaptor: it takes no base spec",
                 self.source, call.span, "override hyperparameters with name = value"))
         return _override(spec, list(call.overrides), self.source) if call.overrides else spec
+
+
+def _importer(filename: str) -> _Importer | None:
+    """A file's place in an import chain; None for text that is not a file (``<string>``,
+    a stdlib spec, a spec expression)."""
+    return None if filename.startswith("<") else _Importer(os.path.realpath(filename), filename)
 
 
 def _body_spec(tree: ast.SpecAST) -> Spec:
