@@ -366,8 +366,14 @@ def search(exprs, bounds, gap, facts=()):
     function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"], dummify=True)
     holds = sympy.lambdify(symbols, facts, modules=[_MATH, "math"], dummify=True) if facts else None
     rng = random.Random(0)
-    for _ in range(SAMPLES * (4 if facts else 1)):
+    boundaries = _boundaries(exprs)
+    for index in range(SAMPLES * (4 if facts else 1) + (SAMPLES if boundaries else 0)):
         values = {s: _sample(s, rng, bounds.get(s.name)) for s in symbols}
+        if index >= SAMPLES * (4 if facts else 1):  # then on the edges where branches meet
+            for s, candidates in boundaries.items():
+                value = rng.choice(candidates)
+                if rng.random() < 0.7 and _allowed(s, value, bounds.get(s.name)):
+                    values[s] = value
         try:
             point = [float(v) for v in values.values()]
             if holds is not None and not all(holds(*point)):
@@ -379,6 +385,42 @@ def search(exprs, bounds, gap, facts=()):
         if size > 1e-9:
             return values, result
     return None
+
+
+def _boundaries(exprs) -> dict:
+    """``{symbol: [values]}``: where a branch of the expressions changes, for the conditions
+    (``grad == 0.37``, ``grad > 0``), kinks (abs, max, min) and jumps (sign) linear in one
+    symbol. Random points never land there, and a difference only there is still a
+    difference: ``where(grad == 0.37, ...)`` must not pass for a proof."""
+    edges = []
+    for e in exprs:
+        for atom in e.atoms(Relational):
+            edges.append(atom.lhs - atom.rhs)
+        for atom in e.atoms(sympy.sign, sympy.Abs):
+            edges.append(atom.args[0])
+        for atom in e.atoms(sympy.Max, sympy.Min):
+            edges += [a - b for a, b in zip(atom.args, atom.args[1:])]
+    out: dict = {}
+    for edge in edges:
+        if not isinstance(edge, sympy.Expr) or len(edge.free_symbols) != 1:
+            continue
+        (symbol,) = edge.free_symbols
+        slope = sympy.diff(edge, symbol)
+        if not slope.is_number or slope == 0:
+            continue
+        root = -(edge - slope * symbol) / slope
+        if root.is_Rational and root not in out.setdefault(symbol, []):
+            out[symbol].append(root)
+    return {s: values for s, values in out.items() if values}
+
+
+def _allowed(symbol, value, bound) -> bool:
+    """``value`` respects the symbol's assumptions and its range."""
+    if (symbol.is_positive and value <= 0) or (symbol.is_nonnegative and value < 0) or \
+            (symbol.is_negative and value >= 0) or (symbol.is_nonzero and value == 0) or \
+            (symbol.is_integer and not value.is_integer):
+        return False
+    return bound is None or bound.contains(float(value))
 
 
 def _newton_schulz_1x1(x: float) -> float:

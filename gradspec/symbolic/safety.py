@@ -46,6 +46,7 @@ def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: 
     inner = [o for o in origins.get(id(unsafe.operand), []) if span is None or _within(o[1], span)]
     if inner:  # point at the operand, where the operation uses it
         source, span = inner[0]
+        span = balanced(source, span)
         text = _excerpt(source, span)
     else:  # the operand was first written elsewhere (m' defined above): name it, point at the use
         text = str(Translator(program)(unsafe.operand))
@@ -57,6 +58,35 @@ def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: 
 def _within(inner, outer) -> bool:
     return (inner.line, inner.column) >= (outer.line, outer.column) and \
         (inner.end_line, inner.end_column) <= (outer.end_line, outer.end_column)
+
+
+def balanced(source, span):
+    """``span`` widened to the parentheses its text leaves open. The parser's span of an
+    expression whose first (or last) operand is parenthesised starts inside that operand's
+    parentheses: ``(a - 4) * (a - 2)`` is recorded from ``a - 4``, which quoted alone reads
+    ``a - 4) * (a - 2``."""
+    if source is None or span is None or span.line != span.end_line:
+        return span
+    line = source.line(span.line)
+    start, end = span.column - 1, span.end_column - 1
+    unopened = unclosed = 0
+    for char in line[start:end]:
+        if char == "(":
+            unclosed += 1
+        elif char == ")":
+            if unclosed:
+                unclosed -= 1
+            else:
+                unopened += 1
+    while unopened and start > 0 and line[start - 1] in " \t(":
+        start -= 1
+        unopened -= line[start] == "("
+    while unclosed and end < len(line) and line[end] in " \t)":
+        end += 1
+        unclosed -= line[end - 1] == ")"
+    if unopened or unclosed:  # not a parenthesis problem after all: keep what the parser said
+        return span
+    return dataclasses.replace(span, column=start + 1, end_column=end + 1)
 
 
 def _excerpt(source, span) -> str | None:
