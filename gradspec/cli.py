@@ -1,6 +1,9 @@
 """The ``gradspec`` command line: list, check, show, diff, docs, compare.
 
 A bad spec is reported as located diagnostics and exit status 1, never as a traceback.
+Each verb imports what it needs when it runs: the front end is light, but the checker
+brings SymPy and the lowering torch (seconds between them), which ``--help``, ``list`` and
+``show`` without ``--fx`` never use.
 """
 from __future__ import annotations
 
@@ -9,22 +12,15 @@ import json
 import os
 import sys
 
-from . import stdlib
-from .check import diagnose
-from .docs import stdlib_reference
-from .compiler.cost import step_cost
-from .compiler.ir import build, build_probing
-from .compiler.lower import BucketShape, lower_step
+from . import __version__, stdlib
 from .dsl import printer
 from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import apply_adaptor, load
-from .symbolic import latex
-from .symbolic.diff import diff
-from .symbolic.simplify import rewritten, simplified
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gradspec", description="Optimizers as checked, compiled specs.")
+    parser.add_argument("--version", action="version", version=f"gradspec {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     verbs.add_parser("list", help="stdlib specs, one line each")
@@ -113,6 +109,7 @@ def _list(args) -> int:
 
 
 def _check(args) -> int:
+    from .check import diagnose
     names = list(args.specs) + (stdlib.names() if args.all else [])
     if not names:
         print("gradspec check: name specs to check, or --all", file=sys.stderr)
@@ -137,6 +134,7 @@ def _check(args) -> int:
 
 
 def _diff(args) -> int:
+    from .symbolic.diff import diff
     a, b = load(args.a), load(args.b)
     differences, only = diff(a, b)
     for d in differences:
@@ -147,6 +145,7 @@ def _diff(args) -> int:
 
 
 def _docs(args) -> int:
+    from .docs import stdlib_reference
     text = stdlib_reference()
     if args.check:
         try:
@@ -167,6 +166,8 @@ def _docs(args) -> int:
 def _show(args) -> int:
     spec = load(args.spec)
     if args.latex:
+        from .compiler.ir import build_probing
+        from .symbolic import latex
         if spec.kind == "adaptor":
             spec = apply_adaptor(spec, load("sgd"))
         print(latex.render(build_probing(spec)))
@@ -184,6 +185,9 @@ def _show(args) -> int:
         print(f"gradspec show: '{spec.name}' is an adaptor; show it applied, as {spec.name}(adam)", file=sys.stderr)
         return 1
     import torch
+    from .compiler.ir import build, build_probing
+    from .compiler.lower import BucketShape, lower_step
+    from .symbolic.simplify import rewritten, simplified
     shapes = [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)]
     written = build(spec)
     candidate = rewritten(written)
@@ -268,6 +272,7 @@ def _compare(args) -> int:
 
 def _cost_text(spec, dtype: str) -> str:
     import torch
+    from .compiler.cost import step_cost
     itemsize = getattr(torch, dtype).itemsize
     cost = step_cost(spec)
     lines = [f"{spec.name}: per step, averaged over the probe periods, at the default hyperparameters",
