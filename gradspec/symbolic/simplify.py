@@ -6,58 +6,118 @@ The next values are translated to SymPy, passed through ``sympy.cse`` (which als
 rational constants), and rebuilt as IR with the same builder rules. The rewritten program is
 used only when it has fewer nodes than the original: SymPy's canonical forms are not always
 cheaper to compute (it writes x / y as x * y^-1, which we lower back to a division).
+
+The rewrite is pure: its result depends only on the program (its nodes, and the declared
+kinds and constraints of the hyperparameters it reads, which are SymPy's assumptions). So it
+runs once per program content, whatever the number of optimizers or processes: the verdict
+is memoised in the process and kept on disk, as JSON in the private cache folder
+(gradspec/cache.py), under a hash of that content. Its cost is bounded by a count of work,
+not by a clock, so the compiled arithmetic never depends on the machine's load.
 """
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
+import hashlib
+import json
 
 import sympy
 from sympy.core.relational import Relational
 
+from ..cache import trusted_file, write_private
 from ..compiler.ir import Builder, Node, Program, Scope
 from .translate import STEP, ElementSymbol, Translator, _Reduction, outputs
 
+WORK_BUDGET = 1_000
+"""The most SymPy operations (``count_ops`` of the next values) the rewrite takes on. Past it
+the program is compiled as written: the rewrite is an optimisation, and ``sympy.cse`` grows
+faster than linearly (a probing deo(adam, amsgrad = true) step, 1,442 operations, ran past
+3 s). Every stdlib program and adaptor application at its defaults counts at most 401
+(lookahead(alto), 0.6 s); see docs/design.md for the measurement."""
 
-BUDGET_SECONDS = 3.0
-"""SymPy can take minutes on some compositions (deo(lamb): a global projection inside
-per-tensor norms inside a where); the rewrite is an optimisation, so past this budget the
-program is compiled as written."""
+FORMAT = 1
+"""The on-disk verdict's format; part of the key, with SymPy's version."""
 
-
-class _OverBudget(Exception):
-    pass
+_MEMO: dict = {}
 
 
 def simplified(program: Program) -> Program:
     """``program`` with SymPy-simplified next values, or ``program`` itself if that is not
-    smaller, if a value has no IR form, or if SymPy needs more than BUDGET_SECONDS."""
-    try:
-        candidate = _within_budget(rewritten, program)
-    except RecursionError:  # a very deep program: compiled as written
+    smaller, if a value has no IR form, or if it needs more than WORK_BUDGET operations."""
+    key = content_key(program)
+    verdict = _MEMO.get(key)
+    if verdict is None:
+        verdict = _load(key)
+    if verdict is None:
+        verdict = _decide(program)
+        write_private(f"simplify-{key}.json", json.dumps(verdict))
+    _MEMO[key] = verdict
+    if verdict["kept"]:
         return program
-    return candidate if candidate is not None and len(candidate.nodes()) < len(program.nodes()) else program
+    return dataclasses.replace(program, next=_nodes_from(verdict))
 
 
-def _within_budget(fn, *args):
-    """fn(*args), or None once BUDGET_SECONDS have passed (a SIGALRM timer: only in the main
-    thread of a Unix process; elsewhere fn runs unbounded)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        return fn(*args)
-
-    def stop(signum, frame):
-        raise _OverBudget
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, BUDGET_SECONDS)
+def _decide(program: Program) -> dict:
+    """The rewrite's verdict: ``{"kept": true}``, or the rewritten next values as JSON."""
     try:
-        return fn(*args)
-    except _OverBudget:
+        translate = Translator(program)
+        if sum(sympy.count_ops(e) for e in outputs(program, translate).values()) > WORK_BUDGET:
+            return {"kept": True}
+        candidate = rewritten(program)
+    except RecursionError:  # a very deep program: compiled as written
+        return {"kept": True}
+    if candidate is None or len(candidate.nodes()) >= len(program.nodes()):
+        return {"kept": True}
+    return {"kept": False, **_nodes_to_json(candidate)}
+
+
+def content_key(program: Program) -> str:
+    """A hash of everything the rewrite reads: the next values' nodes in order, and each
+    hyperparameter's kind and constraint (its SymPy assumptions)."""
+    nodes = _nodes_to_json(program)
+    hypers = {name: [h.kind, repr(h.constraint)] for name, h in program.spec.hypers.items()}
+    text = json.dumps([FORMAT, sympy.__version__, nodes, hypers], sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _nodes_to_json(program: Program) -> dict:
+    """The next values as a node list (arguments first) and, per state, its root's index."""
+    order = []
+    index: dict = {}
+    call_sites: dict = {}
+    for node in program.nodes(initial=False):
+        index[id(node)] = len(order)
+        attr = list(node.attr) if isinstance(node.attr, tuple) else node.attr
+        if node.op == "probe":  # a probe's call site is an object's id: numbered in order instead
+            attr[1] = call_sites.setdefault(attr[1], len(call_sites))
+        order.append([node.op, [index[id(a)] for a in node.args], attr, node.type, int(node.scope)])
+    return {"nodes": order, "next": {name: index[id(node)] for name, node in program.next.items()}}
+
+
+def _nodes_from(verdict: dict) -> dict:
+    """The next values of a stored verdict, rebuilt with a fresh builder as the rewrite made
+    them."""
+    builder = Builder()
+    made: list = []
+    for op, args, attr, type_, scope in verdict["nodes"]:
+        attr = tuple(attr) if isinstance(attr, list) else attr
+        made.append(builder.node(op, tuple(made[i] for i in args), attr, type_, Scope(scope)))
+    return {name: made[i] for name, i in verdict["next"].items()}
+
+
+def _load(key: str) -> dict | None:
+    """A verdict stored by an earlier process, if the file is ours and well formed."""
+    path = trusted_file(f"simplify-{key}.json")
+    if path is None:
         return None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            verdict = json.load(handle)
+        if verdict.get("kept") is True:
+            return verdict
+        _nodes_from(verdict)  # well formed: every index points back, every field has its type
+        return verdict
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def rewritten(program: Program) -> Program | None:

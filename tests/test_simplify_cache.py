@@ -1,0 +1,106 @@
+"""The SymPy rewrite runs once per program content: memoised in the process, kept on disk as
+JSON in the private cache folder, bounded by a count of work and never by a signal."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import gradspec
+from gradspec.compiler.ir import build
+from gradspec.symbolic import simplify
+
+REDUNDANT = """optimizer toy
+hyper lr = 0.1 >= 0
+hyper wd = 0.1 >= 0
+x = 2 * grad * 3
+y = lr * x - lr * wd * x + 0 * param
+param' = param - y + lr * grad - lr * grad
+"""
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("GRADSPEC_CACHE_DIR", str(folder))
+    monkeypatch.setattr(simplify, "_MEMO", {})
+    return folder
+
+
+def _count_decisions(monkeypatch):
+    calls = []
+    real = simplify._decide
+    monkeypatch.setattr(simplify, "_decide", lambda program: calls.append(1) or real(program))
+    return calls
+
+
+def _steps(spec, n=5):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    opt = gradspec.Optimizer([p], spec, backend="eager")
+    for _ in range(n):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    return p.detach()
+
+
+def test_a_second_optimizer_runs_no_sympy(fresh_cache, monkeypatch):
+    calls = _count_decisions(monkeypatch)
+    first = _steps("lamb")
+    gradspec.Optimizer([torch.nn.Parameter(torch.zeros(3))], "deo(adam)")
+    made = len(calls)
+    assert made >= 2  # lamb's program, deo(adam)'s plain and probing programs
+    second = _steps("lamb")
+    gradspec.Optimizer([torch.nn.Parameter(torch.zeros(3))], "deo(adam)")
+    assert len(calls) == made and torch.equal(first, second)
+
+
+def test_the_verdict_is_kept_on_disk_and_restores_the_same_program(fresh_cache, monkeypatch):
+    spec = gradspec.parse(REDUNDANT)
+    program = build(spec)
+    fresh = simplify.simplified(program)
+    assert len(fresh.nodes()) < len(program.nodes())
+    files = list(fresh_cache.glob("simplify-*.json"))
+    assert len(files) == 1 and oct(files[0].stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setattr(simplify, "_MEMO", {})
+    monkeypatch.setattr(simplify, "_decide", lambda program: pytest.fail("SymPy ran again"))
+    restored = simplify.simplified(build(spec))
+    assert [(n.op, n.attr) for n in restored.nodes()] == [(n.op, n.attr) for n in fresh.nodes()]
+
+
+def test_a_damaged_or_foreign_verdict_is_ignored(fresh_cache, monkeypatch):
+    spec = gradspec.parse(REDUNDANT)
+    simplify.simplified(build(spec))
+    (path,) = fresh_cache.glob("simplify-*.json")
+    expected = _steps(spec)
+    calls = _count_decisions(monkeypatch)
+    for damage in ("{not json", json.dumps({"kept": False, "nodes": [["add", [5], None, "real", 3]], "next": {}})):
+        path.write_text(damage)
+        monkeypatch.setattr(simplify, "_MEMO", {})
+        assert torch.equal(_steps(spec), expected)
+    assert len(calls) == 2
+    os.chmod(path, 0o666)  # writable by others: not read, whatever it holds
+    path.write_text(json.dumps({"kept": True}))
+    monkeypatch.setattr(simplify, "_MEMO", {})
+    assert len(simplify.simplified(build(spec)).nodes()) < len(build(spec).nodes())
+    assert len(calls) == 3
+
+
+def test_a_program_past_the_work_budget_is_compiled_as_written(fresh_cache, monkeypatch):
+    monkeypatch.setattr(simplify, "WORK_BUDGET", 3)
+    program = build(gradspec.parse(REDUNDANT))
+    assert simplify.simplified(program) is program
+
+
+def test_no_signal_timer_is_touched(fresh_cache):
+    """A user's own ITIMER_REAL survives building an optimizer (the old budget cancelled it)."""
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        _steps("lamb", 1)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < remaining <= 100.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
