@@ -14,7 +14,22 @@ U = "param' = param - lr * grad\n"
 CASES = [
     # syntax
     ("stray_char", H + "x = grad $ 2\n" + U, "GS001", 3, 10),
-    ("power_with_stars", H + "x = grad ** 2\n" + U, "GS002", 3, 11),
+    ("power_with_stars", H + "x = grad ** 2\n" + U, "GS002", 3, 10),
+    ("unclosed_docstring", '"""Adam, but\n' + H + U, "GS001", 1, 1),
+    ("unclosed_string", H + 'require lr > 0 "lr must be positive\n' + U, "GS001", 3, 16),
+    # files: what is read, in which encoding
+    ("latin1_text", (H + "# caf\u00e9\n" + U).encode("latin-1"), "GS006", 3, 6),
+    ("binary_file", b"\x7fELF\x02\x01\x01\x00\x00\xff\x00\x00", "GS006", 1, 10),
+    ("utf16_text", (H + U).encode("utf-16"), "GS006", 1, 1),
+    ("missing_file", None, "GS005", None, None),
+    ("import_system_file", 'import "/etc/passwd" as p\noptimizer x = p\n', "GS020", 1, 1),
+    ("import_system_file_relative", 'import "../../../../../../../../etc/passwd" as p\noptimizer x = p\n',
+     "GS020", 1, 1),
+    ("import_device", 'import "/dev/zero" as z\noptimizer x = z\n', "GS020", 1, 1),
+    ("import_folder", 'import "." as d\noptimizer x = d\n', "GS020", 1, 1),
+    ("import_missing", 'import "nowhere.opt" as n\noptimizer x = n\n', "GS020", 1, 1),
+    ("self_import", 'import "self_import.opt" as me\noptimizer x = me\n', "GS032", 1, 1),
+    ("import_cycle", 'import "cycle_partner.opt" as b\noptimizer a = b\n', "GS032", 1, 1),
     ("missing_brace", H + "if true {\n" + U, "GS002", 4, 23),
     ("reserved_name", H + "law = 1\n" + U, "GS002", 3, 5),
     ("bad_hyper_type", "optimizer t\nhyper k: float = 1\n" + U.replace("lr", "k"), "GS003", 2, 10),
@@ -40,6 +55,7 @@ CASES = [
     ("circular", H + "state m = 0\nm' = m' + grad\n" + U, "GS048", 4, 1),
     ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
+    ("adaptor_applied_twice", "optimizer x = lookahead(lookahead(adam))\n", "GS033", 1, 15),
     # types and scopes
     ("bool_arithmetic", H + "x = (grad > 0) + 1\nparam' = param - lr * x\n", "GS050", 3, 6),
     # found by test_mutations: a condition as a state's value crashed the range analysis
@@ -85,11 +101,21 @@ CASES = [
     ("refuted_invariance", H + "law invariant grad -> k * grad given k > 0\n" + U, "GS081", 3, 1),
 ]
 
-def _first_error(name, text):
-    try:
-        errors = [d for d in diagnose(gradspec.parse(text, f"{name}.opt")) if d.severity == "error"]
-    except gradspec.SpecError as error:
-        errors = error.diagnostics
+OTHER_FILES = {"import_cycle": {"cycle_partner.opt": 'import "import_cycle.opt" as a\noptimizer b = a\n'}}
+"""Files a case reads besides its own."""
+
+REPORTED_IN = {"import_cycle": "cycle_partner.opt"}
+"""Cases whose error is in another file: the cycle is found where it closes."""
+
+
+def _first_error(name, text, folder):
+    """The first error of the case's file, written to ``folder`` as NAME.opt (bytes as they
+    are, None for no file) and checked by name, as `gradspec check NAME.opt` does."""
+    if text is not None:
+        (folder / f"{name}.opt").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for other, other_text in OTHER_FILES.get(name, {}).items():
+        (folder / other).write_text(other_text)
+    errors = [d for d in diagnose(f"{name}.opt") if d.severity == "error"]
     assert errors, f"{name}: no error"
     return errors[0]
 
@@ -102,11 +128,12 @@ def test_the_corpus_is_large_and_covers_every_category():
 
 
 @pytest.mark.parametrize("name, text, code, line, column", CASES, ids=[c[0] for c in CASES])
-def test_bad_spec_is_a_located_error(name, text, code, line, column):
-    error = _first_error(name, text)
+def test_bad_spec_is_a_located_error(name, text, code, line, column, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    error = _first_error(name, text, tmp_path)
     assert (error.code, error.line, error.column) == (code, line, column), error.render()
     rendered = error.render()
-    assert rendered.startswith(f"{name}.opt")
+    assert rendered.startswith(REPORTED_IN.get(name, f"{name}.opt"))
     assert f"error[{code}]" in rendered
     if line is not None:
         assert f"{line:>4} | " in rendered and "^" in rendered

@@ -6,10 +6,12 @@ there instead, and the most likely fix.
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 import lark
 from lark import Token, Transformer, v_args
+from lark.lexer import LineCounter
 
 from . import ast
 from .errors import Diagnostic, Source, Span, SpecError
@@ -30,6 +32,12 @@ _READABLE = {
 
 
 @functools.cache
+def _terminal_of() -> dict[str, str]:
+    """The grammar's terminal for each keyword and punctuation string ("state" -> "STATE")."""
+    return {t.pattern.value: t.name for t in _lark().terminals if t.pattern.type == "str"}
+
+
+@functools.cache
 def _lark() -> lark.Lark:
     """The LALR parser, built from the grammar once per process. Lark could keep its tables
     in a cache file, but that file is a pickle it loads before checking anything, so a file
@@ -45,11 +53,13 @@ def _lark() -> lark.Lark:
 def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
     """Parse one spec; raise :class:`SpecError` with a located message on bad syntax."""
     source = Source(strip_bom(text), filename)
-    text = source.text
+    recovery = _Recovery(source)
     try:
-        tree = _lark().parse(text)
-    except lark.exceptions.UnexpectedInput as error:
-        raise SpecError(_syntax_diagnostic(error, source)) from None
+        tree = _lark().parse(source.text, on_error=recovery)
+    except lark.exceptions.UnexpectedInput as error:  # the error recovery stopped at
+        recovery.record(error)
+    if recovery.diagnostics:
+        raise SpecError(recovery.diagnostics) from None
     _refuse_too_deep(tree, source)
     try:
         return _ToAst(source).transform(tree)
@@ -57,6 +67,86 @@ def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
         if isinstance(error.orig_exc, SpecError):
             raise error.orig_exc from None
         raise
+
+
+_STATEMENT_START = re.compile(
+    r"^[ \t]*(?P<token>(?:hyper|state|require|law|if|probe)\b|\}"
+    r"|[A-Za-z_]\w*(?=[ \t]*(?:\.[ \t]*[A-Za-z_]\w*[ \t]*)?'?[ \t]*=(?!=)))", re.MULTILINE)
+"""A line that starts a statement: a keyword, a block's closing brace, or ``name =``,
+``name' =``, ``base.name =``. Newlines mean nothing to the grammar, but specs keep one
+statement a line, which is what lets a parse go on after an error."""
+
+
+class _Recovery:
+    """Lark's ``on_error`` handler, so that one report holds every syntax error of a file.
+
+    At an error it records a diagnostic, then resumes at the next line that starts a
+    statement (see _STATEMENT_START): the parser's stack is unwound to the innermost state
+    where a statement may begin and that takes the statement's first token, and the lexer
+    moves to that token. The statement in error is skipped and the rest is parsed as
+    usual, so later errors are real ones, not echoes of the first. Recovery stops at the
+    end of the text, after MAX_ERRORS, or where no statement can follow (inside the
+    header)."""
+
+    MAX_ERRORS = 50
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.diagnostics: list[Diagnostic] = []
+        self.resumed_at = -1  # every resumption starts further on: recovery always ends
+
+    def record(self, error: lark.exceptions.UnexpectedInput) -> None:
+        found = _syntax_diagnostic(error, self.source)
+        if all(d.span != found.span for d in self.diagnostics):
+            self.diagnostics.append(found)
+
+    def __call__(self, error: lark.exceptions.UnexpectedInput) -> bool:
+        self.record(error)
+        if len(self.diagnostics) >= self.MAX_ERRORS:
+            return False
+        text = self.source.text
+        state = error.interactive_parser.parser_state
+        for match in _STATEMENT_START.finditer(text, self._search_from(error, text)):
+            at = match.start("token")
+            if at <= self.resumed_at:
+                continue
+            word = match.group("token")
+            depth = _statement_depth(state, _terminal_of().get(word, "NAME"))
+            if depth is None:
+                continue
+            del state.state_stack[depth + 1:]
+            del state.value_stack[depth:]
+            counter = LineCounter("\n")
+            counter.feed(text[:at])
+            error.interactive_parser.lexer_thread.state.line_ctr = counter
+            self.resumed_at = at
+            return True
+        return False
+
+    @staticmethod
+    def _search_from(error, text: str) -> int:
+        """Where a statement after the error may start: the error's own line when the bad
+        token begins it (a stray '}' may close a block), else the next line."""
+        token = getattr(error, "token", None)
+        position = token.start_pos if token is not None else getattr(error, "pos_in_stream", None)
+        if position is None:  # the end of the text
+            return len(text)
+        line_start = text.rfind("\n", 0, position) + 1
+        if token is not None and not text[line_start:position].strip():
+            return line_start
+        end = text.find("\n", position)
+        return len(text) if end < 0 else end + 1
+
+
+def _statement_depth(state, terminal: str) -> int | None:
+    """The deepest index in the parser's stack of a state where a statement may start (it
+    takes the ``state`` keyword) that also takes ``terminal``; None if there is none."""
+    table = state.parse_conf.parse_table.states
+    for depth in range(len(state.state_stack) - 1, -1, -1):
+        actions = table[state.state_stack[depth]]
+        if _terminal_of()["state"] in actions and terminal in actions:
+            return depth
+    return None
 
 
 _CHAINS = {"sum", "product", "comparison", "and_expr", "or_expr"}
@@ -94,6 +184,8 @@ def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -
             hint = "a prime marks the next value of a state, as in m' (no space before it)"
         elif char in "&|!":
             hint = "boolean operators are the words 'and', 'or' and 'not'"
+        elif char == '"':
+            return _unclosed_string(source, line, column)
         return Diagnostic("GS001", f"unexpected character {char!r}", source, span, hint)
 
     token = getattr(error, "token", None)
@@ -106,6 +198,8 @@ def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -
                     token.end_column or token.column + len(str(token)))
     hint = None
     if token is not None and str(token) == "*" and text_line[token.column - 2:token.column - 1] == "*":
+        found = "'**'"  # the lexer read the first star as a product; the mistake starts there
+        span = Span(token.line, token.column - 1, token.line, token.column + 1)
         hint = "powers are written with '^', as in beta2^step"
     elif token is not None and str(token) in RESERVED and "NAME" in expected:
         hint = f"'{token}' is a reserved word; choose another name"
@@ -117,6 +211,18 @@ def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source) -
         hint = "expected " + (readable[0] if len(readable) == 1 else
                               "one of " + ", ".join(readable[:8]) + (" ..." if len(readable) > 8 else ""))
     return Diagnostic("GS002", f"unexpected {found}", source, span, hint)
+
+
+def _unclosed_string(source: Source, line: int, column: int) -> Diagnostic:
+    """A quote that opens no string the lexer can end. Before it, the lexer has read ``""``
+    as an empty string when the quote is the third of a docstring's opening."""
+    text_line = source.line(line)
+    if column >= 3 and text_line[column - 3:column - 1] == '""':
+        return Diagnostic("GS001", "a docstring that is never closed", source,
+                          Span(line, column - 2, line, column + 1), 'end the docstring with """')
+    return Diagnostic("GS001", "a string that is never closed", source, Span(line, column, line, column + 1),
+                      'a string ends with " on the line where it starts; only the docstring (first in the file, '
+                      'between """ and """) spans lines')
 
 
 def _span(meta) -> Span | None:

@@ -74,8 +74,12 @@ class SpecRef:
 @deep
 def load(name_or_path: str) -> Spec:
     """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
-    path to a ``.opt`` file (anything ending in ``.opt`` or holding a path separator)."""
-    if name_or_path.endswith(SUFFIX) or os.path.sep in name_or_path:
+    path to a ``.opt`` file (anything else that ends in ``.opt``, holds a path separator or
+    names an existing file; only regular .opt files are read, see gradspec.dsl.files).
+    Every problem, a missing file included, is a SpecError."""
+    text = stdlib.source(name_or_path) if name_or_path.isidentifier() else None
+    if text is None and (name_or_path.endswith(SUFFIX) or os.path.sep in name_or_path
+                         or os.path.lexists(name_or_path)):
         try:
             source = read_spec_file(name_or_path)
         except Unreadable as problem:
@@ -83,7 +87,6 @@ def load(name_or_path: str) -> Spec:
                                        Source("", name_or_path), None,
                                        problem.hint or _load_hint(name_or_path, problem))) from None
         return resolve(parse(source.text, name_or_path), os.path.dirname(name_or_path))
-    text = stdlib.source(name_or_path)
     if text is not None:
         return resolve(parse(text, f"<stdlib>/{name_or_path}.opt"))
     prefix = "optimizer _ = "
@@ -258,7 +261,10 @@ class _Resolver:
                 raise SpecError(Diagnostic(
                     "GS022", f"adaptor '{call.name}' takes one base spec, got {len(call.args)}",
                     self.source, call.span, f"write {call.name}(adam) or another base"))
-            spec = apply_adaptor(spec, self.call(call.args[0]))
+            base = self.call(call.args[0])
+            if _applies(base, spec):
+                raise SpecError(_applied_twice(spec, base, self.source, call.span))
+            spec = apply_adaptor(spec, base)
         elif call.args:
             raise SpecError(Diagnostic(
                 "GS023", f"'{call.name}' is an optimizer, not an adaptor: it takes no base spec",
@@ -386,6 +392,8 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
     if base.kind == "adaptor":
         raise SpecError(Diagnostic("GS024", f"'{base.name}' is an adaptor and needs a base itself",
                                    adaptor.source, None, f"write {adaptor.name}({base.name}(adam))"))
+    if _applies(base, adaptor):
+        raise SpecError(_applied_twice(adaptor, base, adaptor.source, None))
     tree = adaptor.adaptor_ast
     prefix = adaptor.name + "."
     errors = Collector(adaptor.source)
@@ -472,6 +480,19 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
     doc = adaptor.doc
     return Spec(f"{adaptor.name}({base.name})", "optimizer", {**base.hypers, **adaptor.hypers},
                 items, doc, adaptor.source)
+
+
+def _applies(spec: Spec, adaptor: Spec) -> bool:
+    """Whether ``spec`` already has ``adaptor`` applied: it holds the adaptor's namespaced
+    names (``lookahead.slow``), whatever the variant that wraps it is called."""
+    prefix = adaptor.name + "."
+    return any(name.startswith(prefix) for name in _defined_names(spec.items))
+
+
+def _applied_twice(adaptor: Spec, base: Spec, source: Source | None, span) -> Diagnostic:
+    return Diagnostic("GS033", f"an adaptor cannot be applied twice: '{base.name}' already applies '{adaptor.name}'",
+                      source, span, f"apply '{adaptor.name}' once; its hyperparameters are set as "
+                                    f"{adaptor.name}(adam, name = value)")
 
 
 def _walk(items):
