@@ -32,11 +32,10 @@ import torch
 
 from ..check import safety_checked
 from ..compiler import backends
-from ..compiler.ir import Program, Scope, build
+from ..compiler.ir import Program, build
 from ..compiler.lower import (BucketShape, bucket_normal, global_input, lower_init, lower_probe_args, lower_step,
                               state_input)
 from ..compiler.switches import static_hypers
-from ..dsl.errors import SpecError
 from ..dsl.resolve import Spec, load
 from ..symbolic.simplify import simplified
 from .buckets import scalar_dtype

@@ -18,11 +18,11 @@ from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
 from ..compiler.lower import bucket_normal, lower_init, lower_probe_args, lower_step
+from ..compiler.switches import static_hypers
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
-from ..recursion import deep
 from ..symbolic.simplify import simplified
 from . import checkpoints, distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
@@ -125,7 +125,7 @@ class Optimizer(torch.optim.Optimizer):
         """What the optimizer derives from its spec and keeps between steps, empty: compiled
         plans (with the flat buffers), programs, and counters."""
         self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)
-        self._static_names = _static_hypers(self.spec)
+        self._static_names = static_hypers(self.spec)
         self._plans: dict = {}
         self._capture = GradientCapture()
         self._programs: dict = {}
@@ -253,6 +253,7 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 self._plan(index, group)
             finally:
+                self._new_plans.clear()  # kept: only a step undoes the plans it made
                 for p in missing:
                     p.grad = None
 
@@ -743,45 +744,6 @@ def _nonfinite(grads: list, shard_group) -> str | None:
     if not distributed.any_process(bad is not None, shard_group):
         return None
     return f"a parameter of shape {bad}" if bad is not None else "a parameter shard on another rank"
-
-
-@deep
-def _static_hypers(spec: Spec) -> tuple:
-    """Hyperparameters that decide the compiled program: booleans, and those read by an
-    ``if`` or ``require`` condition. Their values key the program cache."""
-    names = {n for n, h in spec.hypers.items() if h.kind == "bool"}
-    for _, item in spec.items:
-        for node in _walk_items(item):
-            if isinstance(node, (ast.If, ast.Require)):
-                names |= {n.name for n in ast.names_in(node.cond) if n.name in spec.hypers}
-            elif isinstance(node, ast.State) and node.rank is not None:
-                names.add(node.rank)  # a subspace's size is a buffer's shape
-            for expr in _expressions(node):
-                names |= {a.name for call in _calls(expr, "hessian_eigvecs") for a in call.args
-                          if isinstance(a, ast.Name)}
-    return tuple(sorted(names & set(spec.hypers)))
-
-
-def _expressions(item):
-    if isinstance(item, ast.Define):
-        yield item.expr
-    elif isinstance(item, ast.State):
-        yield item.init
-
-
-def _calls(expr, func: str):
-    if isinstance(expr, ast.Call) and expr.func == func:
-        yield expr
-    for child in getattr(expr, "args", ()) + tuple(getattr(expr, a) for a in ("left", "right", "operand")
-                                                   if hasattr(expr, a)):
-        yield from _calls(child, func)
-
-
-def _walk_items(item):
-    yield item
-    if isinstance(item, (ast.If, ast.Probe)):
-        for inner in (item.then + item.otherwise if isinstance(item, ast.If) else item.items):
-            yield from _walk_items(inner)
 
 
 def _compute(dtype: torch.dtype) -> torch.dtype:
