@@ -15,6 +15,7 @@ value keeps (S at xi = 0) is replaced by that constant.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -92,7 +93,8 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
     given = _Given(program, source, law, translate)
     bounds = {**{n: constraint_range(h) for n, h in spec.hypers.items()}, **points, **analysis.state_ranges}
     mine_outputs = outputs(program, translate)
-    constants = _constant_states(program, translate, mine_outputs)
+    # a fixed point puts every state at its initial value anyway
+    constants = _constant_states(program, translate, mine_outputs) if law.kind != "fixed_point" else {}
     mine = {k: v.xreplace(constants) for k, v in mine_outputs.items()}
 
     def equal(a, b, what):
@@ -133,14 +135,23 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
             equal(moved, expected, f"{name} does not transform as the substitution says")
         return
     if law.kind == "fixed_point":
-        grad = ElementSymbol("grad", real=True)
-        rest = {grad: sympy.Integer(0)}
-        for name in program.init:
-            rest[translate.state(name)] = translate(program.init[name]).xreplace({grad: sympy.Integer(0)})
-        for name, value in mine.items():
-            x = _symbol_of(program, name[:-1], translate, source, law)
-            expected = rest.get(x, x) if name != "param'" else ElementSymbol("param", real=True)
-            equal(value.xreplace(rest), expected, f"{name} moves at zero gradient")
+        base = _base_statements(spec, source)
+        if base is None:
+            _fixed_point(program, translate, mine, equal, source, law)
+            return
+        # an adaptor's law: at a fixed point of its base, the adaptor is at one. The base
+        # sees what it sees at its own fixed point (a zero gradient) ...
+        zero = {ElementSymbol("grad", real=True): sympy.Integer(0)}
+        zero.update({translate.state(n): translate(node).xreplace(zero) for n, node in program.init.items()})
+        for name, expected in _what_the_base_sees(spec, source, base):
+            seen = translate(program.law_expr(source, ast.Name(name))).xreplace(zero)
+            expected = translate(program.law_expr(source, expected)).xreplace(zero)
+            equal(seen, expected, f"at zero gradient the base sees {name.split('.', 1)[1]} = {seen}, "
+                                  f"not {expected} as at its own fixed point")
+        # ... so its update and states stay put, and then so must the adaptor's
+        still = build(_base_at_rest(spec, source), program.context.values, probing=program.probing)
+        still_translate = Translator(still, translate.symbols, translate.state_signs)
+        _fixed_point(still, still_translate, outputs(still, still_translate), equal, source, law)
         return
     node = program.law_expr(source, law.target, True)
     if node.type != "bool":
@@ -149,6 +160,79 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
     if not law.bindings and not law.given and _bounded(node, analysis):
         return
     _holds(given(translate(node).xreplace(constants)), law, bounds, given.facts)
+
+
+def _fixed_point(program, translate, mine, equal, source, law) -> None:
+    """At zero gradient, with every state at its initial value, nothing moves."""
+    grad = ElementSymbol("grad", real=True)
+    rest = {grad: sympy.Integer(0)}
+    for name in program.init:
+        rest[translate.state(name)] = translate(program.init[name]).xreplace({grad: sympy.Integer(0)})
+    for name, value in mine.items():
+        x = _symbol_of(program, name[:-1], translate, source, law)
+        expected = rest.get(x, x) if name != "param'" else ElementSymbol("param", real=True)
+        equal(value.xreplace(rest), expected, f"{name} moves at zero gradient")
+
+
+# ---- an adaptor's laws, relative to its base ------------------------------------------------
+# An adaptor applied to a base is one flat spec (see dsl.resolve): the adaptor's statements
+# come from the adaptor's file, the base's from the base's. The base's update is the local
+# '<adaptor>.base_update' when the adaptor defines param', and 'base.X = e' is the local
+# '<adaptor>.X'.
+
+
+def _walk(items):
+    for src, item in items:
+        yield src, item
+        if isinstance(item, ast.If):
+            yield from _walk([(src, i) for i in item.then + item.otherwise])
+        elif isinstance(item, ast.Probe):
+            yield from _walk([(src, i) for i in item.items])
+
+
+def _base_statements(spec, source) -> list | None:
+    """The base's statements when the law at ``source`` belongs to an adaptor applied to
+    a base (its file contributes statements, and another file does too); else None."""
+    statements = [(src, i) for src, i in _walk(spec.items) if isinstance(i, (ast.State, ast.Define))]
+    base = [i for src, i in statements if src != source]
+    if not base or len(base) == len(statements):
+        return None
+    return base
+
+
+def _what_the_base_sees(spec, source, base) -> list:
+    """``(local, expected)`` for each input or definition of the base that the adaptor
+    replaces (``base.grad = ...`` is the local '<adaptor>.grad'), with what the base sees
+    there at its own fixed point: a zero gradient, the parameter and step themselves, its
+    own definition of a replaced local."""
+    base_locals = {i.name for i in base if isinstance(i, ast.Define) and not i.primed}
+    out = []
+    for src, item in _walk(spec.items):
+        if src != source or not isinstance(item, ast.Define) or item.primed or "." not in item.name:
+            continue
+        replaced = item.name.split(".", 1)[1]
+        if replaced == "grad":
+            out.append((item.name, ast.Num(0)))
+        elif replaced in ("param", "step", "loss") or replaced in base_locals:
+            out.append((item.name, ast.Name(replaced)))
+    return out
+
+
+def _base_at_rest(spec, source):
+    """``spec`` with its base at a fixed point: the base's update is the parameter and each
+    of its states keeps its value; the adaptor's statements are as written."""
+    def still(item):
+        if isinstance(item, ast.Define) and item.primed:
+            return dataclasses.replace(item, expr=ast.Name(item.name, span=item.span))
+        if isinstance(item, ast.Define) and item.name.endswith(".base_update"):
+            return dataclasses.replace(item, expr=ast.Name("param", span=item.span))
+        if isinstance(item, ast.If):
+            return dataclasses.replace(item, then=tuple(map(still, item.then)), otherwise=tuple(map(still, item.otherwise)))
+        if isinstance(item, ast.Probe):
+            return dataclasses.replace(item, items=tuple(map(still, item.items)))
+        return item
+    items = tuple((src, item if src == source else still(item)) for src, item in spec.items)
+    return dataclasses.replace(spec, items=items)
 
 
 def _declared_states(spec) -> set:
@@ -250,9 +334,17 @@ def _constant_states(program, translate, outs: dict) -> dict:
     for name, node in program.init.items():
         if node is not None and node.is_const:
             constants[translate.state(name)] = number(node.attr)
+    def stays(s, c):
+        change = outs[f"{s.name}'"].xreplace(constants) - c
+        if change == 0:
+            return True
+        # a random point where it moves settles most states in microseconds; simplify
+        # can take seconds
+        moved = search((change,), {}, lambda value: abs(value[0]) / (1 + abs(value[0])))
+        return moved is None and sympy.simplify(change) == 0
+
     while True:
-        kept = {s: c for s, c in constants.items()
-                if sympy.simplify(outs[f"{s.name}'"].xreplace(constants) - c) == 0}
+        kept = {s: c for s, c in constants.items() if stays(s, c)}
         if kept == constants:
             return constants
         constants = kept
@@ -265,7 +357,8 @@ def _equal(a, b, what, law, bounds, facts=()):
                              facts)
     if counterexample is not None:
         values, (x, y) = counterexample
-        raise _Refuted(f"{what}; at {_show(values)} one side is {x:.6g} and the other {y:.6g}", _hint(law))
+        where = f"at {_show(values)}" if values else "everywhere"
+        raise _Refuted(f"{what}; {where} one side is {x:.6g} and the other {y:.6g}", _hint(law))
     if not is_zero(a - b):
         raise _Unproven(what)
 
