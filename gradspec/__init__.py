@@ -12,8 +12,8 @@ from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, load
 from .dsl.resolve import parse_spec as parse
 
-__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "Transform", "check", "hessian_eigenpairs", "load", "parse",
-           "transform"]
+__all__ = ["Diagnostic", "Optimizer", "Spec", "SpecError", "Transform", "check", "create_optimizer",
+           "hessian_eigenpairs", "load", "param_groups", "parse", "transform"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -21,6 +21,8 @@ _LAZY = {
     "Transform": "runtime.functional",
     "transform": "runtime.functional",
     "hessian_eigenpairs": "runtime.lanczos",
+    "param_groups": "runtime.factory",
+    "create_optimizer": "runtime.factory",
     "check": "check",
 }
 """Public names imported on first use. Reading and resolving specs needs only the front end;
