@@ -10,14 +10,7 @@ import torch
 import gradspec
 from gradspec.compiler.ir import build
 from gradspec.symbolic import simplify
-
-REDUNDANT = """optimizer toy
-hyper lr = 0.1 >= 0
-hyper wd = 0.1 >= 0
-x = 2 * grad * 3
-y = lr * x - lr * wd * x + 0 * param
-param' = param - y + lr * grad - lr * grad
-"""
+from test_symbolic import REDUNDANT  # a spec the rewrite shrinks
 
 
 @pytest.fixture
