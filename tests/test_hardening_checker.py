@@ -184,3 +184,57 @@ def test_a_variant_law_about_a_composed_spec_is_about_the_whole_of_it(tmp_path):
     (tmp_path / "v.opt").write_text("optimizer v = lookahead(adamw)\nlaw fixed_point\n")
     found = [d for d in diagnose(gradspec.load(str(tmp_path / "v.opt"))) if d.severity == "error"]
     assert [d.code for d in found] == ["GS081"]
+
+
+# ---- conditions are facts inside their branches ------------------------------------------------
+
+RADAM = H + """hyper beta1 = 0.9 in [0, 1)
+hyper beta2 = 0.999 in [0, 1)
+hyper eps = 1e-8 > 0
+state m = 0
+state v = 0
+m' = beta1 * m + (1 - beta1) * grad
+v' = beta2 * v + (1 - beta2) * grad^2
+mhat = m' / (1 - beta1^step)
+rho_inf = 2 / (1 - beta2) - 1
+rho_t = rho_inf - 2 * step * beta2^step / (1 - beta2^step)
+r = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+param' = where(rho_t > 5, param - lr * r * mhat / (sqrt(v' / (1 - beta2^step)) + eps), param - lr * mhat)
+"""
+
+
+def test_radams_rectifier_is_guarded_by_its_condition_alone():
+    """rho_t > 5 and rho_t = rho_inf - (something >= 0) give rho_inf > 5: no max(..., 1e-300)."""
+    assert errors(RADAM) == []
+
+
+def test_a_rectifier_guarded_by_a_weaker_condition_is_refused():
+    found = errors(RADAM.replace("rho_t > 5", "rho_t > 3"))
+    assert {d.code for d in found} == {"GS072"} and any("(rho_inf - 4)" in d.message for d in found)
+
+
+@pytest.mark.parametrize("body", [
+    "hyper eps = 1e-8 > 0\nparam' = param - lr * where(grad > eps, 1 / grad, 0)\n",  # a bound that is not a number
+    "state v = 0\nv' = 0.9 * v + grad^2\nparam' = param - lr * where(v' != 0, grad / v', 0)\n",  # != at v's end
+    "param' = param - lr * where(grad > param, 1 / (grad - param), 0)\n",  # the difference of two values
+    "hyper beta = 0.5 in [0, 1]\nif 1 - beta > 0 { param' = param - lr * grad / (1 - beta) } else { param' = param }\n",
+    "hyper a = 1 > 0\nhyper b = 0.5 > 0\nif a > b { param' = param - lr * grad / (a - b) } else { param' = param }\n",
+])
+def test_a_spec_guarded_only_by_its_condition_checks(body):
+    assert errors(H + body) == []
+
+
+@pytest.mark.parametrize("body", [
+    "state v = 0\nv' = 0.9 * v + grad\nparam' = param - lr * where(v' != 0, grad / sqrt(v'), 0)\n",
+    "param' = param - lr * where(grad >= param, 1 / (grad - param), 0)\n",
+    "hyper beta = 0.5 in [0, 1]\nif 1 - beta > 0 { param' = param } else { param' = param - lr * grad / (1 - beta) }\n",
+    "hyper a = 1 > 0\nhyper b = 0.5 > 0\nif a >= b { param' = param - lr * grad / (a - b) } else { param' = param }\n",
+])
+def test_a_wrongly_guarded_spec_is_still_refused(body):
+    found = errors(H + body)
+    assert found and {d.code for d in found} == {"GS072"}
+
+
+def test_a_condition_on_this_element_says_nothing_about_a_reduction_over_all_of_them():
+    """grad > 0 here does not make the sum over every element positive (it was accepted)."""
+    assert [d.code for d in errors(H + "param' = param - lr * where(grad > 0, 1 / global.sum(grad), 0)\n")] == ["GS072"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..compiler.ir import Node, Program
+from ..compiler.ir import Node, Program, Scope
 from ..dsl import ast
 
 INF = math.inf
@@ -151,8 +151,11 @@ class Unsafe:
 class Analysis:
     """Ranges of every node of ``program`` (states by fixpoint) and the unsafe operations."""
 
-    def __init__(self, program: Program, hyper_ranges: dict | None = None):
+    def __init__(self, program: Program, hyper_ranges: dict | None = None, facts: tuple = ()):
+        """``facts``: ((node, range), ...) known everywhere in the step, as the conditions of
+        the ``if`` branches the program took."""
         self.program = program
+        self.facts = tuple(facts)
         self.hyper_ranges = {name: constraint_range(h) for name, h in program.spec.hypers.items()}
         self.hyper_ranges.update(hyper_ranges or {})
         self.state_ranges: dict = {}
@@ -164,21 +167,21 @@ class Analysis:
         self._collect = True
         self._memo = {}
         for root in list(program.next.values()) + list(program.init.values()):
-            self.range(root)
+            self.range(root, self.facts)
 
     def _fixpoint(self):
         names = [n for n in self.program.init if self.program.init[n] is not None]
         current = {}
         for name in names:
             self._memo = {}
-            current[name] = self.range(self.program.init[name])
+            current[name] = self.range(self.program.init[name], self.facts)
         for round_ in range(6):
             self.state_ranges = dict(current)
             self._memo = {}
             changed = False
             for name in names:
                 nxt = self.program.next.get(name)
-                widened = current[name].hull(self.range(nxt)) if nxt is not None else ANY
+                widened = current[name].hull(self.range(nxt, self.facts)) if nxt is not None else ANY
                 if round_ >= 3 and widened != current[name]:  # widen what still moves
                     widened = Range(-INF if widened.lo < current[name].lo else widened.lo,
                                     INF if widened.hi > current[name].hi else widened.hi,
@@ -233,6 +236,8 @@ class Analysis:
             yes, no = branch_facts(cond, self, facts)
             ra, rb = self.range(a, facts + yes), self.range(b, facts + no)
             return None if ra is None else ra.hull(rb)
+        if op in _MIXING:  # a fact about this element says nothing about the others it mixes in
+            facts = tuple((n, r) for n, r in facts if n.scope <= _MIXING[op](node))
         args = [self.range(a, facts) for a in node.args]
         self._facts = facts
         return getattr(self, "_" + op)(node, *args) if op != "reduce" else self._reduce(node, *args)
@@ -415,39 +420,102 @@ def intersect(r: Range | None, fact: Range) -> Range | None:
     return Range(lo, hi, lo_closed, hi_closed, r.integer)
 
 
-_FACT = {  # x OP c  ->  the range of x where it holds
-    "gt": lambda c: Range(c, INF, False, False), "ge": lambda c: Range(c, INF, True, False),
-    "lt": lambda c: Range(-INF, c, False, False), "le": lambda c: Range(-INF, c, False, True),
-    "eq": lambda c: Range.point(c),
+_MIXING = {  # operations that combine many elements, and the widest scope a fact may have to cross them
+    "reduce": lambda node: node.scope, "onto": lambda node: Scope.GLOBAL,
+    "matrix": lambda node: Scope.TENSOR,
 }
-_NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt"}
-_FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq"}
+_NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt", "eq": "ne", "ne": "eq"}
+_FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq", "ne": "ne"}
 
 
 def branch_facts(cond: Node, analysis: "Analysis", facts) -> tuple[tuple, tuple]:
-    """What ``where(cond, a, b)`` knows in each branch: for ``x > c`` with c's range a point,
-    x > c in the first and x <= c in the second (torch.where evaluates both branches, but
-    only the chosen one's value is used). ``a and b`` knows both in the first branch, ``a or
-    b`` the negation of both in the second, ``not a`` swaps the branches."""
+    """What ``where(cond, a, b)`` knows in each branch (torch.where evaluates both branches,
+    but only the chosen one's value is used): for ``x > c``, x > c's lower end and c < x's
+    upper end in the first, and the negation in the second; the difference x - c is
+    positive there (negative or 0 in the second); and each fact is carried down into the
+    operands it is built from (rho_t = rho_inf - s with s >= 0 and rho_t > 5 give rho_inf >
+    5). ``a and b`` knows both in the first branch, ``a or b`` the negation of both in the
+    second, ``not a`` swaps the branches."""
     if cond.op == "not":
         yes, no = branch_facts(cond.args[0], analysis, facts)
         return no, yes
     if cond.op in ("and", "or"):
         (yes_a, no_a), (yes_b, no_b) = (branch_facts(a, analysis, facts) for a in cond.args)
         return (yes_a + yes_b, ()) if cond.op == "and" else ((), no_a + no_b)
-    if cond.op not in _FACT or len(cond.args) != 2:
+    if cond.op not in _NEGATE or len(cond.args) != 2:
         return (), ()
-    x, c = cond.args
-    op = cond.op
-    rc = analysis.range(c, facts)
-    if rc is None or not rc.is_point:
-        x, c, op = c, x, _FLIP[op]
-        rc = analysis.range(c, facts)
-        if rc is None or not rc.is_point:
-            return (), ()
-    yes = ((x, _FACT[op](rc.lo)),)
-    no = ((x, _FACT[_NEGATE[op]](rc.lo)),) if op in _NEGATE else ()
-    return yes, no
+    return (_comparison_facts(cond.op, *cond.args, analysis, facts),
+            _comparison_facts(_NEGATE[cond.op], *cond.args, analysis, facts))
+
+
+def _comparison_facts(op: str, x: Node, c: Node, analysis: "Analysis", facts) -> tuple:
+    """The facts ``x op c`` implies, derived facts included."""
+    rx, rc = analysis.range(x, facts), analysis.range(c, facts)
+    if rx is None or rc is None:
+        return ()
+    found = [(x, _side(op, rx, rc)), (c, _side(_FLIP[op], rc, rx))]
+    if op != "eq" and op != "ne" and not (x.is_const or c.is_const) and analysis.program.context is not None:
+        difference = analysis.program.context.b.op("sub", x, c)  # the node x - c, as the spec writes it
+        found.append((difference, _side(op, Range(), Range.point(0))))
+    out = []
+    for node, fact in found:
+        if fact is not None and not node.is_const:
+            out += [(node, fact)] + _carried(node, fact, analysis, facts, depth=6)
+    return tuple(out)
+
+
+def _side(op: str, rx: Range, rc: Range) -> Range | None:
+    """Where x lies if ``x op c`` holds, c anywhere in ``rc``; None if that says nothing."""
+    if op in ("gt", "ge"):  # x > c >= rc.lo
+        return Range(rc.lo, INF, op == "ge" and rc.lo_closed, False) if rc.lo > -INF else None
+    if op in ("lt", "le"):
+        return Range(-INF, rc.hi, False, op == "le" and rc.hi_closed) if rc.hi < INF else None
+    if op == "eq":
+        return rc
+    if rc.is_point and rx.lo == rc.lo:  # x != c at x's lower end: the end is open
+        return replace(rx, lo_closed=False)
+    if rc.is_point and rx.hi == rc.lo:
+        return replace(rx, hi_closed=False)
+    return None
+
+
+def _carried(node: Node, fact: Range, analysis: "Analysis", facts, depth: int) -> list:
+    """Facts on the operands of ``node`` implied by ``fact`` on node: a + b in R puts a in
+    R - range(b); a * b with b > 0 puts a in R / range(b); and so on down the tree."""
+    if depth == 0 or node.op not in ("add", "sub", "neg", "mul", "div"):
+        return []
+    args = node.args
+    ranges = [analysis.range(a, facts) for a in args]
+    if any(r is None for r in ranges):
+        return []
+    derived = []
+    if node.op == "add":
+        derived = [(args[0], _add_range(fact, _neg(ranges[1]))), (args[1], _add_range(fact, _neg(ranges[0])))]
+    elif node.op == "sub":
+        derived = [(args[0], _add_range(fact, ranges[1])), (args[1], _add_range(ranges[0], _neg(fact)))]
+    elif node.op == "neg":
+        derived = [(args[0], _neg(fact))]
+    elif node.op == "mul":
+        derived = [(a, _mul_range(fact, _reciprocal(other))) for a, other in ((args[0], ranges[1]), (args[1], ranges[0]))
+                   if not other.contains(0)]
+    elif node.op == "div":
+        derived = [(args[0], _mul_range(fact, ranges[1]))]
+        if not fact.contains(0):
+            derived.append((args[1], _mul_range(ranges[0], _reciprocal(fact))))
+    out = []
+    for arg, narrowed in derived:
+        if arg.is_const or not _informative(narrowed):
+            continue
+        current = analysis.range(arg, facts)
+        tighter = intersect(current, narrowed)
+        if tighter == current:
+            continue
+        out += [(arg, narrowed)] + _carried(arg, tighter, analysis, facts, depth - 1)
+    return out
+
+
+def _informative(r: Range) -> bool:
+    return not (math.isnan(r.lo) or math.isnan(r.hi)) and (r.lo > -INF or r.hi < INF)
 
 
 def constraint_range(hyper: ast.Hyper) -> Range:

@@ -16,31 +16,36 @@ _WHAT = {"div": "the divisor", "mod": "the divisor", "sqrt": "the root's argumen
 
 def diagnostics(program: Program) -> list[Diagnostic]:
     """GS072 for every operation of ``program`` that may be undefined. Inside the branch of
-    ``if c > 0.5``, c's range is narrowed accordingly; a program whose branches no allowed
-    value reaches (the constraint says c < 0.3) has nothing to report."""
-    narrowed = assumed_ranges(program)
-    if narrowed is None:
+    ``if c > 0.5``, c's range is narrowed accordingly (and so is every expression the
+    condition bounds, as 1 - beta in ``if 1 - beta > 0``); a program whose branches no
+    allowed value reaches (the constraint says c < 0.3) has nothing to report."""
+    assumed = assumed_facts(program)
+    if assumed is None:
         return []
-    analysis = Analysis(program, narrowed)
-    return [_diagnostic(program, analysis, u, narrowed) for u in analysis.unsafe]
+    narrowed, facts = assumed
+    analysis = Analysis(program, narrowed, facts)
+    return [_diagnostic(program, analysis, u, narrowed, facts) for u in analysis.unsafe]
 
 
-def assumed_ranges(program: Program) -> dict | None:
-    """Hyperparameter ranges narrowed by the ``if`` conditions the program took; None if
-    they leave no value."""
+def assumed_facts(program: Program) -> tuple[dict, tuple] | None:
+    """What the ``if`` conditions the program took say: the hyperparameters' ranges
+    narrowed, and facts on the other expressions they bound; None if no value is left."""
     ranges = {name: constraint_range(h) for name, h in program.spec.hypers.items()}
     probe = Analysis(program)
+    facts = []
     for _, condition, taken in program.assumed:
         yes, no = branch_facts(condition, probe, ())
         for node, fact in (yes if taken else no):
             if node.op == "hyper":
                 ranges[node.attr] = intersect(ranges[node.attr], fact)
+            else:
+                facts.append((node, fact))
     if any(r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed)) for r in ranges.values()):
         return None
-    return ranges
+    return ranges, tuple(facts)
 
 
-def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict) -> Diagnostic:
+def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict, facts: tuple) -> Diagnostic:
     origins = program.origins or {}
     source, span = origins.get(id(unsafe.node), [(program.spec.source, None)])[0]
     inner = [o for o in origins.get(id(unsafe.operand), []) if span is None or _within(o[1], span)]
@@ -51,7 +56,7 @@ def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: 
     else:  # the operand was first written elsewhere (m' defined above): name it, point at the use
         text = str(Translator(program)(unsafe.operand))
     text = text or _WHAT.get(unsafe.node.op, "an operand")
-    reason, hint = _explain(program, analysis, unsafe, narrowed)
+    reason, hint = _explain(program, analysis, unsafe, narrowed, facts)
     return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
 
 
@@ -105,19 +110,19 @@ def _subtree(node):
     return list(seen.values())
 
 
-def _still_unsafe(program, unsafe, hyper_ranges) -> bool:
-    again = Analysis(program, hyper_ranges)
+def _still_unsafe(program, unsafe, hyper_ranges, facts) -> bool:
+    again = Analysis(program, hyper_ranges, facts)
     return any(u.node is unsafe.node and u.problem == unsafe.problem for u in again.unsafe)
 
 
-def _explain(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict) -> tuple[str, str]:
+def _explain(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dict, facts: tuple) -> tuple[str, str]:
     """Find the missing fact: a hyperparameter whose constraint, made strict (or declared
     positive where it has none), makes the operation safe; else what the checker knows."""
     leaves = _subtree(unsafe.operand)
     hypers = sorted({n.attr for n in leaves if n.op == "hyper"})
     for name in hypers:
         for tighter, fix, reason in _tightenings(program.spec.hypers[name]):
-            if not _still_unsafe(program, unsafe, {**narrowed, name: intersect(tighter, narrowed[name])}):
+            if not _still_unsafe(program, unsafe, {**narrowed, name: intersect(tighter, narrowed[name])}, facts):
                 return reason, f"did you mean {fix}?"
     known = []
     for n in leaves:
