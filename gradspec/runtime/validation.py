@@ -54,10 +54,13 @@ def hyper_problem(hyper: ast.Hyper, value) -> Exception | None:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         allowed = f" ({hyper.constraint.describe(name)})" if hyper.constraint is not None else ""
-        return ValueError(f"{name} must be a finite number{allowed}, got {value}")
+        return ValueError(f"{name} must be a finite number{allowed}, got {number}")
     problem = hyper.check(value)
     return ValueError(problem) if problem else None
 
