@@ -238,3 +238,24 @@ def test_a_wrongly_guarded_spec_is_still_refused(body):
 def test_a_condition_on_this_element_says_nothing_about_a_reduction_over_all_of_them():
     """grad > 0 here does not make the sum over every element positive (it was accepted)."""
     assert [d.code for d in errors(H + "param' = param - lr * where(grad > 0, 1 / global.sum(grad), 0)\n")] == ["GS072"]
+
+
+YOGI = H + "hyper beta2 = 0.999 in [0, 1)\nhyper eps = 1e-3 > 0\nstate v = 0\n{}\nparam' = param - lr * grad / (sqrt(v') + eps)\n"
+
+
+@pytest.mark.parametrize("update", [
+    "v' = v - (1 - beta2) * sign(v - grad^2) * grad^2",  # as the paper writes it
+    "v' = where(v > grad^2, v - (1 - beta2) * grad^2, v + (1 - beta2) * grad^2)",
+])
+def test_yogis_second_moment_is_known_nonnegative_without_a_max(update):
+    """v > grad^2 makes v - (1 - beta2) grad^2 >= 0: no sqrt(max(v', 0)) needed."""
+    assert errors(YOGI.format(update)) == []
+
+
+@pytest.mark.parametrize("update", [
+    "v' = v - (2 - beta2) * sign(v - grad^2) * grad^2",
+    "v' = where(v > grad^2, v - (2 - beta2) * grad^2, v + (1 - beta2) * grad^2)",
+    "v' = where(v > grad, v - (1 - beta2) * grad^2, v + (1 - beta2) * grad^2)",
+])
+def test_a_second_moment_that_can_go_negative_is_still_refused(update):
+    assert {d.code for d in errors(YOGI.format(update))} == {"GS072"}

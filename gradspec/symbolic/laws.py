@@ -28,7 +28,7 @@ from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.resolve import tree_items
 from .ranges import Analysis, Range, constraint_range
-from .translate import STEP, ElementSymbol, Translator, _Reduction, number, outputs, varies_per_element
+from .translate import STEP, ElementSymbol, Translator, _Reduction, change_of_variables, number, outputs
 
 SAMPLES = 48
 
@@ -296,7 +296,7 @@ class _Given:
             self.decided[f.negated.canonical] = sympy.false
             kind = {sympy.StrictGreaterThan: "positive", sympy.GreaterThan: "nonnegative",
                     sympy.StrictLessThan: "negative", sympy.Unequality: "nonzero"}.get(type(f))
-            change = _change_of_variables(f.lhs - f.rhs, kind) if kind else {}
+            change = change_of_variables(f.lhs - f.rhs, kind) if kind else {}
             if change and not set(change) & set(self.replacements):
                 self.replacements.update(change)
             else:
@@ -306,25 +306,6 @@ class _Given:
         e = e.replace(lambda x: isinstance(x, Relational) and x.canonical in self.decided,
                       lambda x: self.decided[x.canonical])
         return e.xreplace(self.replacements) if self.replacements else e
-
-
-def _change_of_variables(expr, kind: str) -> dict:
-    """A substitution after which ``expr`` is a fresh symbol with the assumption ``kind``
-    (positive, nonzero, ...): a symbol is replaced by one that carries it; a compound
-    expression linear in one of its symbols has that symbol solved for. The fresh symbol is
-    an element symbol where ``expr`` varies per element, so reductions still see it vary."""
-    cls = ElementSymbol if varies_per_element(expr) else sympy.Symbol
-    fresh = cls(expr.name if expr.is_Symbol else f"({expr})", real=True, **{kind: True})
-    if expr.is_Symbol:
-        return {expr: fresh}
-    candidates = sorted(expr.free_symbols, key=lambda s: (not isinstance(s, ElementSymbol), s.name))
-    for var in candidates:
-        coeff = sympy.diff(expr, var)
-        rest = sympy.expand(expr - coeff * var)
-        if coeff.is_zero or var in coeff.free_symbols or var in rest.free_symbols:
-            continue
-        return {var: (fresh - rest) / coeff}
-    return {}
 
 
 def _constant_states(program, translate, outs: dict) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import sympy
+
 from ..compiler.ir import Node, Program, Scope
 from ..dsl import ast
 
@@ -207,6 +209,56 @@ class Analysis:
             self._memo[key] = found
         return found
 
+    # ---- relations the intervals cannot see: v > grad^2 makes v - (1 - beta2) grad^2 >= 0
+    def _signed(self, node: Node, r: Range, difference) -> Range:
+        """``r`` narrowed to >= 0 (or > 0) where SymPy proves ``node`` so once the relation
+        ``difference`` = (x, y, kind), x - y of that kind, is made a fresh symbol."""
+        if difference is None or r.nonnegative or node.type != "real":
+            return r
+        from .translate import Translator, change_of_variables  # translate needs no ranges
+        signs = {n: "positive" if sr.positive else "nonnegative" for n, sr in self.state_ranges.items()
+                 if sr.nonnegative}
+        translate = Translator(self.program, None, signs)
+        x, y, kind, cases = difference
+        expr = translate(node)
+        for sign_node, value in cases:
+            target = translate(sign_node)
+            expr = expr.replace(lambda e: e == target, lambda e: sympy.Integer(value))
+        change = change_of_variables(translate(x) - translate(y), kind, sure=True)
+        if not change:
+            return r
+        try:
+            expr = sympy.expand(expr.xreplace(change))
+        except (TypeError, ValueError, ArithmeticError):
+            return r
+        if expr.is_positive:
+            return intersect(r, Range(0, INF, False, False))
+        if expr.is_nonnegative:
+            return intersect(r, Range(0, INF, True, False))
+        return r
+
+    def _sign_cases(self, node: Node, facts) -> Range | None:
+        """A sum with a term ``... * sign(d) * ...`` (Yogi's v - (1 - beta2) sign(v - g^2) g^2)
+        as the hull of its three cases: d > 0 with sign(d) = 1, d < 0 with -1, d = 0 with 0."""
+        signs = [f for a in node.args for f in _factors(a) if f.op == "sign"]
+        if not signs or any(n is signs[0] for n, _ in facts):
+            return None
+        sign_node = signs[0]
+        d = sign_node.args[0]
+        zero = self.program.context.b.const(0) if self.program.context is not None else None
+        if zero is None or d.is_const:
+            return None
+        result = None
+        for value, op in ((1, "gt"), (-1, "lt"), (0, "eq")):
+            case = facts + ((sign_node, Range.point(value)),) + _comparison_facts(op, d, zero, self, facts)
+            r = self.range(node, case)
+            if value:
+                kind = (d, zero, "positive", ((sign_node, value),)) if value > 0 else \
+                    (zero, d, "positive", ((sign_node, value),))
+                r = self._signed(node, r, kind)
+            result = r if result is None else result.hull(r)
+        return result
+
     def _flag(self, node, operand, problem):
         if self._collect and not any(u.node is node and u.problem == problem for u in self.unsafe):
             self.unsafe.append(Unsafe(node, operand, problem))
@@ -235,7 +287,16 @@ class Analysis:
             self.range(cond, facts)
             yes, no = branch_facts(cond, self, facts)
             ra, rb = self.range(a, facts + yes), self.range(b, facts + no)
-            return None if ra is None else ra.hull(rb)
+            if ra is None:
+                return None
+            if cond.op in _NEGATE and not any(x.is_const for x in cond.args):
+                ra = self._signed(a, ra, _difference(cond.op, cond.args))
+                rb = self._signed(b, rb, _difference(_NEGATE[cond.op], cond.args))
+            return ra.hull(rb)
+        if op in ("add", "sub") and node.type == "real":
+            split = self._sign_cases(node, facts)
+            if split is not None:
+                return split
         if op in _MIXING:  # a fact about this element says nothing about the others it mixes in
             facts = tuple((n, r) for n, r in facts if n.scope <= _MIXING[op](node))
         args = [self.range(a, facts) for a in node.args]
@@ -397,6 +458,13 @@ class Analysis:
         if a.hi <= 0:
             return Range(-INF, 0, False, True)
         return ANY
+
+
+def _difference(op: str, args) -> tuple | None:
+    """``x op y`` as (a, b, kind): a - b is positive or nonnegative."""
+    x, y = args
+    return {"gt": (x, y, "positive", ()), "ge": (x, y, "nonnegative", ()),
+            "lt": (y, x, "positive", ()), "le": (y, x, "nonnegative", ())}.get(op)
 
 
 def _factors(node: Node):

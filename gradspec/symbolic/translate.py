@@ -282,3 +282,25 @@ def outputs(program: Program, translate: Translator | None = None) -> dict:
     """``{"param'": ..., "m'": ..., ...}``: every next value as SymPy."""
     translate = translate or Translator(program)
     return {f"{name}'": translate(node) for name, node in program.next.items()}
+
+
+def change_of_variables(expr, kind: str, sure: bool = False) -> dict:
+    """A substitution after which ``expr`` is a fresh symbol with the assumption ``kind``
+    (positive, nonzero, ...): a symbol is replaced by one that carries it; a compound
+    expression linear in one of its symbols has that symbol solved for. The fresh symbol is
+    an element symbol where ``expr`` varies per element, so reductions still see it vary.
+    With ``sure``, the symbol solved for has a coefficient SymPy knows is never 0: a proof
+    after the change says nothing where it would be (a law's ``given`` relies on the
+    counterexample search there)."""
+    cls = ElementSymbol if varies_per_element(expr) else sympy.Symbol
+    fresh = cls(expr.name if expr.is_Symbol else f"({expr})", real=True, **{kind: True})
+    if expr.is_Symbol:
+        return {expr: fresh}
+    candidates = sorted(expr.free_symbols, key=lambda s: (not isinstance(s, ElementSymbol), s.name))
+    for var in candidates:
+        coeff = sympy.diff(expr, var)
+        rest = sympy.expand(expr - coeff * var)
+        if coeff.is_zero or (sure and not coeff.is_nonzero) or var in coeff.free_symbols or var in rest.free_symbols:
+            continue
+        return {var: (fresh - rest) / coeff}
+    return {}
