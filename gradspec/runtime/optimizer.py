@@ -253,7 +253,7 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 self._plan(index, group)
             finally:
-                self._new_plans.clear()  # kept: only a step undoes the plans it made
+                self._new_plans.clear()  # plans made here stay: a step undoes only its own
                 for p in missing:
                     p.grad = None
 
