@@ -86,19 +86,10 @@ def read_switches(spec: Spec) -> list[str]:
     """The boolean hyperparameters some statement of ``spec`` names, in declaration order:
     the only ones whose value can change the program (a law's ``at`` sets its own)."""
     named = set()
-    for _, item in _items(spec.items):
+    for _, item in laws.walk(spec.items):
         for expr in _expressions(item):
             named.update(n.name for n in ast.names_in(expr) if n.qualifier is None)
     return [n for n, h in spec.hypers.items() if h.kind == "bool" and n in named]
-
-
-def _items(items):
-    for src, item in items:
-        yield src, item
-        if isinstance(item, ast.If):
-            yield from _items([(src, i) for i in item.then + item.otherwise])
-        elif isinstance(item, ast.Probe):
-            yield from _items([(src, i) for i in item.items])
 
 
 def _expressions(item) -> list:

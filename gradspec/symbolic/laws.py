@@ -26,7 +26,6 @@ from ..compiler.ir import Program, build
 from ..compiler.newton_schulz import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
-from ..dsl.resolve import tree_items
 from .ranges import Analysis, Range, constraint_range
 from .translate import STEP, ElementSymbol, Translator, _Reduction, change_of_variables, number, outputs
 
@@ -181,19 +180,21 @@ def _fixed_point(program, translate, mine, equal, source, law) -> None:
 # '<adaptor>.X'.
 
 
-def _walk(items):
+def walk(items):
+    """``(source, item)`` pairs of a spec's body, with the items nested in ``if`` and probe
+    blocks."""
     for src, item in items:
         yield src, item
         if isinstance(item, ast.If):
-            yield from _walk([(src, i) for i in item.then + item.otherwise])
+            yield from walk([(src, i) for i in item.then + item.otherwise])
         elif isinstance(item, ast.Probe):
-            yield from _walk([(src, i) for i in item.items])
+            yield from walk([(src, i) for i in item.items])
 
 
 def _base_statements(spec, source) -> list | None:
     """The base's statements when the law at ``source`` belongs to an adaptor applied to
     a base (its file contributes statements, and another file does too); else None."""
-    statements = [(src, i) for src, i in _walk(spec.items) if isinstance(i, (ast.State, ast.Define))]
+    statements = [(src, i) for src, i in walk(spec.items) if isinstance(i, (ast.State, ast.Define))]
     base = [i for src, i in statements if src != source]
     if not base or len(base) == len(statements):
         return None
@@ -207,7 +208,7 @@ def _what_the_base_sees(spec, source, base) -> list:
     own definition of a replaced local."""
     base_locals = {i.name for i in base if isinstance(i, ast.Define) and not i.primed}
     out = []
-    for src, item in _walk(spec.items):
+    for src, item in walk(spec.items):
         if src != source or not isinstance(item, ast.Define) or item.primed or "." not in item.name:
             continue
         replaced = item.name.split(".", 1)[1]
@@ -237,7 +238,7 @@ def _base_at_rest(spec, source):
 
 def _declared_states(spec) -> set:
     """Every state the spec declares, under any setting of its switches."""
-    return {i.name for i in tree_items([item for _, item in spec.items]) if isinstance(i, ast.State)}
+    return {i.name for _, i in walk(spec.items) if isinstance(i, ast.State)}
 
 
 def _bounded(node, analysis) -> bool:
