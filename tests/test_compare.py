@@ -41,9 +41,11 @@ def test_every_built_in_task_trains(name):
 
 def test_the_lr_grid_picks_the_validation_best_and_scores_divergence_as_infinite():
     task = tasks.get("rosenbrock")
-    lr, scores = pick_lr(task, "sgd", [1e-4, 1e-3, 0.5], steps=200, backend="eager", device="cpu")
-    assert scores[0.5] == math.inf  # plain SGD at lr 0.5 diverges on Rosenbrock
-    assert lr == 1e-3 and scores[1e-3] < scores[1e-4]
+    for vmap in (True, False):
+        grid = pick_lr(task, "sgd", [1e-4, 1e-3, 0.5], steps=200, backend="eager", device="cpu", vmap=vmap)
+        assert grid.vmapped == vmap
+        assert grid.scores[0.5] == math.inf  # plain SGD at lr 0.5 diverges on Rosenbrock
+        assert grid.lr == 1e-3 and grid.scores[1e-3] < grid.scores[1e-4]
 
 
 def test_summaries_and_time_to_target():

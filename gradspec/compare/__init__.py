@@ -16,6 +16,17 @@ A comparison file::
     better = "deo(adam)"
     than = "adam"
     on = "final_loss"                # final_loss | metric | steps_to_target | sharpness
+
+A learning-rate grid trains as one run where it can: every rate's copy of the initial
+parameters is stacked, and one ``torch.func.vmap``-ed loop of ``torch.func.grad`` and the
+spec's pure update (:func:`gradspec.transform`) trains them together, on the same batches.
+That needs a task whose problem gives its loss as a pure function of the parameters
+(``Problem.pure``: every built-in task does) and a spec the functional update runs under
+vmap (not one that probes the model: ``deo(...)``, ``sophia``, ``sophia_g``, the bulk and
+dominant-subspace methods). Otherwise the grid trains one rate after another, as
+``compare(..., vmap=False)`` (``gradspec compare --no-vmap``) forces; the report says which
+way each grid ran and why. Both ways score each rate's final parameters with the task's own
+validation loss and agree to rounding, so they pick the same rate.
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ ON = ("final_loss", "metric", "steps_to_target", "sharpness")
 class Comparison:
     task: Task
     summaries: list
-    grids: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)  # variant -> LrGrid
     settings: dict = field(default_factory=dict)
     verdicts: list = field(default_factory=list)  # (expectation text, verdict, detail)
 
@@ -46,12 +57,13 @@ class Comparison:
 def compare(variants: list[str], task: str | Task, steps: int | None = None, seeds: int = 3,
             lr_grid: list | None = None, lr: float | None = None, backend: str = "eager", device: str = "cpu",
             sharpness: bool = False, out: str | None = None, progress: bool = True, settings: dict | None = None,
-            expect: list | None = None) -> Comparison:
+            expect: list | None = None, vmap: bool = True) -> Comparison:
     """Run every variant on ``task`` for ``seeds`` seeds (0, 1, ...) and summarise. With
     ``lr_grid``, each variant first gets its best learning rate on the validation loss; with
     ``lr``, every variant uses it; otherwise each spec's own default. With ``out``, writes
     runs.csv, loss_vs_step.png, loss_vs_time.png (and trajectories.png for 2-D functions)
-    and report.md there."""
+    and report.md there. ``vmap=False`` trains a grid one rate at a time even where it could
+    be one vmapped run (see :func:`pick_lr`; the two agree to rounding)."""
     task = get(task) if isinstance(task, str) else task
     steps = task.steps if steps is None else steps
     if steps < 1 or seeds < 1:
@@ -62,14 +74,15 @@ def compare(variants: list[str], task: str | Task, steps: int | None = None, see
         chosen = lr
         if lr_grid:
             with bar(total=steps * len(lr_grid), desc=f"{variant}: lr grid") as counter:
-                chosen, grids[variant] = pick_lr(task, variant, lr_grid, steps, backend, device, progress=counter)
+                grids[variant] = pick_lr(task, variant, lr_grid, steps, backend, device, progress=counter, vmap=vmap)
+            chosen = grids[variant].lr
         runs = []
         for seed in range(seeds):
             with bar(total=steps, desc=f"{variant} seed {seed}") as counter:
                 runs.append(train(task, variant, seed, steps, chosen, backend, device, sharpness, counter))
         summaries.append(report.summarise(task, variant, chosen, runs))
     settings = {"steps": steps, "seeds": seeds, "backend": backend, "device": device, **(settings or {})}
-    settings.setdefault("command", _command(variants, task.name, steps, seeds, lr_grid, lr, sharpness))
+    settings.setdefault("command", _command(variants, task.name, steps, seeds, lr_grid, lr, sharpness, vmap))
     comparison = Comparison(task, summaries, grids, settings, [judge(e, comparison_summaries(summaries), task)
                                                                for e in expect or []])
     if out:
@@ -136,14 +149,14 @@ def load_file(path: str) -> dict:
 
 
 def run_file(path: str, out: str | None = None, progress: bool = True, steps: int | None = None,
-             seeds: int | None = None) -> Comparison:
+             seeds: int | None = None, vmap: bool = True) -> Comparison:
     data = load_file(path)
     settings = {"title": data.get("title"), "claim": data.get("claim"), "source": data.get("source"),
                 "command": f"gradspec compare {path}"}
     return compare(data["variants"], data["task"], steps if steps is not None else data.get("steps"),
                    seeds if seeds is not None else data.get("seeds", 3),
                    data.get("lr_grid"), data.get("lr"), data.get("backend", "eager"), data.get("device", "cpu"),
-                   data.get("sharpness", False), out, progress, settings, data.get("expect", []))
+                   data.get("sharpness", False), out, progress, settings, data.get("expect", []), vmap)
 
 
 def judge(expectation: dict, by_variant: dict, task: Task) -> tuple[str, str, str]:
@@ -179,7 +192,7 @@ def judge(expectation: dict, by_variant: dict, task: Task) -> tuple[str, str, st
     return text, "inconclusive", detail + ", within noise"
 
 
-def _command(variants, task, steps, seeds, lr_grid, lr, sharpness) -> str:
+def _command(variants, task, steps, seeds, lr_grid, lr, sharpness, vmap=True) -> str:
     quoted = " ".join(f'"{v}"' if "(" in v else v for v in variants)
     parts = [f"gradspec compare {quoted} --task {task} --steps {steps} --seeds {seeds}"]
     if lr_grid:
@@ -188,6 +201,8 @@ def _command(variants, task, steps, seeds, lr_grid, lr, sharpness) -> str:
         parts.append(f"--lr {lr:g}")
     if sharpness:
         parts.append("--sharpness")
+    if lr_grid and not vmap:
+        parts.append("--no-vmap")
     return " ".join(parts)
 
 

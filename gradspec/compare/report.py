@@ -103,9 +103,9 @@ def markdown(task: Task, summaries: list[Summary], settings: dict, figures: list
         lines += [f"- **{verdict}**: {text}: {detail}" for text, verdict, detail in verdicts] + [""]
     if grids:
         lines += ["Learning rates chosen on the validation loss (seed 10000, not a reported seed):", ""]
-        for variant, scores in grids.items():
-            shown = ", ".join(f"{lr:g}: {v:.4g}" for lr, v in scores.items())
-            lines.append(f"- `{variant}`: {shown}")
+        for variant, grid in grids.items():
+            shown = ", ".join(f"{lr:g}: {v:.4g}" for lr, v in grid.scores.items())
+            lines.append(f"- `{variant}`: {shown}; trained as {grid.how()}")
         lines.append("")
     lines += [f"![{os.path.basename(f)}]({figure_prefix}{os.path.basename(f)})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Training runs for a comparison: one variant, one seed, one learning rate at a time.
+"""Training runs for a comparison: one variant, one seed, one learning rate at a time; and the
+learning-rate grid, trained as one vmapped run where the task and spec allow (:func:`pick_lr`).
 
 A run records the training loss and the cumulative wall time at every step, held-out
 metrics every ``eval_every`` steps, the model evaluations the optimizer counted, and at the
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
+
+import torch
 
 from ..runtime.lanczos import hessian_eigenpairs
 from ..runtime.optimizer import Optimizer
@@ -94,14 +98,126 @@ def train(task: Task, variant: str, seed: int, steps: int, lr: float | None = No
     return run
 
 
+@dataclass
+class LrGrid:
+    """A learning-rate grid's outcome: the pick, each rate's validation loss (+inf for a
+    diverged run), and how the grid was trained: as one vmapped run, or one run per rate and
+    why (``sequential_because``)."""
+
+    lr: float
+    scores: dict  # {lr: validation loss after the grid's steps}
+    sequential_because: str | None = None  # None: the grid was one vmapped run
+
+    @staticmethod
+    def best_of(scores: dict, sequential_because: str | None = None) -> "LrGrid":
+        return LrGrid(min(scores, key=lambda lr: (scores[lr], lr)), scores, sequential_because)
+
+    @property
+    def vmapped(self) -> bool:
+        return self.sequential_because is None
+
+    def how(self) -> str:
+        """How the grid was trained, for the report."""
+        if self.vmapped:
+            return f"one vmapped run over the {len(self.scores)} learning rates"
+        return f"one run per learning rate ({self.sequential_because})"
+
+
+class _Sequential(Exception):
+    """Why a grid cannot be one vmapped run; the sequential loop then trains it."""
+
+
 def pick_lr(task: Task, variant: str, grid: list, steps: int, backend: str, device: str,
-            seed: int = 10_000, progress=None) -> tuple[float, dict]:
+            seed: int = 10_000, progress=None, vmap: bool = True) -> LrGrid:
     """The grid's learning rate with the lowest validation loss after ``steps`` steps, from a
-    seed that no reported run uses; a diverged run scores +inf. Returns (lr, {lr: score})."""
+    seed that no reported run uses; a diverged run scores +inf (ties go to the smaller rate).
+
+    Where the task gives a pure loss (``Problem.pure``) and :func:`gradspec.transform` runs
+    the spec, the whole grid trains at once: see :func:`_vmapped_scores`. Otherwise, or with
+    ``vmap=False``, one :func:`train` per rate; both score each rate's final parameters with
+    the task's own ``validate()`` and agree to rounding. The returned record says which ran."""
+    because = "turned off (vmap=False, --no-vmap)"
+    if vmap:
+        try:
+            return LrGrid.best_of(_vmapped_scores(task, variant, grid, steps, device, seed, progress))
+        except _Sequential as reason:
+            because = str(reason)
+            if progress is not None:
+                progress.reset()
     scores = {}
     for lr in grid:
         run = train(task, variant, seed, steps, lr, backend, device, progress=progress)
-        value = run.final.get("validation", math.inf)
-        scores[lr] = value if math.isfinite(value) else math.inf
-    best = min(scores, key=lambda lr: (scores[lr], lr))
-    return best, scores
+        scores[lr] = _score(run.final.get("validation", math.inf))
+    return LrGrid.best_of(scores, because)
+
+
+def _score(validation: float) -> float:
+    return validation if math.isfinite(validation) else math.inf
+
+
+def _vmapped_scores(task: Task, variant: str, grid: list, steps: int, device: str, seed: int,
+                    progress) -> dict:
+    """{lr: validation loss} with every rate trained in one ``torch.func.vmap``-ed loop.
+
+    Each rate starts from its own copy of the seed's initial parameters (stacked along a new
+    first dimension); the loop takes ``torch.func.grad`` of the task's pure loss and applies
+    the spec's pure update with that copy's ``lr`` (eager: ``backend`` applies to sequential
+    runs). Batches depend only on (seed, step), and a ``randn()`` initial value comes from one
+    generator seeded as the Optimizer's is, so vmap runs with ``randomness="same"``: every copy
+    sees the same batch and the same draws, as every sequential run does. A copy whose training
+    loss turns non-finite scores +inf, as a sequential run that stops there does. Raises
+    :class:`_Sequential` with the reason when the task or the spec cannot run this way (the
+    caller then trains one rate at a time)."""
+    from ..dsl import ast
+    from ..dsl.errors import SpecError
+    from ..dsl.resolve import load
+    from ..runtime.functional import transform
+
+    problem = task.make(seed, device)
+    if problem.pure is None:
+        raise _Sequential(f"task {task.name} gives no pure loss (Problem.pure)")
+    initial = [p.detach().clone() for p in problem.params]
+    try:
+        spec = load(variant)
+        if any(isinstance(item, ast.Probe) for _, item in spec.items):
+            raise _Sequential(f"{variant} probes the model, and the functional update differentiates a probe with "
+                              "torch.autograd, which torch.func.vmap does not run")
+        for lr in grid:  # the Optimizer's checks on each rate (lr > 0, ...) before anything runs
+            transform(spec, lr=lr)
+        tx = transform(spec)
+        tx.init(initial, generator=torch.Generator(device=initial[0].device))  # lowers every program it runs
+    except (SpecError, ValueError, TypeError) as refused:
+        raise _Sequential(f"the functional update refuses {variant}: {refused}") from None
+    pure = problem.pure.of
+    generator = torch.Generator(device=initial[0].device).manual_seed(seed)
+
+    def train_one(lr, params):
+        state = tx.init(params, generator=generator)
+        losses = []
+        for step in range(1, steps + 1):
+            grads, loss = torch.func.grad_and_value(lambda ps: pure(ps, step)[0])(params)
+            params, state = tx.update(grads, state, params, lr=lr, loss=loss.detach())
+            losses.append(loss.detach())
+            if progress is not None:
+                progress.update(len(grid))
+        return params, torch.stack(losses)
+
+    lrs = torch.tensor([float(lr) for lr in grid], dtype=torch.float64, device=initial[0].device)
+    stacked = [p.expand(len(grid), *p.shape).clone() for p in initial]
+    try:
+        with warnings.catch_warnings():  # functorch's note that an op (CPU attention) runs as a loop
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
+                                                      "implemented the batching rule")
+            final, losses = torch.func.vmap(train_one, randomness="same")(lrs, stacked)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as failed:
+        raise _Sequential(f"the vmapped run failed: {type(failed).__name__}: {failed}") from None
+    scores = {}
+    for i, lr in enumerate(grid):
+        if not bool(torch.isfinite(losses[i]).all()):
+            scores[lr] = math.inf
+            continue
+        with torch.no_grad():
+            for live, trained in zip(problem.params, final):
+                live.copy_(trained[i])
+        scores[lr] = _score(problem.validate())
+    return scores

@@ -1,8 +1,10 @@
 """Built-in comparison tasks, and the registry a user extends with a Python function.
 
 A task makes a :class:`Problem` from a seed: the parameters to train, the training loss at a
-step (on that step's batch), and held-out evaluations. Everything a task needs ships with
-Python or an installed package; nothing is downloaded. Register your own with::
+step (on that step's batch), and held-out evaluations. A problem may also give its training
+loss as a pure function of the parameters (:class:`PureLoss`), which lets ``gradspec compare``
+train a whole learning-rate grid as one ``torch.func.vmap``-ed run. Everything a task needs
+ships with Python or an installed package; nothing is downloaded. Register your own with::
 
     @gradspec.tasks.register("my_task", steps=500, target=0.1, metric="accuracy")
     def my_task(seed: int, device: str) -> gradspec.tasks.Problem:
@@ -29,6 +31,8 @@ class Problem:
     validation loss a learning-rate grid is chosen on; ``sharpness_loss()`` the loss on a
     fixed batch whose Hessian's top eigenvalue is the end-of-training sharpness.
     ``point()``, for 2-D functions, is the current position (for trajectory plots).
+    ``pure``, when given, is the same training loss as a function of the parameters (see
+    :class:`PureLoss`); without it a learning-rate grid trains one run after another.
     """
 
     params: list
@@ -37,6 +41,46 @@ class Problem:
     validate: Callable[[], float]
     sharpness_loss: Callable[[], torch.Tensor]
     point: Callable[[], tuple] | None = None
+    pure: "PureLoss | None" = None
+
+
+@dataclass(frozen=True)
+class PureLoss:
+    """A problem's training loss as a pure function of its parameters: ``of(params, step)``
+    takes a list shaped like ``Problem.params`` (plain tensors, possibly batched by
+    ``torch.func.vmap``) and returns ``(loss, outputs)``, reading nothing the parameters' owner
+    could have changed. The step's batch must depend only on (seed, step), so every copy of a
+    vmapped grid sees the same batch, as every run of a sequential grid does.
+
+    :meth:`of_module` builds it for an ``nn.Module``: the module is evaluated with
+    ``torch.func.functional_call`` on the given parameters, so its own stay untouched."""
+
+    of: Callable[[list, int], tuple]
+
+    @staticmethod
+    def of_module(model: torch.nn.Module, batch: Callable[[int], tuple],
+                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "PureLoss":
+        """``batch(step) -> (inputs, targets)``, ``criterion(outputs, targets) -> loss``; the
+        parameters are taken in ``model.parameters()`` order."""
+        names = tuple(name for name, _ in model.named_parameters())
+
+        def of(params, step):
+            inputs, targets = batch(step)
+            outputs = torch.func.functional_call(model, dict(zip(names, params)), (inputs,))
+            return criterion(outputs, targets), outputs
+        return PureLoss(of)
+
+
+def module_losses(model: torch.nn.Module, batch: Callable[[int], tuple],
+                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple:
+    """A module's training loss both ways, from one batch and one criterion: ``loss(step)``
+    on the module's own parameters (``Problem.loss``, for the optimizer's backward) and the
+    :class:`PureLoss` (``Problem.pure``, for a vmapped grid)."""
+    def loss(step):
+        inputs, targets = batch(step)
+        outputs = model(inputs)
+        return criterion(outputs, targets), outputs
+    return loss, PureLoss.of_module(model, batch, criterion)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import Problem, Task, add
+from . import Problem, PureLoss, Task, add
 
 
 def beale(x, y):
@@ -66,7 +66,8 @@ def _two_d(name):
             return {"eval_loss": value, "distance": distance, "solved": float(value <= tolerance)}
 
         return Problem([point], loss, evaluate, lambda: evaluate()["eval_loss"],
-                       lambda: function(point[0], point[1]), lambda: tuple(point.tolist()))
+                       lambda: function(point[0], point[1]), lambda: tuple(point.tolist()),
+                       PureLoss(lambda params, step: (function(params[0][0], params[0][1]), None)))
 
     return Task(name, make, f"{name.capitalize()} from {start} (the induced-metric paper's start), "
                             f"solved at loss <= {tolerance:g}",
@@ -90,16 +91,20 @@ def _saddle(seed: int, device: str) -> Problem:
     start = 1e-6 * torch.randn(10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     theta = torch.nn.Parameter(start.to(device))
 
-    def value():
-        z = rotation.T @ theta
+    def value_at(point):
+        z = rotation.T @ point
         return 0.5 * (curvatures * z * z).sum() + 0.25 * z[-1] ** 4 + 0.25 * (z[:-1] ** 4).sum()
+
+    def value():
+        return value_at(theta)
 
     def evaluate():
         with torch.no_grad():
             z = rotation.T @ theta
             return {"eval_loss": float(value()), "escape": float(z[-1].abs())}
 
-    return Problem([theta], lambda step: (value(), None), evaluate, lambda: evaluate()["eval_loss"], value)
+    return Problem([theta], lambda step: (value(), None), evaluate, lambda: evaluate()["eval_loss"], value,
+                   pure=PureLoss(lambda params, step: (value_at(params[0]), None)))
 
 
 add(Task("saddle", _saddle, "escape from a 10-D strict saddle with one flat-ish descent direction "

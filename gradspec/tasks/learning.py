@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import Problem, register
+from . import Problem, module_losses, register
 
 
 def _batch_indices(seed: int, step: int, n: int, size: int) -> torch.Tensor:
@@ -24,10 +24,11 @@ def _classifier(model, train, val, test, seed, batch, device) -> Problem:
     """A Problem for a classifier over (inputs, labels) splits."""
     (x, y), (xv, yv), (xt, yt) = [(a.to(device), b.to(device)) for a, b in (train, val, test)]
 
-    def loss(step):
+    def batch_at(step):
         rows = _batch_indices(seed, step, len(x), batch).to(device) if batch < len(x) else slice(None)
-        logits = model(x[rows])
-        return F.cross_entropy(logits, y[rows]), logits
+        return x[rows], y[rows]
+
+    loss, pure = module_losses(model, batch_at, F.cross_entropy)
 
     @torch.no_grad()
     def evaluate():
@@ -43,25 +44,27 @@ def _classifier(model, train, val, test, seed, batch, device) -> Problem:
 
     fixed = slice(0, min(len(x), 512))
     return Problem(list(model.parameters()), loss, evaluate, validate,
-                   lambda: F.cross_entropy(model(x[fixed]), y[fixed]))
+                   lambda: F.cross_entropy(model(x[fixed]), y[fixed]), pure=pure)
 
 
 @register("digits", steps=400, target=0.05, metric="accuracy", higher_is_better=True, eval_every=50,
           description="an MLP (64-64-10, GELU) on scikit-learn's 8x8 digits (1797 images): "
                       "1200 train / 300 validation / 297 test, batches of 64")
-def digits(seed: int, device: str) -> Problem:
+def digits(seed: int, device: str, dtype: torch.dtype = torch.float32) -> Problem:
+    """``dtype`` (float64 for tests that compare two ways of training to rounding) sets the
+    model's and the images' precision."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - the test extra installs it
         raise RuntimeError("the digits task needs scikit-learn (pip install scikit-learn); "
                            "its data ships with the package, nothing is downloaded") from None
     data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    x = torch.tensor(data.data, dtype=dtype) / 16.0
     y = torch.tensor(data.target)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # one split for every seed
     x, y = x[order], y[order]
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)).to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)).to(device, dtype)
     return _classifier(model, (x[:1200], y[:1200]), (x[1200:1500], y[1200:1500]), (x[1500:], y[1500:]),
                        seed, 64, device)
 
@@ -138,16 +141,18 @@ def char_lm(seed: int, device: str) -> Problem:
         rows = torch.stack([source[s:s + context + 1] for s in starts.tolist()]).to(device)
         return rows[:, :-1], rows[:, 1:]
 
-    def loss(step):
-        inputs, targets = windows(train, _batch_indices(seed, step, len(train) - context - 1, batch))
-        logits = model(inputs)
-        return F.cross_entropy(logits.reshape(-1, len(vocab)), targets.reshape(-1)), logits
+    def next_characters(logits, targets):
+        return F.cross_entropy(logits.reshape(-1, len(vocab)), targets.reshape(-1))
+
+    loss, pure = module_losses(
+        model, lambda step: windows(train, _batch_indices(seed, step, len(train) - context - 1, batch)),
+        next_characters)
 
     def held_out(source, count=16):
         starts = torch.linspace(0, len(source) - context - 2, count).long()
         inputs, targets = windows(source, starts)
         with torch.no_grad():
-            return float(F.cross_entropy(model(inputs).reshape(-1, len(vocab)), targets.reshape(-1)))
+            return float(next_characters(model(inputs), targets))
 
     def evaluate():
         value = held_out(test)
@@ -155,7 +160,7 @@ def char_lm(seed: int, device: str) -> Problem:
 
     fixed_inputs, fixed_targets = windows(train, torch.arange(0, 8 * 997, 997))
     return Problem(list(model.parameters()), loss, evaluate, lambda: held_out(val),
-                   lambda: F.cross_entropy(model(fixed_inputs).reshape(-1, len(vocab)), fixed_targets.reshape(-1)))
+                   lambda: next_characters(model(fixed_inputs), fixed_targets), pure=pure)
 
 
 def _encode(text: str, vocab: list) -> list:
