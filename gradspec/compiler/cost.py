@@ -42,9 +42,10 @@ def step_cost(spec: Spec, values: dict | None = None) -> StepCost:
         every = int(values[period]) if isinstance(period, str) else int(period)
         cost = ProbeCost(f"{period} = {every}" if isinstance(period, str) else str(every), every)
         for node in build(spec, values, probing={j}).probes:
-            per = EVALUATIONS[node.attr[0]]
-            times = node.attr[3] if node.attr[0] == "hessian_eigvecs" else 1
-            cost.calls.append((node.attr[0], per[0] * times, per[1] * times, per[2] * times))
+            call = node.attr
+            per = EVALUATIONS[call.func]
+            times = call.iters if call.func == "hessian_eigvecs" else 1
+            cost.calls.append((call.func, per[0] * times, per[1] * times, per[2] * times))
         for _, c, g, h in cost.calls:
             closure_calls += c / every
             gradients += g / every
@@ -66,13 +67,13 @@ def elements_moved(program: Program) -> int:
 
     def width(leaf):
         if leaf.op == "probe":
-            return leaf.attr[2] if leaf.type == "subspace" else 1
+            return leaf.attr.rank if leaf.type == "subspace" else 1
         return ranks.get(leaf.attr, 1)
 
     leaves = [n for n in nodes if n.op in ("state", "input", "probe") and n.scope == Scope.ELEMENT]
     writes = {name for name, node in program.next.items()
               if name not in program.global_states and not (node.op == "state" and node.attr == name)}
-    reduced = [n for n in nodes if n.op in ("reduce", "onto") or (n.op == "matrix" and n.attr[0] != "aspect")]
+    reduced = [n for n in nodes if n.op in ("reduce", "onto") or (n.op == "matrix" and n.attr.func != "aspect")]
     pass_reads = set()
     for node in reduced:
         pass_reads |= {id(leaf) for leaf in _leaves(node.args)}

@@ -18,6 +18,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..dsl import ast
 from ..dsl.errors import Collector, SpecError, did_you_mean
@@ -65,15 +66,92 @@ _FOLD = {
 }
 
 
+class Op(enum.StrEnum):
+    """What a node computes. Leaves (a constant, hyperparameter, input, state or a law's free
+    symbol), the functions of FUNCTIONS and the operators, and the structured operations
+    whose ``attr`` is one of the records below. A StrEnum: ``node.op == "add"`` reads as
+    the spec's own word."""
+
+    CONST = "const"
+    HYPER = "hyper"
+    INPUT = "input"
+    STATE = "state"
+    FREE = "free"
+    REDUCE = "reduce"
+    MATRIX = "matrix"
+    PROBE = "probe"
+    ONTO = "onto"
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    MOD = "mod"
+    POW = "pow"
+    NEG = "neg"
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    AND = "and"
+    OR = "or"
+    NOT = "not"
+    SQRT = "sqrt"
+    RSQRT = "rsqrt"
+    EXP = "exp"
+    LOG = "log"
+    ABS = "abs"
+    SIGN = "sign"
+    MIN = "min"
+    MAX = "max"
+    CLAMP = "clamp"
+    LERP = "lerp"
+    WHERE = "where"
+
+
+class Kind(enum.StrEnum):
+    """What a node's value is: a number per element, scalar or tensor (``real``), a truth value
+    (``bool``), or k directions of a subspace (``subspace``)."""
+
+    REAL = "real"
+    BOOL = "bool"
+    SUBSPACE = "subspace"
+
+
+class Reduction(NamedTuple):
+    """A ``reduce`` node's attr: ``tensor.norm(x)`` is Reduction("tensor", "norm")."""
+
+    scope: str  # "tensor" or "global"
+    func: str  # a key of REDUCTIONS
+
+
+class MatrixCall(NamedTuple):
+    """A ``matrix`` node's attr: a per-tensor function of each tensor viewed as a matrix."""
+
+    func: str  # "orthogonalize" or "aspect"
+    low_precision: bool = False  # orthogonalize in bfloat16
+
+
+class ProbeCall(NamedTuple):
+    """A ``probe`` node's attr: which model evaluation, and where the spec calls it (two calls
+    of grad_at at different points are two probes)."""
+
+    func: str  # a key of PROBES
+    site: int  # the identity of the call in the spec's syntax tree
+    rank: int | None = None  # hessian_eigvecs: k directions
+    iters: int | None = None  # hessian_eigvecs: Lanczos steps
+
+
 @dataclass(eq=False)
 class Node:
     """One operation. ``attr`` holds a constant's value, an input's, hyperparameter's or state's
-    name, or a reduction's ``(scope, function)``."""
+    name, or the record of a structured operation (Reduction, MatrixCall, ProbeCall)."""
 
-    op: str
+    op: Op
     args: tuple = ()
     attr: object = None
-    type: str = "real"
+    type: Kind = Kind.REAL
     scope: Scope = Scope.SCALAR
     uses_step: bool = False  # depends on the step, so it differs between buckets
 
@@ -156,7 +234,7 @@ class Builder:
         if scope is None:
             scope = max((a.scope for a in args), default=Scope.SCALAR)
         uses_step = (op == "input" and attr == "step") or any(a.uses_step for a in args)
-        made = Node(op, tuple(args), attr, type_, scope, uses_step)
+        made = Node(Op(op), tuple(args), attr, Kind(type_), scope, uses_step)
         self._interned[key] = made
         return made
 
@@ -333,7 +411,7 @@ class _ProgramBuilder:
                 self.errors.error("GS064", f"subspace '{name}' starts empty: its initial value must be 0",
                                   state.init.span, f"state {name}: subspace({state.rank}) = 0", src)
             kept = nxt is not None and nxt.op == "state" and nxt.attr == name
-            found = nxt is not None and nxt.op == "probe" and nxt.type == "subspace" and nxt.attr[2] == ranks[name]
+            found = nxt is not None and nxt.op == "probe" and nxt.type == "subspace" and nxt.attr.rank == ranks[name]
             if nxt is not None and not (kept or found):
                 self.errors.error("GS064", f"the next value of subspace '{name}' must be "
                                            f"hessian_eigvecs({state.rank}, ...)", self.nexts[name][1].span, None, src)
@@ -544,7 +622,7 @@ class _ProgramBuilder:
             if a.type != "real":
                 self.errors.error("GS050", f"{func} needs numbers", text.span, None, src)
                 return None
-        return self.b.node("probe", tuple(args), (func, id(expr)), "real", Scope.ELEMENT)
+        return self.b.node("probe", tuple(args), ProbeCall(func, id(expr)), "real", Scope.ELEMENT)
 
     def _eigvecs(self, src, expr):
         if len(expr.args) != 2:
@@ -567,7 +645,8 @@ class _ProgramBuilder:
             self.errors.error("GS064", f"Lanczos needs at least k = {k} steps to find k eigenvectors, got {iters}",
                               expr.span, f"use iters >= {k} (2k + 10 is a common choice)", src)
             return None
-        return self.b.node("probe", (), ("hessian_eigvecs", id(expr), k, iters), "subspace", Scope.ELEMENT)
+        return self.b.node("probe", (), ProbeCall("hessian_eigvecs", id(expr), k, iters), "subspace",
+                           Scope.ELEMENT)
 
     def _onto(self, src, expr, recurse):
         args = self._arguments(src, expr, "onto", 2, recurse)
@@ -616,7 +695,7 @@ class _ProgramBuilder:
                                   text.span, "reduce an elementwise expression such as grad or m'", src)
                 return None
         scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
-        return self.b.node("reduce", tuple(args), (expr.scope, expr.func), "real", scope)
+        return self.b.node("reduce", tuple(args), Reduction(expr.scope, expr.func), "real", scope)
 
     def _matrix(self, src, expr, recurse):
         args = self._arguments(src, expr, f"tensor.{expr.func}", MATRIX[expr.func], recurse)
@@ -628,14 +707,14 @@ class _ProgramBuilder:
                               "pass an elementwise value such as m'", src)
             return None
         if expr.func == "aspect":
-            return self.b.node("matrix", (x,), ("aspect",), "real", Scope.TENSOR)
+            return self.b.node("matrix", (x,), MatrixCall("aspect"), "real", Scope.TENSOR)
         bf16 = args[1]
         if bf16.type != "bool" or not bf16.is_const:
             self.errors.error("GS062", f"tensor.{expr.func}'s second argument must be true or false, fixed "
                                        "when the step is compiled", expr.args[1].span,
                               "use a switch: hyper ns_bfloat16 = true", src)
             return None
-        return self.b.node("matrix", (x,), (expr.func, bool(bf16.attr)), "real", Scope.ELEMENT)
+        return self.b.node("matrix", (x,), MatrixCall(expr.func, bool(bf16.attr)), "real", Scope.ELEMENT)
 
     def _name(self, src, expr: ast.Name, static, in_init):
         name = expr.name

@@ -348,7 +348,7 @@ class _Lowerer:
         if op == "matrix":
             return self._matrix(node, bucket)
         if op == "probe":
-            if node.attr[0] == "randn" and "generator" in self.ph:  # an initial value
+            if node.attr.func == "randn" and "generator" in self.ph:  # an initial value
                 param = self.ph[f"b{bucket}_param"]
                 shape = self.buckets[bucket]
                 return self.call(bucket_normal, self.ph["generator"], *shape.normal_layout(),
@@ -395,7 +395,7 @@ class _Lowerer:
         return self.call(torch.minimum if op == "min" else torch.maximum, a, b)
 
     def _reduce(self, node: Node, bucket: int):
-        scope, func = node.attr
+        scope, func = node.attr.scope, node.attr.func
         combine = {"max": "max", "min": "min"}.get(func, "sum")
         if scope == "global":
             partials = [self._reduce_part(func, node, i, per_tensor=False) for i in range(len(self.buckets))]
@@ -453,13 +453,13 @@ class _Lowerer:
     def _matrix(self, node: Node, bucket: int):
         shape = self.buckets[bucket]
         x = self.value(node.args[0], bucket, broadcast_to=Scope.ELEMENT)
-        if node.attr[0] == "aspect":
+        if node.attr.func == "aspect":
             ratios = [s[-2] / s[-1] if len(s) >= 2 and s[-1] else 1.0
                       for s in (shape.full_shapes or [()] * shape.ntensors)]
             return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
         sharded = shape.sharding.gather_args() if shape.sharding else None
         return self.call(torch.ops.gradspec.orthogonalize.default, x,
-                         *operator_args(tuple(shape.matrix_shapes()), node.attr[1], sharded))
+                         *operator_args(tuple(shape.matrix_shapes()), node.attr.low_precision, sharded))
 
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))

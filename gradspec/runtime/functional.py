@@ -213,7 +213,7 @@ class Transform:
         found = self._compiled.get(key)
         if found is None:
             program = simplified(build(self.spec, _checked(self.spec, values), probing=probing))
-            unsupported = sorted({n.attr[0] for n in program.probes} - set(FUNCTIONAL_PROBES))
+            unsupported = sorted({n.attr.func for n in program.probes} - set(FUNCTIONAL_PROBES))
             if unsupported:
                 raise ValueError(f"{self.spec.name}: the functional update evaluates grad_at, hvp and randn "
                                  f"probes; {', '.join(unsupported)} need the model's outputs: use gradspec.Optimizer")
@@ -244,7 +244,7 @@ class Transform:
             bucket_inputs += [None] * len(program.probes)
         first = 3 + len(program.state_names)  # a bucket's inputs: step, param, grad, states, probes
         for j, node in enumerate(program.probes):
-            func = node.attr[0]
+            func = node.attr.func
             if func == "randn":
                 if generator is None:
                     raise ValueError(f"{self.spec.name} draws random numbers: pass update(..., generator=...)")

@@ -432,12 +432,12 @@ class Analysis:
         return _add_range(a, _mul_range(w, _add_range(b, _neg(a))))
 
     def _matrix(self, node, x):
-        if node.attr[0] == "aspect":
+        if node.attr.func == "aspect":
             return Range(0, INF, False, False)
         return ANY  # Newton-Schulz output: singular values near [0.5, 1.5], entries unbounded a priori
 
     def _probe(self, node, *args):
-        return Range(0, INF, True, False) if node.attr[0] == "gauss_newton" else ANY
+        return Range(0, INF, True, False) if node.attr.func == "gauss_newton" else ANY
 
     def _onto(self, node, v, subspace):
         return ANY

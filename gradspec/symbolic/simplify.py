@@ -24,7 +24,7 @@ import sympy
 from sympy.core.relational import Relational
 
 from ..cache import trusted_file, write_private
-from ..compiler.ir import Builder, Node, Program, Scope
+from ..compiler.ir import Builder, MatrixCall, Node, Op, ProbeCall, Program, Reduction, Scope
 from .translate import STEP, ElementSymbol, Translator, _Reduction, outputs
 
 WORK_BUDGET = 1_000
@@ -99,9 +99,13 @@ def _nodes_from(verdict: dict) -> dict:
     builder = Builder()
     made: list = []
     for op, args, attr, type_, scope in verdict["nodes"]:
-        attr = tuple(attr) if isinstance(attr, list) else attr
+        if isinstance(attr, list):
+            attr = _RECORDS[Op(op)](*attr)
         made.append(builder.node(op, tuple(made[i] for i in args), attr, type_, Scope(scope)))
     return {name: made[i] for name, i in verdict["next"].items()}
+
+
+_RECORDS = {Op.REDUCE: Reduction, Op.MATRIX: MatrixCall, Op.PROBE: ProbeCall}
 
 
 def _load(key: str) -> dict | None:
@@ -195,7 +199,7 @@ class _Rebuild:
             if any(a.scope != Scope.ELEMENT for a in args):  # tensor.sum(1): keep the spec's form
                 raise _NoIRForm(e)
             scope = Scope.GLOBAL if e.scope == "global" else Scope.TENSOR
-            return b.node("reduce", args, (e.scope, e.what), "real", scope)
+            return b.node("reduce", args, Reduction(e.scope, e.what), "real", scope)
         if isinstance(e, sympy.Piecewise):
             (value, cond), rest = e.args[0], e.args[1:]
             otherwise = self(sympy.Piecewise(*rest)) if rest and rest[0].cond is not sympy.true else \

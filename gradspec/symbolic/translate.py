@@ -236,13 +236,13 @@ class Translator:
                 return sympy.nan if base < 0 else sympy.oo  # SymPy would try to compute it exactly
         args = [self(a) for a in node.args]
         if op == "probe":
-            return self._probe(attr[0], args)
+            return self._probe(attr.func, args)
         if op == "onto":
             return Onto(*args)
         if op == "matrix":
-            return ASPECT if attr[0] == "aspect" else Orthogonalize(*args)
+            return ASPECT if attr.func == "aspect" else Orthogonalize(*args)
         if op == "reduce":
-            return reduction(*attr)(*args)
+            return reduction(attr.scope, attr.func)(*args)
         return OPS[op](*args)
 
 
