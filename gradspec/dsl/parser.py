@@ -129,7 +129,7 @@ class _Recovery:
         token begins it (a stray '}' may close a block), else the next line."""
         token = getattr(error, "token", None)
         position = token.start_pos if token is not None else getattr(error, "pos_in_stream", None)
-        if position is None:  # the end of the text
+        if position is None or (token is not None and token.type == "$END"):  # nothing follows
             return len(text)
         line_start = text.rfind("\n", 0, position) + 1
         if token is not None and not text[line_start:position].strip():
