@@ -27,6 +27,7 @@ CASES = [
      "GS020", 1, 1),
     ("import_device", 'import "/dev/zero" as z\noptimizer x = z\n', "GS020", 1, 1),
     ("import_folder", 'import "." as d\noptimizer x = d\n', "GS020", 1, 1),
+    ("import_nul_path", 'import "a\0.opt" as n\noptimizer x = n\n', "GS020", 1, 1),
     ("import_missing", 'import "nowhere.opt" as n\noptimizer x = n\n', "GS020", 1, 1),
     ("self_import", 'import "self_import.opt" as me\noptimizer x = me\n', "GS032", 1, 1),
     ("import_cycle", 'import "cycle_partner.opt" as b\noptimizer a = b\n', "GS032", 1, 1),

@@ -196,6 +196,11 @@ def test_a_folder_is_not_a_spec(tmp_path):
     assert _error(str(tmp_path) + os.sep).message.endswith("spec files end in .opt")
 
 
+def test_a_path_no_file_can_have_is_a_spec_error():
+    assert _error("spec\0.opt").message == "cannot load 'spec\0.opt': a path cannot hold a NUL character"
+    assert gradspec.parse(H + U, "odd\0name.opt").name == "t"
+
+
 def test_a_spec_file_is_at_most_one_mebibyte(tmp_path):
     text = H + U
     fits = tmp_path / "fits.opt"

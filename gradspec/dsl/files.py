@@ -38,7 +38,7 @@ def read_spec_file(path: str) -> Source:
     that is not UTF-8."""
     if not path.endswith(SUFFIX):
         raise Unreadable("spec files end in .opt")
-    if not os.path.realpath(path).endswith(SUFFIX):
+    if not real_path(path).endswith(SUFFIX):
         raise Unreadable("it is a link to a file that does not end in .opt", "link only to .opt spec files")
     # O_NONBLOCK: opening a FIFO must not wait for a writer; the kind is checked on the
     # opened descriptor, so the file cannot be swapped between the check and the read.
@@ -60,6 +60,13 @@ def read_spec_file(path: str) -> Source:
         raise Unreadable(f"it is larger than {MAX_SPEC_BYTES:,} bytes, the most a spec file may hold",
                          "split it into specs that import each other")
     return decode(data, path)
+
+
+def real_path(path: str) -> str:
+    """``path`` with its links resolved; :class:`Unreadable` for a path no file can have."""
+    if "\0" in path:
+        raise Unreadable("a path cannot hold a NUL character")
+    return os.path.realpath(path)
 
 
 def _read_at_most(descriptor: int, limit: int) -> bytes:

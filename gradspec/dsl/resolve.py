@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .. import stdlib
 from . import ast
 from .errors import Collector, Diagnostic, Source, SpecError, closest, did_you_mean
-from .files import SUFFIX, Unreadable, read_spec_file
+from .files import SUFFIX, Unreadable, read_spec_file, real_path
 from .parser import RESERVED, parse
 from ..recursion import deep
 
@@ -190,17 +190,17 @@ class _Resolver:
                          "give the path from this file's folder, or copy the spec next to it")
             return None
         path = os.path.normpath(os.path.join(self.directory, item.path))
-        key = os.path.realpath(path)
-        cycle = [i.shown for i in self.importers]
-        if any(i.real_path == key for i in self.importers):
-            start = next(n for n, i in enumerate(self.importers) if i.real_path == key)
-            errors.error("GS032", "import cycle: " + " -> ".join(cycle[start:] + [path]), item.span,
-                         "a spec cannot import itself or a spec that imports it; move the shared part "
-                         "into a third file")
-            return None
-        if key in self.loaded:
-            return self.loaded[key]
         try:
+            key = real_path(path)
+            cycle_start = next((n for n, i in enumerate(self.importers) if i.real_path == key), None)
+            if cycle_start is not None:
+                shown = [i.shown for i in self.importers[cycle_start:]] + [path]
+                errors.error("GS032", "import cycle: " + " -> ".join(shown), item.span,
+                             "a spec cannot import itself or a spec that imports it; move the shared part "
+                             "into a third file")
+                return None
+            if key in self.loaded:
+                return self.loaded[key]
             source = read_spec_file(path)
         except Unreadable as problem:
             hint = problem.hint or (problem.missing and _nearby_spec(*os.path.split(path))) or (
@@ -275,7 +275,9 @@ class _Resolver:
 def _importer(filename: str) -> _Importer | None:
     """A file's place in an import chain; None for text that is not a file (``<string>``,
     a stdlib spec, a spec expression)."""
-    return None if filename.startswith("<") else _Importer(os.path.realpath(filename), filename)
+    if filename.startswith("<") or "\0" in filename:
+        return None
+    return _Importer(os.path.realpath(filename), filename)
 
 
 def _body_spec(tree: ast.SpecAST) -> Spec:
