@@ -44,6 +44,10 @@ MATRIX = {"orthogonalize": 2, "aspect": 1}
 quintic Newton-Schulz iteration on each tensor viewed as a matrix (rows = first dimension)
 and gives a value per element, ``bf16`` (a switch) picking the iteration's dtype;
 ``tensor.aspect(x)`` is size(-2) / size(-1) of each tensor's shape (1 for a vector)."""
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller Jordan et al.)
+NEWTON_SCHULZ_STEPS = 5
+"""tensor.orthogonalize's iteration: the lowering runs it (compiler/newton_schulz.py), the law
+prover evaluates its 1x1 case; here, where neither needs torch to read them."""
 PROBES = {"grad_at": 1, "hvp": 1, "randn": 0, "gauss_newton": 0, "hessian_eigvecs": 2}
 """Functions that evaluate the model again, allowed only inside ``probe every k { }``:
 ``grad_at(x)`` is the gradient at parameters x (one closure call, same batch); ``hvp(v)`` the

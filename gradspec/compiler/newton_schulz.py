@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from .collectives import gather_full
+from .ir import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS
 
-NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients (Keller Jordan et al.)
-NEWTON_SCHULZ_STEPS = 5
 
 
 def newton_schulz(x: torch.Tensor) -> torch.Tensor:

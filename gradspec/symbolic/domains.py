@@ -3,7 +3,6 @@ vanish in a half-precision parameter or state dtype."""
 from __future__ import annotations
 
 import sympy
-import torch
 
 from ..compiler.ir import Program
 from ..dsl import ast
@@ -88,6 +87,7 @@ def _sympy_condition(e, symbols):
 def underflow(program: Program, dtype, values: dict | None = None) -> list[Diagnostic]:
     """Constants and hyperparameter values that become 0 in ``dtype`` (1e-8 in float16): the
     elementwise phase computes in the parameters' dtype, so such an eps silently vanishes."""
+    import torch  # only here: checking a spec needs no torch
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not dtype.is_floating_point or torch.finfo(dtype).bits > 16:
         return []

@@ -22,8 +22,7 @@ import random
 import sympy
 from sympy.core.relational import Relational
 
-from ..compiler.ir import Program, build
-from ..compiler.newton_schulz import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS
+from ..compiler.ir import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, Program, build
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
 from .ranges import Analysis, Range, constraint_range
