@@ -16,6 +16,7 @@ import torch
 
 import gradspec
 from gradspec import stdlib
+from probe_references import Sophia
 from references import Lamb, Lion
 
 F64 = torch.float64
@@ -187,6 +188,28 @@ def test_deo_with_a_zero_direction_is_its_base():
         opt.step(lambda: (p ** 4).sum())
         torch.testing.assert_close(p.detach(), before - 0.1 * 4 * before ** 3, **TIGHT)
     assert torch.equal(opt.state[p]["deo.N"], torch.zeros(5, dtype=F64))
+
+
+def test_sophia_clips_where_the_curvature_estimate_is_negative():
+    """Sophia's denominator is max(gamma h, eps) (Liu et al., Algorithm 3, the max form): where
+    Hutchinson's estimate is negative the step is lr * sign(m), never a small step of |h|.
+    A quadratic with Hessian diag(4 s), s = +-1: u * (H u) = 4 s u^2 has the sign of s."""
+    signs = torch.tensor([1.0, -1.0] * 4, dtype=F64)
+    pull = torch.linspace(-1, 1, 8, dtype=F64)
+
+    def run(make):
+        x = torch.full((8,), 0.1, dtype=F64, requires_grad=True)
+        opt = make([x])
+        for _ in range(4):
+            opt.step(lambda: (2 * signs * x ** 2).sum() + (pull * x).sum())
+        return x.detach(), opt
+
+    hyper = dict(lr=1e-2, gamma=1.0, beta2=0.5, k=1, weight_decay=0.0)
+    ours, _ = run(lambda p: gradspec.Optimizer(p, "sophia", backend="eager", seed=3, **hyper))
+    expected, reference = run(lambda p: Sophia(p, seed=3, **hyper))
+    h, m = reference.base.h, reference.base.m
+    assert (h[signs < 0] < 0).all() and (m.abs() < hyper["gamma"] * h)[signs > 0].any()  # both branches
+    torch.testing.assert_close(ours, expected, **TIGHT)
 
 
 # ---------------------------------------------------------------- non-finite policies
