@@ -48,9 +48,10 @@ class Problem:
 class PureLoss:
     """A problem's training loss as a pure function of its parameters: ``of(params, step)``
     takes a list shaped like ``Problem.params`` (plain tensors, possibly batched by
-    ``torch.func.vmap``) and returns ``(loss, outputs)``, reading nothing the parameters' owner
-    could have changed. The step's batch must depend only on (seed, step), so every copy of a
-    vmapped grid sees the same batch, as every run of a sequential grid does.
+    ``torch.func.vmap``) and returns ``(loss, outputs)``; it must not read the problem's own
+    parameters, which a vmapped grid leaves untouched while it trains its copies. The step's
+    batch must depend only on (seed, step), so that every copy sees the batch that every run of
+    a sequential grid sees.
 
     :meth:`of_module` builds it for an ``nn.Module``: the module is evaluated with
     ``torch.func.functional_call`` on the given parameters, so its own stay untouched."""
