@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="training steps per run (default: the task's)")
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
     p.add_argument("--lr-grid", type=float, nargs="+", help="pick each variant's lr on the validation loss first")
+    p.add_argument("--no-vmap", action="store_true",
+                   help="train an --lr-grid one rate at a time even where it could be one vmapped run "
+                        "(both agree to rounding; the report says which ran)")
     p.add_argument("--lr", type=float, help="one learning rate for every variant (default: each spec's own)")
     p.add_argument("--backend", default="eager", choices=["eager", "compiled"])
     p.add_argument("--device", default="cpu")
@@ -241,7 +244,7 @@ def _compare(args) -> int:
         if files:  # several files with --out: one folder each, named after the file
             outs = [args.out if len(files) == 1 or not args.out else
                     os.path.join(args.out, os.path.splitext(os.path.basename(f))[0]) for f in files]
-            results = [compare.run_file(f, out, not args.quiet, args.steps, args.seeds)
+            results = [compare.run_file(f, out, not args.quiet, args.steps, args.seeds, vmap=not args.no_vmap)
                        for f, out in zip(files, outs)]
         else:
             if not args.task:
@@ -251,7 +254,7 @@ def _compare(args) -> int:
                 load(spec)
             results = [compare.compare(args.specs, args.task, args.steps, 3 if args.seeds is None else args.seeds,
                                        args.lr_grid, args.lr, args.backend, args.device, args.sharpness, args.out,
-                                       not args.quiet)]
+                                       not args.quiet, vmap=not args.no_vmap)]
     except ValueError as error:
         print(f"gradspec compare: {error}", file=sys.stderr)
         return 2

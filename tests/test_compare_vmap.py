@@ -72,3 +72,12 @@ def test_the_report_says_how_each_grid_was_trained():
     assert "- `deo(sgd)`: 0.001: " in text and "trained as one run per learning rate (deo(sgd) probes" in text
     text = _report(compare(["sgd"], "beale", steps=5, seeds=1, lr_grid=[1e-3, 1e-2], progress=False, vmap=False))
     assert "--no-vmap" in text and "one run per learning rate (turned off" in text
+
+
+def test_the_command_line_turns_vmap_off(tmp_path):
+    from gradspec.cli import main
+    for flag, expected in (([], "one vmapped run"), (["--no-vmap"], "one run per learning rate")):
+        out = tmp_path / ("off" if flag else "on")
+        code = main(["compare", "sgd", "--task", "rosenbrock", "--steps", "3", "--seeds", "1",
+                     "--lr-grid", "0.001", "0.002", "--out", str(out), *flag])
+        assert code == 0 and expected in (out / "report.md").read_text()
