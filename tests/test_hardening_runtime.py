@@ -126,7 +126,10 @@ def test_integer_tensors_are_refused():
 
 def test_a_spec_that_is_not_a_name_or_spec_is_a_type_error():
     with pytest.raises(TypeError, match="spec must be"):
-        gradspec.Optimizer(_model().parameters(), None)
+        gradspec.Optimizer(_model().parameters(), 3)
+    for missing in ((), (None,)):  # no default method: Trainer(optimizer_cls_and_kwargs=...) must name one
+        with pytest.raises(TypeError, match="needs a spec"):
+            gradspec.Optimizer(_model().parameters(), *missing, lr=1e-3)
 
 
 BAD_VALUES = [  # (value, exception, words of the message)

@@ -78,9 +78,12 @@ class Optimizer(torch.optim.Optimizer):
     than one process runs and the parameters are plain tensors), a group, or None.
     """
 
-    def __init__(self, params, spec: str | Spec = "adam", *, backend: str = "compiled",
+    def __init__(self, params, spec: str | Spec | None = None, *, backend: str = "compiled",
                  nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
                  process_group="auto", **hyper):
+        if spec is None:  # no default: a trainer passing only hyperparameters would get a method it did not ask for
+            raise TypeError("gradspec.Optimizer needs a spec: a stdlib name such as 'adamw', a spec expression, "
+                            "a path to a .opt file or a gradspec.Spec")
         if not isinstance(spec, (str, Spec)):
             raise TypeError("spec must be a stdlib name, a spec expression, a path to a .opt file or a "
                             f"gradspec.Spec, got {type(spec).__name__}")
