@@ -352,7 +352,7 @@ class _Lowerer:
                 param = self.ph[f"b{bucket}_param"]
                 shape = self.buckets[bucket]
                 return self.call(bucket_normal, self.ph["generator"], *shape.normal_layout(),
-                                 _compute_dtype(shape.dtype), self.graph_device(param))
+                                 compute_dtype(shape.dtype), self.graph_device(param))
             return self.load(self.ph[f"b{bucket}_probe_{self.probe_index[id(node)]}"], bucket)
         if op == "onto":
             return self._onto(node, bucket)
@@ -413,7 +413,7 @@ class _Lowerer:
             result = self.call(torch.sqrt, result)
         if func == "mean":
             sizes = self.call(torch.tensor, [float(n) for n in self.buckets[bucket].full_numels()],
-                              dtype=_compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(result))
+                              dtype=compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(result))
             result = self.call(operator.truediv, result, sizes)
         return result
 
@@ -428,7 +428,7 @@ class _Lowerer:
             x = self.call(operator.mul, x, args[1])
         extreme = {"max": torch.amax, "min": torch.amin}.get(func)
         shape = self.buckets[bucket]
-        dtype = _compute_dtype(shape.dtype)
+        dtype = compute_dtype(shape.dtype)
         if not per_tensor:
             if extreme and self.sharding and shape.numel == 0:
                 return self.call(torch.tensor, float("-inf" if func == "max" else "inf"), dtype=torch.float64)
@@ -456,7 +456,7 @@ class _Lowerer:
         if node.attr.func == "aspect":
             ratios = [s[-2] / s[-1] if len(s) >= 2 and s[-1] else 1.0
                       for s in (shape.full_shapes or [()] * shape.ntensors)]
-            return self.call(torch.tensor, ratios, dtype=_compute_dtype(shape.dtype), device=self.graph_device(x))
+            return self.call(torch.tensor, ratios, dtype=compute_dtype(shape.dtype), device=self.graph_device(x))
         sharded = shape.sharding.gather_args() if shape.sharding else None
         return self.call(torch.ops.gradspec.orthogonalize.default, x,
                          *operator_args(tuple(shape.matrix_shapes()), node.attr.low_precision, sharded))
@@ -485,7 +485,8 @@ def bucket_normal(generator: torch.Generator, numels: tuple, ranges: tuple | Non
     return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=dtype, device=device)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in: float32 for half-precision buffers, else their own."""
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 

@@ -33,8 +33,8 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, build
-from ..compiler.lower import (BucketShape, bucket_normal, global_input, lower_init, lower_probe_args, lower_step,
-                              state_input)
+from ..compiler.lower import (BucketShape, bucket_normal, compute_dtype, global_input, lower_init,
+                              lower_probe_args, lower_step, state_input)
 from ..compiler.switches import static_hypers
 from ..dsl.resolve import Spec, load
 from ..symbolic.simplify import simplified
@@ -153,7 +153,7 @@ class Transform:
                              per_element[name])
         state.update({name: layout.rebuild(values) for name, values in per_element.items()})
         for name in program.global_states:
-            state[name] = torch.tensor(float(program.init[name].attr), dtype=_compute(layout.buckets[0].dtype),
+            state[name] = torch.tensor(float(program.init[name].attr), dtype=compute_dtype(layout.buckets[0].dtype),
                                        device=layout.devices[0])
         return state
 
@@ -250,7 +250,7 @@ class Transform:
                     raise ValueError(f"{self.spec.name} draws random numbers: pass update(..., generator=...)")
                 for b, shape in enumerate(layout.buckets):
                     per_bucket[b][first + j] = bucket_normal(generator, *shape.normal_layout(),
-                                                                  _compute(shape.dtype), layout.devices[b])
+                                                                  compute_dtype(shape.dtype), layout.devices[b])
                 continue
             if loss_fn is None:
                 raise ValueError(f"{self.spec.name} evaluates the model ({func}): pass update(..., loss_fn=...), "
@@ -357,7 +357,3 @@ def _checked(spec: Spec, values: dict) -> dict:
         if problem:
             raise ValueError(f"{spec.name}: {problem}")
     return values
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

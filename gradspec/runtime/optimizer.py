@@ -17,7 +17,7 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build
-from ..compiler.lower import bucket_normal, lower_init, lower_probe_args, lower_step
+from ..compiler.lower import bucket_normal, compute_dtype, lower_init, lower_probe_args, lower_step
 from ..compiler.switches import static_hypers
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
@@ -672,7 +672,7 @@ class _Plan:
         for b in buckets:
             starts.append(starts[-1] + len(b.params))
         if func == "randn":
-            return [bucket_normal(driver.generator, *b.shape.normal_layout(), _compute(b.dtype), b.device)
+            return [bucket_normal(driver.generator, *b.shape.normal_layout(), compute_dtype(b.dtype), b.device)
                     for b in buckets]
         if func in ("grad_at", "hvp"):  # a scalar or per-group argument is the same for every element
             vectors = [view for b, (x,) in zip(buckets, args)
@@ -747,7 +747,3 @@ def _nonfinite(grads: list, shard_group) -> str | None:
     if not distributed.any_process(bad is not None, shard_group):
         return None
     return f"a parameter of shape {bad}" if bad is not None else "a parameter shard on another rank"
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
