@@ -33,7 +33,12 @@ from .lanczos import lanczos
 class Evaluations:
     """Counts of model evaluations since the optimizer was made: ``closure_calls`` (forward
     passes), ``gradients`` (backward passes, the step's own included) and ``hvps``
-    (double-backward Hessian-vector products)."""
+    (double-backward Hessian-vector products).
+
+    ``as_dict()`` and ``load()`` carry the counts through a checkpoint, so a resumed run keeps
+    counting where it stopped instead of restarting at zero."""
+
+    FIELDS = ("closure_calls", "gradients", "hvps")
 
     def __init__(self):
         self.closure_calls = 0
@@ -41,7 +46,39 @@ class Evaluations:
         self.hvps = 0
 
     def as_dict(self) -> dict:
-        return {"closure_calls": self.closure_calls, "gradients": self.gradients, "hvps": self.hvps}
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def load(self, counts: dict) -> None:
+        """Take the counts of ``as_dict()``. The whole dict is checked first (exactly the three
+        names, each a whole number >= 0, bools refused): a ValueError or TypeError names the
+        bad entry, and nothing changes."""
+        if not isinstance(counts, dict):
+            raise TypeError(f"evaluation counts are a dict as as_dict() gives, not {type(counts).__name__}")
+        missing, unknown = set(self.FIELDS) - set(counts), set(counts) - set(self.FIELDS)
+        if missing or unknown:
+            raise ValueError("evaluation counts must have exactly " + ", ".join(self.FIELDS)
+                             + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+                             + (f"; unknown {', '.join(sorted(map(str, unknown)))}" if unknown else ""))
+        values = {}
+        for name in self.FIELDS:
+            value = counts[name]
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"evaluation count {name} must be a whole number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"evaluation count {name} must be >= 0, got {value}")
+            values[name] = value
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Evaluations) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # mutable counts
+
+    def __repr__(self) -> str:
+        return f"Evaluations({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
 
 
 class ClosureDriver:
