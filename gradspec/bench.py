@@ -3,7 +3,8 @@
 For each spec and backend it times our step in both gradient paths, "views" (the gradients
 are in the flat gradient buffer, where backward leaves them in either ``zero_grad`` mode)
 and "copy" (gradients assigned by hand, ``p.grad = tensor``, which the step copies in;
-bench/bench_train_step.py times whole training steps), next to torch.optim's fused
+bench/bench_train_step.py times whole training steps), and in the "flat_params" layout
+(parameters as views of the flat buffer, which saves the write-back), next to torch.optim's fused
 and foreach Adam and the same method in pytorch-optimizer where it has one (an optional
 import). The roofline is the bytes a perfect step moves, read off the spec's IR (every
 buffer the elementwise phase reads or writes, see compiler/cost.py), divided by the copy
@@ -35,6 +36,10 @@ import torch
 from .compiler.cost import elements_moved
 from .runtime.optimizer import Optimizer
 
+# (label, set_to_none, flat_params): the gradient path (in the flat buffer, or assigned by
+# hand and copied in) and the parameter layout (own storage, written back after the step,
+# which is the default; or views of the flat buffer, the flat_params=True opt-in)
+PATHS = (("views", False, False), ("copy", True, False), ("views, flat_params", False, True))
 PEERS = {"lamb": "Lamb", "lion": "Lion", "dualadam": "DualAdam", "muon": "Muon"}
 MATRIX_SPECS = {"muon"}
 
@@ -162,9 +167,9 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
     for spec in specs:
         moved = elements_moved(Optimizer([torch.zeros(1, requires_grad=True)], spec, backend="eager").program())
         for backend in backends:
-            for path, set_to_none in (("views", False), ("copy", True)):
+            for path, set_to_none, flat_params in PATHS:
                 ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
-                opt = Optimizer(ps, spec, backend=backend, lr=1e-3)
+                opt = Optimizer(ps, spec, backend=backend, lr=1e-3, flat_params=flat_params)
                 measure(f"gradspec {spec} {backend} ({path})", "gradspec", stepper(opt, ps, gs, device, set_to_none),
                         moved)
         peer = PEERS.get(spec)

@@ -25,7 +25,9 @@ def test_a_small_run_reports_every_row_with_its_paired_figures():
     result = bench.run(["adam", "lamb"], params=2e4, tensors=4, steps=2, backends=("eager",), peers=False)
     labels = [row["label"] for row in result["rows"]]
     assert labels == ["torch.optim.Adam fused", "torch.optim.Adam foreach", "gradspec adam eager (views)",
-                      "gradspec adam eager (copy)", "gradspec lamb eager (views)", "gradspec lamb eager (copy)"]
+                      "gradspec adam eager (copy)", "gradspec adam eager (views, flat_params)",
+                      "gradspec lamb eager (views)", "gradspec lamb eager (copy)",
+                      "gradspec lamb eager (views, flat_params)"]
     by_label = {row["label"]: row for row in result["rows"]}
     assert by_label["gradspec adam eager (views)"]["bytes_per_param"] == 28  # read p g m v, write p m v
     assert by_label["gradspec lamb eager (views)"]["bytes_per_param"] > 28

@@ -7,6 +7,7 @@ specialises on their values.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -21,7 +22,10 @@ from ..cache import trusted_file, write_private
 BACKENDS = ("eager", "compiled")
 
 
-def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"):
+def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu", any_size: bool = False):
+    """``graph`` as a callable of ``backend``. ``any_size``: the graph does not depend on its
+    buffers' lengths (see :func:`cached`), so the compiled kernel takes the length as an
+    argument and one compile serves every bucket size."""
     if backend == "eager":
         return graph
     if backend == "compiled":
@@ -29,8 +33,8 @@ def make(graph: fx.GraphModule, backend: str, device: torch.device | str = "cpu"
         if on_cpu:
             trust_known_vector_isa()
         options = CPU_OPTIONS if on_cpu else None
-        return _FirstCall(torch.compile(graph, fullgraph=True, dynamic=False, options=options),
-                          remember_vector_isa if on_cpu else None)
+        compiled = torch.compile(graph, fullgraph=True, dynamic=None if any_size else False, options=options)
+        return _FirstCall(compiled, remember_vector_isa if on_cpu else None, any_size)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -48,14 +52,23 @@ CPU_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 
 class _FirstCall:
-    """A compiled step that runs ``after_first`` once its first call (the compile) succeeded."""
+    """A compiled step that runs ``after_first`` once its first call (the compile) succeeded.
+    With ``any_size``, the first call marks each buffer's length dynamic, so that first
+    compile is already the general one (unmarked, Dynamo would compile the first size
+    statically and recompile at the second)."""
 
-    def __init__(self, compiled, after_first):
+    def __init__(self, compiled, after_first, any_size: bool = False):
         self.compiled = compiled
         self.after_first = after_first
+        self.any_size = any_size
 
     def __call__(self, *args):
+        if self.any_size:
+            for arg in args:
+                if isinstance(arg, torch.Tensor) and arg.dim() >= 1 and arg.shape[-1] > 1:
+                    torch._dynamo.maybe_mark_dynamic(arg, arg.dim() - 1)
         out = self.compiled(*args)
+        self.any_size = False
         if self.after_first is not None:
             self.after_first()
             self.after_first = None
@@ -95,13 +108,34 @@ def remember_vector_isa() -> None:
 _CACHE: dict = {}
 
 
-def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu"):
+def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu", relower=None):
     """The (scalar, main) callables of a step, shared by every optimizer whose graphs have the
     same code and bucket shapes: a second optimizer with the same spec and layout does not
-    compile again."""
-    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device))
+    compile again. ``relower(shapes)`` lowers the same program for other shapes: where the
+    graphs come out the same for longer buffers, the step depends on no length, and one
+    kernel compiled for any length serves every group and bucket of the same dtypes (a
+    model with 48 groups of distinct sizes compiles once, not 48 times)."""
+    any_size = relower is not None and _independent_of_lengths(graphs, shapes, relower)
+    layout = tuple((s.dtype, s.state_dtype) for s in shapes) if any_size else tuple(shapes)
+    key = (graphs.scalar.code, graphs.main.code, layout, backend, str(device))
     if key not in _CACHE:
         # The scalar phase is a handful of 0-d ops (15 us/step eagerly on CPU for adam);
         # compiling it would cost a second C++ build (several seconds) for nothing.
-        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device))
+        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device, any_size))
     return _CACHE[key]
+
+
+def _independent_of_lengths(graphs, shapes, relower) -> bool:
+    """Whether the graphs lowered for every tensor one row longer are the same code: a
+    lowering that uses a length (a per-tensor reduction's runs, a matrix's shape, an element
+    count) writes it into the graph as a constant. Sharded buckets carry their global shapes
+    and are kept to their own compile."""
+    if any(s.sharding is not None for s in shapes):
+        return False
+    longer = []
+    for shape in shapes:
+        tensors = tuple((s[0] + 1, *s[1:]) if s else (2,) for s in shape.shapes)
+        numel = sum(int(torch.Size(s).numel()) for s in tensors) if tensors else shape.numel + shape.ntensors
+        longer.append(dataclasses.replace(shape, numel=numel, shapes=tensors))
+    other = relower(longer)
+    return other.scalar.code == graphs.scalar.code and other.main.code == graphs.main.code

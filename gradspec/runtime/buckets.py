@@ -1,25 +1,30 @@
 """Flat buffers: one contiguous parameter, gradient and state buffer per bucket.
 
 A bucket is the slice of a parameter group that shares a device, a dtype and a step count.
-Its parameters are re-pointed at views of the flat parameter buffer (``p.data = view``) and
-their states in ``optimizer.state[p]`` are views of the flat state buffers, so a step is one
-fused kernel over the bucket and ``state_dict()`` still shows per-parameter tensors.
+The step is one fused kernel over the bucket's flat buffers, and ``state_dict()`` still
+shows per-parameter tensors: the states in ``optimizer.state[p]`` are views of the flat
+state buffers.
 
-Gradients are given the same treatment: ``p.grad`` is set to a view of the flat gradient
-buffer, which backward accumulates into in place. ``zero_grad(set_to_none=True)`` (torch's
-default) drops those views, and backward then hands each parameter a fresh gradient. A
-post-accumulate-grad hook copies it into the buffer at once, while it is still in cache,
-and puts the view back: over a whole training step (bench/bench_train_step.py, 9.4M
-parameters) that took torch's default mode from 1.45-1.50x fused Adam's time, with the copy
-in the step, to 1.13-1.15x in the same runs (docs/design.md has more runs). A
-gradient that arrives otherwise (assigned by hand, or computed during ``step()``, where
-probes need their own) is copied in by the step.
+Parameters come in two layouts. By default each parameter keeps its own storage, and the
+bucket holds a flat copy that the kernel updates and that is written back into the
+parameters after each step (one ``_foreach_copy_``: 8 more bytes moved and 4 more bytes
+kept per fp32 parameter). A parameter written by someone else (``model.load_state_dict``,
+an EMA swap) is copied in before the next step: its version counter tells. With
+``flat_params=True`` the parameters are re-pointed at views of the flat buffer instead
+(``p.data = view``), which saves the copy but makes every parameter share one storage:
+safetensors refuses such a model and accelerate's ``save_state`` drops all but one of its
+tensors (docs/design.md has both layouts measured).
+
+Gradients are views of the flat gradient buffer, which backward accumulates into in place.
+``zero_grad(set_to_none=True)`` (torch's default) drops those views, and backward then
+hands each parameter a fresh gradient. A post-accumulate-grad hook copies it into the
+buffer at once, while it is still in cache, and puts the view back (docs/design.md has the
+measurements). A gradient that arrives otherwise (assigned by hand, or computed during
+``step()``, where probes need their own) is copied in by the step.
 
 Under FSDP2 the parameters are DTensors whose local shards live in FSDP2's own storage,
-which its all-gathers read, so they cannot be re-pointed: a sharded bucket writes its result
-back into the shards after a step (8 more bytes per fp32 parameter), copies them in only
-when their version counters show another writer (a checkpoint load), copies the
-reduce-scattered gradients in, and shows each state as a DTensor over its flat view, the
+which its all-gathers read: they always take the first layout, copy the reduce-scattered
+gradients in during the step, and show each state as a DTensor over its flat view, the
 form torch.distributed.checkpoint saves.
 """
 from __future__ import annotations
@@ -44,37 +49,42 @@ class Bucket:
 
     def __init__(self, params: list, state: dict, state_names: tuple, step: float, by_size: bool,
                  ranks: dict | None = None, state_dtype: torch.dtype | None = None,
-                 capture: GradientCapture | None = None):
+                 capture: GradientCapture | None = None, flat_params: bool = False):
         # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py);
         # p.numel() is the full size of a sharded tensor, so every rank sorts alike
         self.params = params = sorted(params, key=lambda p: p.numel()) if by_size else list(params)
         self.sharding = sharding_of(params)
-        shards = [local(p).detach() for p in params]
-        self.local_shapes = [t.shape for t in shards]  # shapes only: no reference to replaced storage
-        self.sizes = [t.numel() for t in shards]
+        # shapes only: a list of the tensors would keep each replaced storage alive to the end
+        self.local_shapes = [local(p).shape for p in params]
+        self.sizes = [s.numel() for s in self.local_shapes]
         self.offsets = [0]
         for size in self.sizes:
             self.offsets.append(self.offsets[-1] + size)
-        self.device, self.dtype = shards[0].device, shards[0].dtype
+        self.device, self.dtype = local(params[0]).device, params[0].dtype
         self.numel = self.offsets[-1]
         self.state_dtype = state_dtype if state_dtype not in (None, self.dtype) else None
         self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(map(tuple, self.local_shapes)),
                                  self.state_dtype, self.sharding)
 
-        self.param = _flatten(shards)
-        del shards
-        self.grad = _flatten([local(p.grad).detach() for p in params])
-        if not self.sharding:
-            for p, view in zip(params, self.views(self.param)):
-                p.data = view
-        self.param_pointers = [t.data_ptr() for t in self._current_locals()]
-        self._versions = None  # the shards' version counters after this bucket last wrote them
+        # the parameters are views of the flat buffer, or keep their storage (always, for shards)
+        self.views_params = flat_params and not self.sharding
+        self.param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        for p, view in zip(params, self.views(self.param)):
+            view.copy_(local(p).detach())
+            if self.views_params:
+                p.data = view  # one tensor at a time: the old storage goes before the next copy
+        self.grad = torch.empty_like(self.param)
         self.grad_views = self.views(self.grad)
+        for p, view in zip(params, self.grad_views):
+            view.copy_(local(p.grad))
+            if not self.sharding:
+                p.grad = view  # likewise: each old gradient is freed as soon as it is copied
+        self.param_pointers = [t.data_ptr() for t in self._current_locals()]
+        # the parameters' version counters after this bucket last wrote them (own storage)
+        self._versions = None if self.views_params else [t._version for t in self._current_locals()]
         self.capture = capture
         self._hooks = []
         if not self.sharding:
-            for p, view in zip(params, self.grad_views):
-                p.grad = view
             own = weakref.ref(self)  # the hooks must not keep a dropped bucket alive
             self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(_capture_gradient, own, i))
                            for i, p in enumerate(params) if p.is_leaf and p.requires_grad]
@@ -134,21 +144,21 @@ class Bucket:
         return [local(p) for p in self.params]
 
     def gather_params(self) -> None:
-        """A sharded bucket's copy of the shards made current where a shard was written since
-        the bucket last wrote it (a checkpoint loaded into it): its version counter tells.
-        A plain bucket's parameters are its views already."""
-        if not self.sharding:
+        """The flat copy made current where a parameter (or shard) was written since the
+        bucket last wrote it (a checkpoint loaded into the model, an EMA swap): its version
+        counter tells. Parameters that are views of the flat buffer are current already."""
+        if self.views_params:
             return
-        shards = self._current_locals()
-        if [t._version for t in shards] != self._versions:
-            torch._foreach_copy_(self.views(self.param), shards)
+        owned = self._current_locals()
+        if [t._version for t in owned] != self._versions:
+            torch._foreach_copy_(self.views(self.param), owned)
 
     def scatter_params(self) -> None:
-        """A sharded bucket's updated parameters written back into the shards."""
-        if self.sharding:
-            shards = self._current_locals()
-            torch._foreach_copy_(shards, self.views(self.param))
-            self._versions = [t._version for t in shards]
+        """The updated flat copy written back into parameters that keep their own storage."""
+        if not self.views_params:
+            owned = self._current_locals()
+            torch._foreach_copy_(owned, self.views(self.param))
+            self._versions = [t._version for t in owned]
 
     def gather_grads(self) -> None:
         """Make the flat gradient buffer current: copy in gradients that are not our views."""
@@ -179,7 +189,7 @@ class Bucket:
         """Give parameters and states their own storage again, before this bucket is dropped."""
         _remove_all(self._hooks)
         for p in self.params:
-            if not self.sharding:
+            if self.views_params:
                 p.data = p.data.clone()
             entry = state.get(p, {})
             for name, value in list(entry.items()):
@@ -226,10 +236,6 @@ def _capture_gradient(bucket_ref, index: int, param: torch.Tensor) -> None:
 def _remove_all(handles) -> None:
     for handle in handles:
         handle.remove()
-
-
-def _flatten(tensors: list) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _split(value, bucket: Bucket):

@@ -71,6 +71,14 @@ class Optimizer(torch.optim.Optimizer):
     float32 and rounds each state to nearest when it stores it (see docs/design.md for the
     measured effect on accuracy).
 
+    Parameters keep their own storage: the step updates a flat copy of each bucket and writes
+    it back, so every checkpoint library (safetensors, accelerate, ``save_pretrained``) saves
+    the model as it would under torch.optim. ``flat_params=True`` makes the parameters views
+    of that flat buffer instead, which saves the write-back (8 bytes per fp32 parameter and
+    step) and the copy's memory (4 bytes per parameter), but leaves every parameter of a
+    bucket sharing one storage, which safetensors refuses and accelerate's ``save_state``
+    truncates; save such a model with ``torch.save``.
+
     Under torch.distributed (see :mod:`gradspec.runtime.distributed` and docs/distributed.md)
     DDP needs nothing, and FSDP2's DTensor parameters are stepped shard by shard with the
     reductions all-reduced. ``process_group`` is the group over which probes average the
@@ -80,7 +88,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, spec: str | Spec | None = None, *, backend: str = "compiled",
                  nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
-                 process_group="auto", **hyper):
+                 process_group="auto", flat_params: bool = False, **hyper):
         if spec is None:  # no default: a trainer passing only hyperparameters would get a method it did not ask for
             raise TypeError("gradspec.Optimizer needs a spec: a stdlib name such as 'adamw', a spec expression, "
                             "a path to a .opt file or a gradspec.Spec")
@@ -105,9 +113,12 @@ class Optimizer(torch.optim.Optimizer):
                                 + f" (it has: {', '.join(self.spec.hypers)})")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch dtype such as torch.bfloat16, got {state_dtype!r}")
+        if not isinstance(flat_params, bool):
+            raise TypeError(f"flat_params must be True or False, got {flat_params!r}")
         self.backend = backend
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
+        self.flat_params = flat_params
         defaults = {**self.spec.hyper_defaults, **self._flags, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
@@ -165,7 +176,7 @@ class Optimizer(torch.optim.Optimizer):
         parameters and states, as after ``load_state_dict``."""
         self.param_groups[0][GENERATOR] = self.generator.get_state()
         return {**super().__getstate__(), "spec": self._spec_argument, "backend": self.backend,
-                "nonfinite": self.nonfinite, "state_dtype": self.state_dtype}
+                "nonfinite": self.nonfinite, "state_dtype": self.state_dtype, "flat_params": self.flat_params}
 
     def __setstate__(self, state: dict) -> None:
         if "spec" not in state:  # torch.optim's load_state_dict updates a live optimizer this way
@@ -175,6 +186,7 @@ class Optimizer(torch.optim.Optimizer):
         self._spec_argument, self.backend = state.pop("spec"), state.pop("backend")
         self.spec = load(self._spec_argument) if isinstance(self._spec_argument, str) else self._spec_argument
         self.nonfinite, self.state_dtype = state.pop("nonfinite"), state.pop("state_dtype")
+        self.flat_params = state.pop("flat_params", False)
         super().__setstate__(state)
         self._fresh_runtime()
         self.generator = self._new_generator()
@@ -537,7 +549,9 @@ class _Variant:
     def __init__(self, program: Program, shapes: list, optimizer: Optimizer, device: torch.device):
         self.program = program
         graphs = lower_step(program, shapes, optimizer.nonfinite)
-        self.scalar_fn, self.main_fn = backends.cached(graphs, shapes, optimizer.backend, device)
+        self.scalar_fn, self.main_fn = backends.cached(
+            graphs, shapes, optimizer.backend, device,
+            relower=lambda other: lower_step(program, other, optimizer.nonfinite))
         # probes run every few steps, after model evaluations that cost far more: eagerly
         self.probe_args = [lower_probe_args(program, shapes, j) if node.args else None
                            for j, node in enumerate(program.probes)]
@@ -562,7 +576,7 @@ class _Plan:
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
         self.buckets = [Bucket(ps, state, program.state_names, step, by_size, program.state_ranks,
-                               optimizer.state_dtype, optimizer._capture)
+                               optimizer.state_dtype, optimizer._capture, optimizer.flat_params)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device

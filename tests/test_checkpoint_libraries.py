@@ -1,0 +1,142 @@
+"""Parameters keep storage that every checkpoint library accepts.
+
+After a few steps, each common way of saving a model (safetensors, accelerate's
+``save_state`` with its defaults, ``torch.save``, transformers' ``save_pretrained``) must save
+and restore every parameter exactly, as it does under torch.optim. When the parameters were
+views of one flat buffer, safetensors refused the model and accelerate kept one tensor of
+four. ``flat_params=True`` is that layout, kept as an opt-in: its limits are checked here too,
+so the documentation stays true.
+"""
+import pytest
+import torch
+
+import gradspec
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _trained(steps=3, **options):
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), "adamw", backend="eager", lr=0.05, **options)
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.randn(16, 3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _same_parameters(a: torch.nn.Module, b: torch.nn.Module):
+    saved, restored = dict(a.named_parameters()), dict(b.named_parameters())
+    assert saved.keys() == restored.keys()
+    for name, p in saved.items():
+        assert torch.equal(p, restored[name]), name
+
+
+def test_parameters_keep_their_own_storage():
+    model, _ = _trained()
+    pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    for p in model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def test_safetensors_save_model_and_load_model(tmp_path):
+    model, _ = _trained()
+    safetensors_torch.save_model(model, str(tmp_path / "model.safetensors"))
+    fresh = _model(seed=1)
+    missing, unexpected = safetensors_torch.load_model(fresh, str(tmp_path / "model.safetensors"))
+    assert not missing and not unexpected
+    _same_parameters(model, fresh)
+
+
+def test_flat_params_is_the_layout_safetensors_refuses(tmp_path):
+    """The opt-in does what its documentation says: parameters share one storage."""
+    model, _ = _trained(flat_params=True)
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    with pytest.raises(RuntimeError, match="share"):
+        safetensors_torch.save_model(model, str(tmp_path / "model.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "model.pt")  # torch.save still works
+    fresh = _model(seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt"))
+    _same_parameters(model, fresh)
+
+
+def test_torch_save_of_model_and_optimizer_resumes_bit_for_bit(tmp_path):
+    model, opt = _trained()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = _model(seed=1)
+    resumed_opt = gradspec.Optimizer(resumed.parameters(), "adamw", backend="eager", lr=0.05)
+    saved = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    _same_parameters(model, resumed)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for m, o in ((model, opt), (resumed, resumed_opt)):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+    _same_parameters(model, resumed)
+
+
+def test_a_parameter_written_between_steps_is_what_the_next_step_updates():
+    """Loading weights into the model (or an EMA swap) between steps writes the parameters'
+    own storage; the step must start from those values, not from its flat copy."""
+    model, opt = _trained()
+    reference_model, reference_opt = _trained()
+    weights = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    for m in (model, reference_model):
+        m.load_state_dict(weights)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=0.05)
+    reference.load_state_dict(reference_opt.torch_state_dict())
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for m, o in ((model, opt), (reference_model, reference)):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_accelerate_save_state_and_load_state_with_defaults(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), "adamw", backend="eager", lr=0.05)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, opt)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        opt.step()
+    accelerator.save_state(str(tmp_path / "state"))  # safetensors by default
+    fresh = _model(seed=1)
+    fresh_opt = gradspec.Optimizer(fresh.parameters(), "adamw", backend="eager", lr=0.05)
+    second = accelerate.Accelerator(cpu=True)
+    fresh, fresh_opt = second.prepare(fresh, fresh_opt)
+    second.load_state(str(tmp_path / "state"))
+    _same_parameters(model, fresh)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for name in ("m", "v"):
+            assert torch.equal(opt.state[p][name], fresh_opt.state[q][name])
+
+
+def test_transformers_save_pretrained_and_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    opt = gradspec.Optimizer(model.parameters(), "adamw", backend="eager", lr=0.05)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "gpt")  # safetensors by default
+    restored = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt")
+    _same_parameters(model, restored)
