@@ -17,9 +17,10 @@ tensors (docs/design.md has both layouts measured).
 
 Gradients are views of the flat gradient buffer, which backward accumulates into in place.
 ``zero_grad(set_to_none=True)`` (torch's default) drops those views, and backward then
-hands each parameter a fresh gradient. A post-accumulate-grad hook copies it into the
-buffer at once, while it is still in cache, and puts the view back (docs/design.md has the
-measurements). A gradient that arrives otherwise (assigned by hand, or computed during
+hands each parameter a fresh gradient. On a CPU a post-accumulate-grad hook copies it into
+the buffer at once, while it is still in cache, and puts the view back (docs/design.md has
+the measurements); on a GPU, where that hook would be one kernel launch per tensor inside
+backward, the step copies every fresh gradient in one multi-tensor launch. A gradient that arrives otherwise (assigned by hand, or computed during
 ``step()``, where probes need their own) is copied in by the step.
 
 Under FSDP2 the parameters are DTensors whose local shards live in FSDP2's own storage,
@@ -84,7 +85,10 @@ class Bucket:
         self._versions = None if self.views_params else [t._version for t in self._current_locals()]
         self.capture = capture
         self._hooks = []
-        if not self.sharding:
+        # on a CPU the hook's copy runs while the gradient is in cache; on a GPU it would be one
+        # kernel launch per tensor inside backward, so there the step copies every fresh
+        # gradient in one multi-tensor launch instead (gather_grads)
+        if not self.sharding and self.device.type == "cpu":
             own = weakref.ref(self)  # the hooks must not keep a dropped bucket alive
             self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(_capture_gradient, own, i))
                            for i, p in enumerate(params) if p.is_leaf and p.requires_grad]
@@ -161,14 +165,20 @@ class Bucket:
             self._versions = [t._version for t in owned]
 
     def gather_grads(self) -> None:
-        """Make the flat gradient buffer current: copy in gradients that are not our views."""
-        for p, view in zip(self.params, self.grad_views):
-            grad = p.grad
-            if grad is view:
-                continue
-            view.copy_(local(grad))
-            if not self.sharding:
-                p.grad = view
+        """Make the flat gradient buffer current: copy in gradients that are not our views, in
+        one multi-tensor copy. A view that someone kept from an earlier backward is not
+        written into (see unshare_grads)."""
+        stale = [i for i, (p, view) in enumerate(zip(self.params, self.grad_views)) if p.grad is not view]
+        if not stale:
+            return
+        if not self.sharding:
+            for i in stale:
+                self.unshare_grads(i)
+            stale = [i for i, (p, view) in enumerate(zip(self.params, self.grad_views)) if p.grad is not view]
+        torch._foreach_copy_([self.grad_views[i] for i in stale], [local(self.params[i].grad) for i in stale])
+        if not self.sharding:
+            for i in stale:
+                self.params[i].grad = self.grad_views[i]
 
     def unshare_grads(self, index: int) -> None:
         """A fresh gradient buffer if something outside this bucket still holds tensor
