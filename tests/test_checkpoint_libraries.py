@@ -140,3 +140,42 @@ def test_transformers_save_pretrained_and_from_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "gpt")  # safetensors by default
     restored = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt")
     _same_parameters(model, restored)
+
+
+def _probing(model, seed=0):
+    return gradspec.Optimizer(model.parameters(), "sophia", backend="eager", lr=0.01, seed=seed)
+
+
+def _closure(model, opt, x, y):
+    def closure():  # returns the loss without backward(): sophia differentiates it itself
+        return torch.nn.functional.mse_loss(model(x), y)
+    return closure
+
+
+def test_evaluation_counts_resume_with_the_state_dict():
+    model = _model()
+    opt = _probing(model)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(3):
+        opt.step(_closure(model, opt, x, y))
+    assert opt.evaluations.closure_calls > 0 and opt.evaluations.hvps > 0
+    resumed_model = _model()
+    resumed = _probing(resumed_model)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.evaluations == opt.evaluations
+    assert "evaluations" not in repr(resumed) and "Evaluations(" in repr(resumed.evaluations)
+    resumed.step(_closure(resumed_model, resumed, x, y))
+    assert resumed.evaluations.closure_calls > opt.evaluations.closure_calls
+
+
+def test_bad_evaluation_counts_are_refused_before_anything_changes():
+    model = _model()
+    opt = _probing(model)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    opt.step(_closure(model, opt, x, y))
+    saved = opt.state_dict()
+    saved["param_groups"][0]["evaluations"] = torch.tensor([1, -2, 0])
+    fresh = _probing(_model())
+    with pytest.raises(ValueError, match="evaluation counts"):
+        fresh.load_state_dict(saved)
+    assert fresh.evaluations.closure_calls == 0 and not fresh.state

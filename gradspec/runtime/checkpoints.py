@@ -24,6 +24,7 @@ from ..dsl.errors import SpecError
 from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem
 
 GENERATOR = "generator"  # the key of the probe generator's state in the first parameter group
+EVALUATIONS = "evaluations"  # first parameter group: the counts of closure calls, gradients, HVPs
 SPEC = "spec"  # top-level key: the name of the spec a state dict was saved from
 
 
@@ -129,7 +130,7 @@ def to_torch(state_dict: dict, spec) -> dict:
     groups = []
     for saved in state_dict["param_groups"]:
         group = {k: v for k, v in saved.items()
-                 if k not in (GENERATOR, "beta1", "beta2") and (k not in flags or k in equivalent.group_keys)}
+                 if k not in (GENERATOR, EVALUATIONS, "beta1", "beta2") and (k not in flags or k in equivalent.group_keys)}
         if has_betas:
             group["betas"] = (saved["beta1"], saved["beta2"])
         for key in equivalent.group_keys:
@@ -155,6 +156,8 @@ def validate(state_dict: dict, target: Target) -> None:
     saved_generator = state_dict.get(GENERATOR, groups[0].get(GENERATOR))
     if saved_generator is not None:
         _check_generator(saved_generator, target.generator_device)
+    if groups[0].get(EVALUATIONS) is not None:
+        _check_evaluations(groups[0][EVALUATIONS])
     for i, (saved, live) in enumerate(zip(groups, target.groups)):
         values = _group_values(saved, target, i)
         try:
@@ -246,3 +249,11 @@ def _check_generator(saved, device: torch.device) -> None:
         torch.Generator(device=device).set_state(saved.to(torch.uint8).cpu())
     except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"the generator state does not fit a {device.type} generator: {error}") from None
+
+
+def _check_evaluations(saved) -> None:
+    """The evaluation counts: three whole numbers >= 0 (closure calls, gradients, HVPs)."""
+    if not (isinstance(saved, torch.Tensor) and saved.shape == (3,) and not saved.is_floating_point()
+            and not saved.is_complex() and bool((saved >= 0).all())):
+        raise ValueError("the evaluation counts must be a tensor of 3 whole numbers >= 0 (closure calls, "
+                         f"gradients, Hessian-vector products), got {saved!r}")

@@ -26,7 +26,7 @@ from ..symbolic.domains import underflow
 from ..symbolic.simplify import simplified
 from . import checkpoints, distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
-from .checkpoints import GENERATOR, SPEC
+from .checkpoints import EVALUATIONS, GENERATOR, SPEC
 from .probes import ClosureDriver, Evaluations
 from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem, parameter_problem
 
@@ -124,7 +124,7 @@ class Optimizer(torch.optim.Optimizer):
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
         self.generator = self._new_generator().manual_seed(seed)
-        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        self._record_in_first_group()
         self._join_processes(process_group)
         if self._sharded and self._has_probes:
             differentiated = {n.attr[0] for n in self._program(self.param_groups[0], self._all_probes()).probes}
@@ -174,7 +174,7 @@ class Optimizer(torch.optim.Optimizer):
         fields, the generator's state in the first group) plus the constructor's choices.
         Plans, buffers and compiled steps are rebuilt on the copy's first step, from its
         parameters and states, as after ``load_state_dict``."""
-        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        self._record_in_first_group()
         return {**super().__getstate__(), "spec": self._spec_argument, "backend": self.backend,
                 "nonfinite": self.nonfinite, "state_dtype": self.state_dtype, "flat_params": self.flat_params}
 
@@ -191,6 +191,7 @@ class Optimizer(torch.optim.Optimizer):
         self._fresh_runtime()
         self.generator = self._new_generator()
         self._restore_generator(self.param_groups[0][GENERATOR])
+        self._restore_evaluations(self.param_groups[0].get(EVALUATIONS))
         self._join_processes("auto")
 
     def add_param_group(self, param_group: dict) -> None:
@@ -213,9 +214,19 @@ class Optimizer(torch.optim.Optimizer):
         """torch.optim's state dict, with the probe generator's state as the key "generator" of
         the first parameter group: torch.distributed.checkpoint keeps only "state" and
         "param_groups", and its flattened form rebuilds each group from the live group's
-        keys, so the live first group carries the key too (refreshed here)."""
-        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        keys, so the live first group carries the key too (refreshed here). The evaluation
+        counts travel the same way, as "evaluations": a resumed run keeps counting."""
+        self._record_in_first_group()
         return {**super().state_dict(), SPEC: self.spec.name}
+
+    def _record_in_first_group(self) -> None:
+        """The generator's state and the evaluation counts, where a checkpoint finds them."""
+        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        self.param_groups[0][EVALUATIONS] = torch.tensor(list(self.evaluations.as_dict().values()))
+
+    def _restore_evaluations(self, saved) -> None:
+        if saved is not None:  # checked by checkpoints.validate on a load
+            self.evaluations.load(dict(zip(Evaluations.FIELDS, saved.tolist())))
 
     def torch_state_dict(self) -> dict:
         """This optimizer's state dict as the torch.optim class of its method loads it (sgd,
@@ -237,6 +248,7 @@ class Optimizer(torch.optim.Optimizer):
         saved = state_dict["param_groups"][0].get(GENERATOR, state_dict.pop(GENERATOR, None))  # older checkpoints: top level
         if saved is not None:
             self._restore_generator(saved)
+        self._restore_evaluations(state_dict["param_groups"][0].get(EVALUATIONS))
         for plan in self._plans.values():
             plan.detach(self.state)
         self._plans.clear()
@@ -246,7 +258,7 @@ class Optimizer(torch.optim.Optimizer):
         kept = {key: {n: v.clone() for n, v in entry.items() if n in global_names}
                 for key, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        self.param_groups[0][GENERATOR] = self.generator.get_state()
+        self._record_in_first_group()
         # saved keys (indices, or names under torch.distributed.checkpoint) to parameters, as torch.optim pairs them
         params = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]),
                           (p for group in self.param_groups for p in group["params"])))
@@ -428,13 +440,14 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---- internals
     def __repr__(self) -> str:
-        """torch.optim's listing of the groups, without the generator's 5056 state bytes."""
-        saved = self.param_groups[0].pop(GENERATOR, None) if self.param_groups else None
+        """torch.optim's listing of the groups, without the generator's 5056 state bytes and
+        the evaluation counts (``evaluations`` shows them)."""
+        first = self.param_groups[0] if self.param_groups else {}
+        saved = {key: first.pop(key) for key in (GENERATOR, EVALUATIONS) if key in first}
         try:
             return super().__repr__()
         finally:
-            if saved is not None:
-                self.param_groups[0][GENERATOR] = saved
+            first.update(saved)
 
     def _loaded_group(self, saved: dict) -> dict:
         """A checked group of a state dict as this optimizer keeps groups: ``betas`` (which a
