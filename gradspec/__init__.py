@@ -24,16 +24,19 @@ _LAZY = {
     "param_groups": "runtime.factory",
     "create_optimizer": "runtime.factory",
     "check": "check",
+    "tasks": None,
 }
 """Public names imported on first use. Reading and resolving specs needs only the front end;
 the runtime imports torch (about 3 s on a 2-core CPU) and the checker SymPy (about 1 s), so
-``gradspec --help`` or ``gradspec.load`` does not pay for them."""
+``gradspec --help`` or ``gradspec.load`` does not pay for them. A name mapped to None is a
+submodule itself (``gradspec.tasks.register`` after a bare ``import gradspec``)."""
 
 
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'gradspec' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+    value = module if _LAZY[name] is None else getattr(module, name)
     globals()[name] = value  # later lookups find it directly
     return value
 

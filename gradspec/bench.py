@@ -202,7 +202,9 @@ def render(result: dict) -> str:
     lines = [f"torch {result['torch']}, {result['device']}, {result['threads']} threads, "
              f"{result['params'] / 1e6:.1f}M fp32 params in {result['tensors']} tensors; "
              f"copy bandwidth {result['bandwidth_gbs']:.1f} GB/s (best copy, median over rows)",
-             "every row is timed interleaved with fused Adam and a copy: its ratios use those paired timings", "",
+             "every row is timed interleaved with fused Adam and a copy: its ratios use those paired timings",
+             "rows are timed minutes apart while the machine's speed drifts, so a row with the smaller ms/step "
+             "can have the larger ratio: rank rows by the ratio, which divides out that drift", "",
              "| optimizer | ms/step | vs fused Adam | roofline ms (bytes/param) | vs roofline | first step s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
+import textwrap
 
 from . import __version__, stdlib
 from .dsl import printer
@@ -96,19 +99,37 @@ def _list(args) -> int:
     rows = []
     for name in stdlib.names():
         spec = load(name)
-        summary = (spec.doc or "").split("\n")[0]
         kind = "adaptor" if spec.kind == "adaptor" else "optimizer"
-        rows.append((name, kind, summary))
+        rows.append((name, kind, first_sentence(spec.doc or "")))
     width = max(len(r[0]) for r in rows)
     for name, kind, summary in rows:
-        print(f"{name:<{width}}  {kind:<9}  {summary}")
+        print(_hanging(f"{name:<{width}}  {kind:<9}  ", summary))
     from . import tasks
     print("\nbuilt-in tasks (gradspec compare SPEC... --task NAME):")
     width = max(len(n) for n in tasks.names())
     for name in tasks.names():
         task = tasks.get(name)
-        print(f"{name:<{width}}  {task.steps:>5} steps  {task.description}")
+        print(_hanging(f"{name:<{width}}  {task.steps:>5} steps  ", task.description))
     return 0
+
+
+def first_sentence(doc: str) -> str:
+    """The doc's first sentence, whole: its first paragraph's lines joined (a line that ends
+    in a hyphen joins without a space), up to the first full stop that ends a sentence."""
+    paragraph = doc.strip().split("\n\n")[0]
+    text = ""
+    for line in (line.strip() for line in paragraph.splitlines()):
+        text += line if text.endswith("-") or not text else " " + line
+    end = re.search(r"[.!?](?=\s+[A-Z(]|$)", text)
+    return text[:end.end()] if end else text
+
+
+def _hanging(prefix: str, text: str) -> str:
+    """``prefix`` then ``text`` wrapped at word breaks to the terminal's width, later lines
+    indented under the text's start (never cut mid-word or mid-sentence)."""
+    columns = max(shutil.get_terminal_size((100, 24)).columns, len(prefix) + 30)
+    return textwrap.fill(text, columns, initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                         break_on_hyphens=False)
 
 
 def _check(args) -> int:

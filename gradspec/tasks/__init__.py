@@ -4,7 +4,9 @@ A task makes a :class:`Problem` from a seed: the parameters to train, the traini
 step (on that step's batch), and held-out evaluations. A problem may also give its training
 loss as a pure function of the parameters (:class:`PureLoss`), which lets ``gradspec compare``
 train a whole learning-rate grid as one ``torch.func.vmap``-ed run. Everything a task needs
-ships with Python or an installed package; nothing is downloaded. Register your own with::
+ships with Python or an installed package; nothing is downloaded. Registering and listing tasks
+imports no torch (``gradspec list`` stays light): the built-in tasks import it when they build a
+problem. Register your own with::
 
     @gradspec.tasks.register("my_task", steps=500, target=0.1, metric="accuracy")
     def my_task(seed: int, device: str) -> gradspec.tasks.Problem:
@@ -17,8 +19,6 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 
 @dataclass
@@ -63,6 +63,7 @@ class PureLoss:
                   criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "PureLoss":
         """``batch(step) -> (inputs, targets)``, ``criterion(outputs, targets) -> loss``; the
         parameters are taken in ``model.parameters()`` order."""
+        import torch
         names = tuple(name for name, _ in model.named_parameters())
 
         def of(params, step):

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from . import Problem, module_losses, register
 
+# torch is imported inside each function that builds a problem: declaring the tasks (gradspec
+# list) imports none of it.
 
-def _batch_indices(seed: int, step: int, n: int, size: int) -> torch.Tensor:
+
+def _batch_indices(seed: int, step: int, n: int, size: int):
+    import torch
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.randint(0, n, (size,), generator=generator)
 
 
 def _classifier(model, train, val, test, seed, batch, device) -> Problem:
     """A Problem for a classifier over (inputs, labels) splits."""
+    import torch
+    import torch.nn.functional as F
     (x, y), (xv, yv), (xt, yt) = [(a.to(device), b.to(device)) for a, b in (train, val, test)]
 
     def batch_at(step):
@@ -50,9 +53,11 @@ def _classifier(model, train, val, test, seed, batch, device) -> Problem:
 @register("digits", steps=400, target=0.05, metric="accuracy", higher_is_better=True, eval_every=50,
           description="an MLP (64-64-10, GELU) on scikit-learn's 8x8 digits (1797 images): "
                       "1200 train / 300 validation / 297 test, batches of 64")
-def digits(seed: int, device: str, dtype: torch.dtype = torch.float32) -> Problem:
-    """``dtype`` (float64 for tests that compare two ways of training to rounding) sets the
-    model's and the images' precision."""
+def digits(seed: int, device: str, dtype=None) -> Problem:
+    """``dtype`` (float64 for tests that compare two ways of training to rounding; float32 by
+    default) sets the model's and the images' precision."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - the test extra installs it
@@ -74,6 +79,9 @@ def digits(seed: int, device: str, dtype: torch.dtype = torch.float32) -> Proble
           description="(a + b) mod 47 from 40% of the pairs, full batch, with an embedding MLP: "
                       "test accuracy on the other 60% measures generalisation (grokking-style)")
 def modular_addition(seed: int, device: str) -> Problem:
+    import torch
+
+    from .models import EmbeddingMLP
     p = 47
     pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p))
     labels = (pairs[:, 0] + pairs[:, 1]) % p
@@ -82,16 +90,7 @@ def modular_addition(seed: int, device: str) -> Problem:
     n_train, n_val = int(0.4 * len(pairs)), int(0.1 * len(pairs))
     torch.manual_seed(seed)
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(p, 64)
-            self.mlp = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, p))
-
-        def forward(self, ab):
-            return self.mlp(self.embed(ab).reshape(len(ab), -1))
-
-    model = Model().to(device)
+    model = EmbeddingMLP(p).to(device)
     split = lambda a, b: (pairs[a:b], labels[a:b])  # noqa: E731
     return _classifier(model, split(0, n_train), split(n_train, n_train + n_val), split(n_train + n_val, None),
                        seed, n_train, device)
@@ -102,32 +101,14 @@ def _pydoc_text() -> str:
     return "\n".join(topics[key] for key in sorted(topics))
 
 
-class _TinyTransformer(torch.nn.Module):
-    """A decoder-only character model: token and position embeddings, pre-norm causal
-    self-attention blocks (torch.nn.TransformerEncoderLayer with a causal mask)."""
-
-    def __init__(self, vocab: int, context: int, width: int = 64, layers: int = 2, heads: int = 4):
-        super().__init__()
-        self.tokens = torch.nn.Embedding(vocab, width)
-        self.positions = torch.nn.Embedding(context, width)
-        block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                 batch_first=True, norm_first=True)
-        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, vocab)
-        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
-
-    def forward(self, tokens):
-        n = tokens.shape[1]
-        h = self.tokens(tokens) + self.positions(torch.arange(n, device=tokens.device))
-        h = self.blocks(h, mask=self.mask[:n, :n], is_causal=True)
-        return self.head(self.norm(h))
-
-
 @register("char_lm", steps=300, target=2.3, metric="eval_loss", eval_every=50,
           description="a 2-layer character transformer (width 64, context 64) on Python's pydoc "
                       "topics text (460k characters, 90/5/5 split), batches of 32 windows")
 def char_lm(seed: int, device: str) -> Problem:
+    import torch
+    import torch.nn.functional as F
+
+    from .models import TinyTransformer
     text = _pydoc_text()
     vocab = sorted(set(text))
     data = torch.tensor(_encode(text, vocab), dtype=torch.long)
@@ -135,7 +116,7 @@ def char_lm(seed: int, device: str) -> Problem:
     train, val, test = data[:int(0.9 * n)], data[int(0.9 * n):int(0.95 * n)], data[int(0.95 * n):]
     context, batch = 64, 32
     torch.manual_seed(seed)
-    model = _TinyTransformer(len(vocab), context).to(device)
+    model = TinyTransformer(len(vocab), context).to(device)
 
     def windows(source, starts):
         rows = torch.stack([source[s:s + context + 1] for s in starts.tolist()]).to(device)
