@@ -4,8 +4,9 @@ After a few steps, each common way of saving a model (safetensors, accelerate's
 ``save_state`` with its defaults, ``torch.save``, transformers' ``save_pretrained``) must save
 and restore every parameter exactly, as it does under torch.optim. When the parameters were
 views of one flat buffer, safetensors refused the model and accelerate kept one tensor of
-four. ``flat_params=True`` is that layout, kept as an opt-in: its limits are checked here too,
-so the documentation stays true.
+four. Now each parameter has a storage object of its own over its part of the flat buffer,
+so the step still writes it in place. ``flat_params=True`` is the old layout, kept as an
+opt-in: its limits are checked here too, so the documentation stays true.
 """
 import pytest
 import torch
@@ -38,12 +39,17 @@ def _same_parameters(a: torch.nn.Module, b: torch.nn.Module):
         assert torch.equal(p, restored[name]), name
 
 
-def test_parameters_keep_their_own_storage():
-    model, _ = _trained()
+def test_parameters_keep_their_own_storage_over_the_flat_buffer():
+    model, opt = _trained()
     pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
     assert len(set(pointers)) == len(pointers)
     for p in model.parameters():
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    # and the step writes them in place: their memory is the flat buffer's, no copy is kept
+    (plan,) = opt._plans.values()
+    (bucket,) = plan.buckets
+    start, end = bucket.param.data_ptr(), bucket.param.data_ptr() + bucket.param.nbytes
+    assert all(start <= p.data_ptr() < end for p in model.parameters())
 
 
 def test_safetensors_save_model_and_load_model(tmp_path):

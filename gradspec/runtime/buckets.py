@@ -5,15 +5,18 @@ The step is one fused kernel over the bucket's flat buffers, and ``state_dict()`
 shows per-parameter tensors: the states in ``optimizer.state[p]`` are views of the flat
 state buffers.
 
-Parameters come in two layouts. By default each parameter keeps its own storage, and the
-bucket holds a flat copy that the kernel updates and that is written back into the
-parameters after each step (one ``_foreach_copy_``: 8 more bytes moved and 4 more bytes
-kept per fp32 parameter). A parameter written by someone else (``model.load_state_dict``,
-an EMA swap) is copied in before the next step: its version counter tells. With
-``flat_params=True`` the parameters are re-pointed at views of the flat buffer instead
-(``p.data = view``), which saves the copy but makes every parameter share one storage:
-safetensors refuses such a model and accelerate's ``save_state`` drops all but one of its
-tensors (docs/design.md has both layouts measured).
+Each parameter keeps a storage of its own, as safetensors, accelerate's ``save_state`` and
+``save_pretrained`` require, yet the kernel writes it in place, with no copy: the parameter is
+re-pointed at an *alias* of its part of the flat buffer, a tensor that DLPack gives its own
+storage object, exactly the parameter's size, over the buffer's memory (the buffer stays
+alive as long as any alias). Where that is not possible (FSDP2's shards, which live in
+FSDP2's storage, or a device without DLPack) the bucket keeps a flat *copy*: the step
+writes it back into the parameters (8 more bytes moved and 4 more kept per fp32 parameter),
+and a parameter written by someone else (``model.load_state_dict``, an EMA swap) is copied in
+before the next step, as its version counter tells. ``flat_params=True`` makes the
+parameters plain *views* of the flat buffer, one shared storage, which safetensors refuses
+and accelerate's ``save_state`` truncates (docs/design.md has the layouts measured). As with
+views, a step does not advance an alias's version counter.
 
 Gradients are views of the flat gradient buffer, which backward accumulates into in place.
 ``zero_grad(set_to_none=True)`` (torch's default) drops those views, and backward then
@@ -24,12 +27,13 @@ backward, the step copies every fresh gradient in one multi-tensor launch. A gra
 ``step()``, where probes need their own) is copied in by the step.
 
 Under FSDP2 the parameters are DTensors whose local shards live in FSDP2's own storage,
-which its all-gathers read: they always take the first layout, copy the reduce-scattered
+which its all-gathers read: they take the copy layout, copy the reduce-scattered
 gradients in during the step, and show each state as a DTensor over its flat view, the
 form torch.distributed.checkpoint saves.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 import weakref
@@ -38,6 +42,26 @@ import torch
 
 from ..compiler.lower import BucketShape
 from .distributed import local, sharding_of, state_view
+
+
+class ParamLayout(enum.StrEnum):
+    """Where a bucket's parameters live (see the module docstring)."""
+
+    ALIASES = "aliases"  # own storage objects over the flat buffer's memory (the default)
+    COPY = "copy"  # own memory; the flat copy is written back after each step
+    VIEWS = "views"  # views of the flat buffer, one shared storage (flat_params=True)
+
+
+@functools.cache
+def _aliasable(device: torch.device) -> bool:
+    """Whether DLPack gives this device's tensors an aliasing storage of their own."""
+    try:
+        buffer = torch.zeros(2, device=device)
+        alias = torch.from_dlpack(buffer[1:])
+        alias.fill_(1)
+    except (RuntimeError, TypeError, BufferError):
+        return False
+    return bool(buffer[1] == 1) and alias.untyped_storage().nbytes() == buffer.element_size()
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -67,13 +91,13 @@ class Bucket:
         self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(map(tuple, self.local_shapes)),
                                  self.state_dtype, self.sharding)
 
-        # the parameters are views of the flat buffer, or keep their storage (always, for shards)
-        self.views_params = flat_params and not self.sharding
+        self.layout = ParamLayout.COPY if self.sharding else ParamLayout.VIEWS if flat_params else \
+            ParamLayout.ALIASES if _aliasable(self.device) else ParamLayout.COPY
         self.param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         for p, view in zip(params, self.views(self.param)):
             view.copy_(local(p).detach())
-            if self.views_params:
-                p.data = view  # one tensor at a time: the old storage goes before the next copy
+            if self.layout != ParamLayout.COPY:  # one tensor at a time: each old storage goes before the next copy
+                p.data = view if self.layout == ParamLayout.VIEWS else torch.from_dlpack(view)
         self.grad = torch.empty_like(self.param)
         self.grad_views = self.views(self.grad)
         for p, view in zip(params, self.grad_views):
@@ -81,8 +105,8 @@ class Bucket:
             if not self.sharding:
                 p.grad = view  # likewise: each old gradient is freed as soon as it is copied
         self.param_pointers = [t.data_ptr() for t in self._current_locals()]
-        # the parameters' version counters after this bucket last wrote them (own storage)
-        self._versions = None if self.views_params else [t._version for t in self._current_locals()]
+        # the copied parameters' version counters after this bucket last wrote them
+        self._versions = [t._version for t in self._current_locals()] if self.layout == ParamLayout.COPY else None
         self.capture = capture
         self._hooks = []
         # on a CPU the hook's copy runs while the gradient is in cache; on a GPU it would be one
@@ -150,16 +174,16 @@ class Bucket:
     def gather_params(self) -> None:
         """The flat copy made current where a parameter (or shard) was written since the
         bucket last wrote it (a checkpoint loaded into the model, an EMA swap): its version
-        counter tells. Parameters that are views of the flat buffer are current already."""
-        if self.views_params:
+        counter tells. Aliases and views of the flat buffer are current already."""
+        if self.layout != ParamLayout.COPY:
             return
         owned = self._current_locals()
         if [t._version for t in owned] != self._versions:
             torch._foreach_copy_(self.views(self.param), owned)
 
     def scatter_params(self) -> None:
-        """The updated flat copy written back into parameters that keep their own storage."""
-        if not self.views_params:
+        """The updated flat copy written back into the parameters (the copy layout)."""
+        if self.layout == ParamLayout.COPY:
             owned = self._current_locals()
             torch._foreach_copy_(owned, self.views(self.param))
             self._versions = [t._version for t in owned]
@@ -199,7 +223,7 @@ class Bucket:
         """Give parameters and states their own storage again, before this bucket is dropped."""
         _remove_all(self._hooks)
         for p in self.params:
-            if self.views_params:
+            if self.layout != ParamLayout.COPY:
                 p.data = p.data.clone()
             entry = state.get(p, {})
             for name, value in list(entry.items()):

@@ -71,13 +71,12 @@ class Optimizer(torch.optim.Optimizer):
     float32 and rounds each state to nearest when it stores it (see docs/design.md for the
     measured effect on accuracy).
 
-    Parameters keep their own storage: the step updates a flat copy of each bucket and writes
-    it back, so every checkpoint library (safetensors, accelerate, ``save_pretrained``) saves
-    the model as it would under torch.optim. ``flat_params=True`` makes the parameters views
-    of that flat buffer instead, which saves the write-back (8 bytes per fp32 parameter and
-    step) and the copy's memory (4 bytes per parameter), but leaves every parameter of a
-    bucket sharing one storage, which safetensors refuses and accelerate's ``save_state``
-    truncates; save such a model with ``torch.save``.
+    Parameters keep storage objects of their own, so every checkpoint library (safetensors,
+    accelerate, ``save_pretrained``) saves the model as it would under torch.optim, while the
+    step still writes them in place: each is an alias of its part of the flat buffer (see
+    :mod:`gradspec.runtime.buckets`). ``flat_params=True`` makes them plain views of that
+    buffer instead, one storage shared by every parameter of a bucket, which safetensors
+    refuses and accelerate's ``save_state`` truncates; save such a model with ``torch.save``.
 
     Under torch.distributed (see :mod:`gradspec.runtime.distributed` and docs/distributed.md)
     DDP needs nothing, and FSDP2's DTensor parameters are stepped shard by shard with the
