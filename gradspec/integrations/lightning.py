@@ -79,7 +79,7 @@ class ProbeSteps:
     def _gradspec_refuse(self, optimizer) -> None:
         trainer = self.trainer
         name = optimizer.spec.name
-        if trainer.gradient_clip_val and str(trainer.gradient_clip_algorithm) == "value":
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":  # a str enum
             raise ValueError(f"{name} probes the model inside its step, which gradient_clip_algorithm='value' cannot "
                              "combine with: clipping by value is no rescaling of the loss, so the probes could not "
                              "see the gradient the step uses. Clip by norm (the default), or use a spec without probes")
