@@ -67,7 +67,20 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="eager", choices=["eager", "compiled"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sharpness", action="store_true", help="report the top Hessian eigenvalue at the end")
-    p.add_argument("--out", help="write runs.csv, loss_vs_step.png, loss_vs_time.png and report.md here")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train this many runs at once in local worker processes (default 1: one after another "
+                        "in this process); results are the same either way")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="train the runs as tasks on a Ray cluster: auto, ray://HOST:10001, or local to start one "
+                        "here (pip install 'gradspec[ray]')")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1, wherever the run trains, so that results do not "
+                        "depend on --workers)")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="plot the training loss as a moving average over this many steps (the CSV keeps the raw "
+                        "values; default 1: unsmoothed)")
+    p.add_argument("--out", help="write runs.csv, evals.csv, loss_vs_step.png, loss_vs_time.png (trajectories.png "
+                                 "for 2-D functions) and report.md here")
     p.add_argument("--results", help="with comparison files: run them all and write this results page")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -254,18 +267,20 @@ def _compare(args) -> int:
     if files and len(files) != len(args.specs):
         print("gradspec compare: give either comparison files or specs, not both", file=sys.stderr)
         return 2
+    execution = {"workers": args.workers, "ray": args.ray, "threads": args.threads}
     try:
         if args.results:
             if not files:
                 print("gradspec compare: --results takes comparison files (.toml)", file=sys.stderr)
                 return 2
-            compare.write_results(files, args.results, progress=not args.quiet)
+            compare.write_results(files, args.results, progress=not args.quiet, smooth=args.smooth, **execution)
             print(f"wrote {args.results}")
             return 0
         if files:  # several files with --out: one folder each, named after the file
             outs = [args.out if len(files) == 1 or not args.out else
                     os.path.join(args.out, os.path.splitext(os.path.basename(f))[0]) for f in files]
-            results = [compare.run_file(f, out, not args.quiet, args.steps, args.seeds, vmap=not args.no_vmap)
+            results = [compare.run_file(f, out, not args.quiet, args.steps, args.seeds, vmap=not args.no_vmap,
+                                        smooth=args.smooth, **execution)
                        for f, out in zip(files, outs)]
         else:
             if not args.task:
@@ -273,25 +288,34 @@ def _compare(args) -> int:
                 return 2
             for spec in args.specs:  # every spec is sound before any training starts
                 load(spec)
+            outs = [args.out]
             results = [compare.compare(args.specs, args.task, args.steps, 3 if args.seeds is None else args.seeds,
                                        args.lr_grid, args.lr, args.backend, args.device, args.sharpness, args.out,
-                                       not args.quiet, vmap=not args.no_vmap)]
+                                       not args.quiet, vmap=not args.no_vmap, smooth=args.smooth, **execution)]
     except ValueError as error:
         print(f"gradspec compare: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a run that cannot go on (sophia_g on a task without logits)
         print(f"gradspec compare: {error}", file=sys.stderr)
         return 1
-    for result in results:
+    for result, out in zip(results, outs):
         title = result.settings.get("title")
         print((f"## {title}\n\n" if title else "") + f"task {result.task.name}: {result.task.description}\n")
         print(result.table())
-        for text, verdict, detail in result.verdicts:
-            print(f"- {verdict}: {text}: {detail}")
+        for v in result.verdicts:
+            print(f"- {v.verdict} ({v.at}): {v.expectation}: {v.detail}")
+        for note in compare.report.lr_dependence(result.verdicts):
+            print(f"- note: {note}")
+        for warning in result.warnings:
+            print(f"gradspec compare: warning: {warning}", file=sys.stderr)
+        if out:
+            print(f"\nwrote {_and(result.files)} under {out}")
         print()
-    if args.out:
-        print(f"wrote runs.csv, loss_vs_step.png, loss_vs_time.png and report.md under {args.out}")
     return 0
+
+
+def _and(names: list) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def _cost_text(spec, dtype: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import gradspec.tasks as tasks
 from gradspec.compare import compare, judge, load_file, run_file
 from gradspec.compare.report import summarise
-from gradspec.compare.runner import Run, pick_lr, train
+from gradspec.compare.runner import CLOCKS, Run, pick_lr, train
 
 
 def test_a_run_is_deterministic_given_its_seed_and_seeds_differ():
@@ -36,7 +36,9 @@ def test_every_built_in_task_trains(name):
     if name != "saddle":  # the saddle sits still until the escape starts
         assert min(run.losses[-5:]) < run.losses[0]
     assert task.metric in run.final and math.isfinite(run.final["validation"])
-    assert run.seconds[0] == 0 and run.seconds[-1] > 0  # the first step (compilation) is not timed
+    assert all("validation" in metrics for _, metrics in run.evals) and run.evals[-1][0] == 25
+    seconds = run.cumulative_seconds("step_ms")
+    assert seconds[0] == 0 and seconds[-1] > 0  # the first step (compilation) is not timed
 
 
 def test_the_lr_grid_picks_the_validation_best_and_scores_divergence_as_infinite():
@@ -48,21 +50,28 @@ def test_the_lr_grid_picks_the_validation_best_and_scores_divergence_as_infinite
         assert grid.lr == 1e-3 and grid.scores[1e-3] < grid.scores[1e-4]
 
 
+def _timed(ms):
+    return {clock: list(ms) for clock in CLOCKS}
+
+
 def test_summaries_and_time_to_target():
     task = tasks.get("saddle")
-    runs = [Run("x", s, 0.1, losses=[0.0, -0.005, -0.0097, -0.0099], seconds=[0, 0.1, 0.2, 0.3],
-                evals=[(4, {"eval_loss": -0.0099})], per_step={"closure_calls": 1, "gradients": 1, "hvps": 0})
+    runs = [Run("x", s, 0.1, losses=[0.0, -0.005, -0.0097, -0.0099], **_timed([900, 100, 100, 100]),
+                evals=[(4, {"eval_loss": -0.0099, "validation": -0.0099})],
+                per_step={"closure_calls": 1, "gradients": 1, "hvps": 0})
             for s in range(2)]
-    runs.append(Run("x", 2, 0.1, losses=[0.0, -0.001, -0.002, -0.003], seconds=[0, 0.1, 0.2, 0.3],
-                    evals=[(4, {"eval_loss": -0.003})], per_step={"closure_calls": 1, "gradients": 1, "hvps": 0}))
+    runs.append(Run("x", 2, 0.1, losses=[0.0, -0.001, -0.002, -0.003], **_timed([900, 100, 100, 100]),
+                    evals=[(4, {"eval_loss": -0.003, "validation": -0.003})],
+                    per_step={"closure_calls": 1, "gradients": 1, "hvps": 0}))
     s = summarise(task, "x", 0.1, runs)
-    assert s.reached == 2 and s.steps_to_target == 3 and s.seconds_to_target == pytest.approx(0.2)
+    # steps to target x the mean ms of a timed step (the untimed first step's 900 ms left out)
+    assert s.reached == 2 and s.steps_to_target == 3 and s.seconds_to_target == pytest.approx(0.3)
     assert s.final_loss[0] == pytest.approx((-0.0099 * 2 - 0.003) / 3)
     assert s.ms_per_step == pytest.approx(100)
 
 
 def _summary(variant, values, task):
-    runs = [Run(variant, i, None, losses=[v], seconds=[0.0], evals=[(1, {task.metric: v})],
+    runs = [Run(variant, i, None, losses=[v], **_timed([1.0]), evals=[(1, {task.metric: v, "validation": 0.0})],
                 per_step={"closure_calls": 1, "gradients": 1, "hvps": 0}) for i, v in enumerate(values)]
     return summarise(task, variant, None, runs)
 
@@ -71,11 +80,11 @@ def test_verdicts_need_a_margin_beyond_the_seeds_spread():
     task = tasks.get("digits")  # accuracy: higher is better
     by = {"a": _summary("a", [0.95, 0.96, 0.97], task), "b": _summary("b", [0.90, 0.91, 0.92], task),
           "c": _summary("c", [0.93, 0.96, 0.99], task)}
-    assert judge({"better": "a", "than": "b", "on": "metric"}, by, task)[1] == "reproduced"
-    assert judge({"better": "b", "than": "a", "on": "metric"}, by, task)[1] == "not reproduced"
-    assert judge({"better": "c", "than": "a", "on": "metric"}, by, task)[1] == "inconclusive"
+    assert judge({"better": "a", "than": "b", "on": "metric"}, by, task).verdict == "reproduced"
+    assert judge({"better": "b", "than": "a", "on": "metric"}, by, task).verdict == "not reproduced"
+    assert judge({"better": "c", "than": "a", "on": "metric"}, by, task).verdict == "inconclusive"
     # lower is better for the training loss
-    assert judge({"better": "b", "than": "a", "on": "final_loss"}, by, task)[1] == "reproduced"
+    assert judge({"better": "b", "than": "a", "on": "final_loss"}, by, task).verdict == "reproduced"
 
 
 def test_compare_writes_its_table_csv_plots_and_report(tmp_path):
@@ -84,10 +93,13 @@ def test_compare_writes_its_table_csv_plots_and_report(tmp_path):
     assert [s.variant for s in result.summaries] == ["sgd", "adam"]
     table = result.table()
     assert "| `adam` | 0.01 |" in table and "steps to loss 1e-07" in table
-    for name in ("runs.csv", "loss_vs_step.png", "loss_vs_time.png", "trajectories.png", "report.md"):
+    written = ["runs.csv", "evals.csv", "loss_vs_step.png", "loss_vs_time.png", "trajectories.png", "report.md"]
+    assert result.files == written
+    for name in written:
         assert (tmp_path / name).stat().st_size > 0
     rows = (tmp_path / "runs.csv").read_text().splitlines()
-    assert rows[0] == "variant,seed,lr,step,loss,seconds" and len(rows) == 1 + 2 * 2 * 60
+    assert rows[0] == ("variant,seed,lr,control,step,loss,seconds,cpu_seconds,step_ms,step_cpu_ms,optimizer_ms,"
+                       "optimizer_cpu_ms") and len(rows) == 1 + 2 * 2 * 60
     report = (tmp_path / "report.md").read_text()
     assert "gradspec compare sgd adam --task beale --steps 60 --seeds 2 --lr 0.01" in report
     assert "adam better than sgd on final loss" in report
@@ -158,6 +170,8 @@ def test_the_cli_compares_and_reports_errors(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "| `sgd` | 0.01 |" in out.stdout and (tmp_path / "report.md").exists()
+    assert (f"wrote runs.csv, evals.csv, loss_vs_step.png, loss_vs_time.png, trajectories.png and report.md "
+            f"under {tmp_path}") in out.stdout
     missing = subprocess.run([sys.executable, "-m", "gradspec.cli", "compare", "sgd", "--quiet"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "--task is required" in missing.stderr
@@ -188,7 +202,7 @@ def test_the_results_page_is_generated_from_comparison_files(tmp_path):
     text = results.read_text()
     assert "## comparison one" in text and "## comparison two" in text
     # at lr 1e-3 for 40 steps on Rosenbrock, plain SGD is ahead of Adam (0.856 vs 0.924)
-    assert "| one | adam better than sgd on final loss | **not reproduced** |" in text
-    assert "| two | sgd better than adam on final loss | **reproduced** |" in text
+    assert "| one | adam better than sgd on final loss | at shared lr 0.001 | **not reproduced** |" in text
+    assert "| two | sgd better than adam on final loss | at shared lr 0.001 | **reproduced** |" in text
     assert (tmp_path / "docs" / "results" / "one" / "trajectories.png").exists()
     assert "](results/one/loss_vs_step.png)" in text

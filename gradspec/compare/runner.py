@@ -1,14 +1,25 @@
 """Training runs for a comparison: one variant, one seed, one learning rate at a time; and the
 learning-rate grid, trained as one vmapped run where the task and spec allow (:func:`pick_lr`).
 
-A run records the training loss and the cumulative wall time at every step, held-out
-metrics every ``eval_every`` steps, the model evaluations the optimizer counted, and at the
-end the held-out metrics, optionally the sharpness (top Hessian eigenvalue, Lanczos) and,
-for 2-D functions, the trajectory. Wall time excludes the first step, which compiles.
+A run records the training loss at every step and the step's time on two clocks, wall and
+process CPU, both for the whole step and for the optimizer's own part (the step less the time
+spent in the closure, that is in the model's forward and backward passes); held-out metrics
+and the validation loss every ``eval_every`` steps; the model evaluations the optimizer
+counted; the highest load average seen while it ran; and at the end the held-out metrics,
+optionally the sharpness (top Hessian eigenvalue, Lanczos) and, for 2-D functions, the
+trajectory. The first step (which lowers, and with the compiled backend compiles) is not
+timed.
+
+Process CPU time is what survives a busy machine: a process that waits for a core is not
+charged for the wait, while its wall time grows with every other process on the machine. The
+1-minute load average tells whether that happened: a run during which it exceeded the cores
+is marked busy, and the report and plots say so.
 """
 from __future__ import annotations
 
 import math
+import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +30,25 @@ from ..runtime.lanczos import hessian_eigenpairs
 from ..runtime.optimizer import Optimizer
 from ..tasks import Task
 
+CLOCKS = ("step_ms", "step_cpu_ms", "optimizer_ms", "optimizer_cpu_ms")
+LOAD_EVERY = 25  # steps between two readings of the load average
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity), which the load average is held to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> float:
+    """The 1-minute load average, or 0 where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return 0.0
+
 
 @dataclass
 class Run:
@@ -26,26 +56,45 @@ class Run:
     seed: int
     lr: float | None
     losses: list = field(default_factory=list)  # training loss per step
-    seconds: list = field(default_factory=list)  # cumulative wall time after each step
-    evals: list = field(default_factory=list)  # (step, metrics)
+    step_ms: list = field(default_factory=list)  # wall time of each step (0 for the untimed first)
+    step_cpu_ms: list = field(default_factory=list)  # process CPU time of each step
+    optimizer_ms: list = field(default_factory=list)  # wall time of each step outside the closure
+    optimizer_cpu_ms: list = field(default_factory=list)  # process CPU time of each step outside the closure
+    evals: list = field(default_factory=list)  # (step, metrics with the "validation" loss among them)
     final: dict = field(default_factory=dict)  # held-out metrics at the end
     per_step: dict = field(default_factory=dict)  # closure calls, gradients, HVPs per step
     sharpness: float | None = None
     trajectory: list = field(default_factory=list)  # 2-D functions: (x, y) after each step
     diverged_at: int | None = None  # first step with a non-finite loss
+    max_load: float = 0.0  # highest 1-minute load average read during the run
+    cores: int = 1  # the cores that load is held to
+    untimed: int = 1  # leading steps left out of every time (the first lowers or compiles)
 
-    def reached(self, target: float) -> tuple[int | None, float | None]:
-        """(steps, seconds) until the training loss first reached ``target``, or (None, None)."""
+    def reached(self, target: float) -> int | None:
+        """The first step whose training loss reached ``target``, or None."""
         for i, loss in enumerate(self.losses):
             if loss <= target:
-                return i + 1, self.seconds[i]
-        return None, None
+                return i + 1
+        return None
+
+    def mean_ms(self, clock: str = "step_cpu_ms") -> float:
+        """Mean milliseconds per timed step on one of :data:`CLOCKS`. A mean, not a median:
+        a probe that runs every k steps is part of the step's cost."""
+        timed = getattr(self, clock)[self.untimed:]
+        return statistics.fmean(timed) if timed else math.nan
+
+    def cumulative_seconds(self, clock: str = "step_cpu_ms") -> list:
+        """Seconds after each step on one clock, untimed steps counting 0."""
+        total, out = 0.0, []
+        for i, ms in enumerate(getattr(self, clock)):
+            total += ms / 1e3 if i >= self.untimed else 0.0
+            out.append(total)
+        return out
 
     @property
-    def ms_per_step(self) -> float:
-        """Median wall time of a step after the first, in milliseconds."""
-        gaps = sorted(b - a for a, b in zip(self.seconds, self.seconds[1:]))
-        return 1e3 * gaps[len(gaps) // 2] if gaps else math.nan
+    def busy(self) -> bool:
+        """Whether the load average exceeded the cores while the run trained."""
+        return self.max_load > self.cores
 
 
 def train(task: Task, variant: str, seed: int, steps: int, lr: float | None = None, backend: str = "eager",
@@ -54,40 +103,49 @@ def train(task: Task, variant: str, seed: int, steps: int, lr: float | None = No
     problem = task.make(seed, device)
     hyper = {} if lr is None else {"lr": lr}
     opt = Optimizer(problem.params, variant, backend=backend, seed=seed, **hyper)
-    run = Run(variant, seed, lr)
-    state = {"step": 0}
+    run = Run(variant, seed, lr, cores=cores(), max_load=load_average())
+    state = {"step": 0, "wall": 0.0, "cpu": 0.0}  # the step's time spent inside the closure
 
     def closure():
-        opt.zero_grad()
-        loss, logits = problem.loss(state["step"])
-        if opt.has_probes:
-            return (loss, logits) if logits is not None else loss
-        loss.backward()
-        return loss
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            opt.zero_grad()
+            loss, logits = problem.loss(state["step"])
+            if opt.has_probes:
+                return (loss, logits) if logits is not None else loss
+            loss.backward()
+            return loss
+        finally:
+            state["wall"] += time.perf_counter() - wall
+            state["cpu"] += time.process_time() - cpu
 
-    elapsed = 0.0
     for step in range(1, steps + 1):
-        state["step"] = step
-        start = time.perf_counter()
+        state.update(step=step, wall=0.0, cpu=0.0)
+        wall, cpu = time.perf_counter(), time.process_time()
         loss = opt.step(closure)
         value = float(loss.detach())
-        if step > 1:
-            elapsed += time.perf_counter() - start
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        run.step_ms.append(1e3 * wall)
+        run.step_cpu_ms.append(1e3 * cpu)
+        run.optimizer_ms.append(1e3 * max(wall - state["wall"], 0.0))
+        run.optimizer_cpu_ms.append(1e3 * max(cpu - state["cpu"], 0.0))
         run.losses.append(value)
-        run.seconds.append(elapsed)
         if problem.point is not None:
             run.trajectory.append(problem.point())
+        if step % LOAD_EVERY == 0:
+            run.max_load = max(run.max_load, load_average())
         if not math.isfinite(value):
             run.diverged_at = step
             break
         if step % task.eval_every == 0 or step == steps:
-            run.evals.append((step, problem.evaluate()))
+            run.evals.append((step, {**problem.evaluate(), "validation": problem.validate()}))
         if progress is not None:
             progress.update(1)
             if step % 25 == 0:
                 progress.set_postfix(loss=f"{value:.4g}", refresh=False)
+    run.max_load = max(run.max_load, load_average())
     if run.diverged_at is None:
-        run.final = {**problem.evaluate(), "validation": problem.validate()}
+        run.final = dict(run.evals[-1][1])
     counts = opt.evaluations.as_dict()
     done = len(run.losses)
     run.per_step = ({k: v / done for k, v in counts.items()} if opt.has_probes
@@ -115,6 +173,14 @@ class LrGrid:
     @property
     def vmapped(self) -> bool:
         return self.sequential_because is None
+
+    @property
+    def edge(self) -> str | None:
+        """"lowest" or "highest" when the pick is the grid's first or last rate (of two or
+        more): the best rate may then lie outside the grid."""
+        if len(self.scores) < 2:
+            return None
+        return {min(self.scores): "lowest", max(self.scores): "highest"}.get(self.lr)
 
     def how(self) -> str:
         """How the grid was trained, for the report."""
