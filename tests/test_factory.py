@@ -69,3 +69,62 @@ def test_create_optimizer_refusals():
         gradspec.param_groups([torch.zeros(2)])
     opt = gradspec.create_optimizer(TinyLM(), "lion")
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+# ---- transformers models built from configs (random weights, nothing downloaded)
+def _gpt2():
+    import transformers
+    config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _bert():
+    import transformers
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_groups_of_transformers_models_exempt_every_bias_and_layernorm(build):
+    import transformers
+    torch.manual_seed(0)
+    model = build()
+    decay, exempt = gradspec.param_groups(model, weight_decay=0.1)
+    decayed, exempted = _names(model, decay["params"]), _names(model, exempt["params"])
+    layernorms = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)
+                  for n, _ in module.named_parameters(recurse=False)}
+    biases = {n for n, _ in model.named_parameters() if n.endswith("bias")}
+    embeddings = {f"{m}.weight" for m, module in model.named_modules() if isinstance(module, torch.nn.Embedding)}
+    assert layernorms and biases and embeddings
+    assert set(exempted) == layernorms | biases
+    assert embeddings <= set(decayed)  # the policy: embeddings decay, as in the HF Trainer; no_decay can exempt them
+    # the HF Trainer's own split agrees, parameter for parameter (it names GPT-2's tied head too)
+    trainers = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert {id(p) for p in decay["params"]} == {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                                                if n in trainers}
+    _, exempt = gradspec.param_groups(model, weight_decay=0.1, no_decay=("bias", "norm", "embedding"))
+    assert set(_names(model, exempt["params"])) == layernorms | biases | embeddings
+
+
+def test_create_optimizer_on_gpt2_equals_torch_adamw_over_the_trainers_groups():
+    import transformers
+    torch.manual_seed(0)
+    ours = _gpt2().double()
+    theirs = _gpt2().double()
+    theirs.load_state_dict(ours.state_dict())
+    opt = gradspec.create_optimizer(ours, "adamw", weight_decay=0.1, lr=1e-2, backend="eager")
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, theirs))
+    named = list(theirs.named_parameters())
+    reference = torch.optim.AdamW([{"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
+                                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}], lr=1e-2)
+    tokens = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for model, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert not torch.equal(ours.transformer.wte.weight, _gpt2().double().transformer.wte.weight)

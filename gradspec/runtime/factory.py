@@ -23,7 +23,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.0, no_decay=NO_
     parameter when it occurs in its qualified name (``encoder.layer.0.output.bias``) or in
     its module's class name (``LayerNorm``, ``RMSNorm``, ``BatchNorm1d``). Shared parameters
     appear once; frozen ones (requires_grad False) are left out; an empty group is dropped.
-    ``group_hyper`` goes into both groups (``lr=...``)."""
+    ``group_hyper`` goes into both groups (``lr=...``).
+
+    Embeddings decay, as in the HF Trainer's groups (which these equal on transformers'
+    models) and nanoGPT's; ``no_decay=("bias", "norm", "embedding")`` exempts them too, by
+    their module class (``Embedding``), whatever they are called (GPT-2's ``wte``, ``wpe``)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"param_groups takes a torch.nn.Module, not {type(model).__name__}")
     if isinstance(no_decay, str):
