@@ -148,4 +148,4 @@ def names() -> list[str]:
 
 
 def _load_builtins():
-    from . import functions, learning  # noqa: F401  (registering is their import's effect)
+    from . import functions, learning, text  # noqa: F401  (registering is their import's effect)
