@@ -3,10 +3,9 @@
 For each spec and backend it times our step in both gradient paths, "views" (the gradients
 are in the flat gradient buffer, where backward leaves them in either ``zero_grad`` mode)
 and "copy" (gradients assigned by hand, ``p.grad = tensor``, which the step copies in;
-bench/bench_train_step.py times whole training steps), and in the "flat_params" layout
-(parameters as views of the flat buffer, which saves the write-back), next to torch.optim's fused
-and foreach Adam and the same method in pytorch-optimizer where it has one (an optional
-import). The roofline is the bytes a perfect step moves, read off the spec's IR (every
+bench/bench_train_step.py times whole training steps), next to torch.optim's fused
+and foreach Adam and the same method in pytorch-optimizer and HeavyBall where they have
+it (optional imports). The roofline is the bytes a perfect step moves, read off the spec's IR (every
 buffer the elementwise phase reads or writes, see compiler/cost.py), divided by the copy
 bandwidth. Every row's steps are interleaved with fused Adam's steps and with a copy of the
 same size, and its ratios use those paired timings: on a shared machine whose speed drifts
@@ -23,6 +22,7 @@ bench/bench_probes.py).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -30,18 +30,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .compiler.cost import elements_moved
 from .runtime.optimizer import Optimizer
 
-# (label, set_to_none, flat_params): the gradient path (in the flat buffer, or assigned by
-# hand and copied in) and the parameter layout (own storage, written back after the step,
-# which is the default; or views of the flat buffer, the flat_params=True opt-in)
-PATHS = (("views", False, False), ("copy", True, False), ("views, flat_params", False, True))
-PEERS = {"lamb": "Lamb", "lion": "Lion", "dualadam": "DualAdam", "muon": "Muon"}
-MATRIX_SPECS = {"muon"}
+# (label, set_to_none): the gradient path, in the flat buffer or assigned by hand and copied in
+PATHS = (("views", False), ("copy", True))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The same method in another package: ``package.cls(params, lr=..., **options)``."""
+
+    package: str  # an optional import: its rows are left out where it is not installed
+    cls: str
+    options: tuple = ()  # (name, value) pairs
+    matrix_flag: str | None = None  # a group key the class needs to treat matrices as matrices
+
+
+# pytorch-optimizer's names where it has the method, HeavyBall's (issue 15's speed peers)
+PEERS = {
+    "lamb": [Peer("pytorch_optimizer", "Lamb")],
+    "lion": [Peer("pytorch_optimizer", "Lion")],
+    "dualadam": [Peer("pytorch_optimizer", "DualAdam")],
+    "adam": [Peer("heavyball", "AdamW", (("weight_decay", 0.0),))],
+    "muon": [Peer("pytorch_optimizer", "Muon", matrix_flag="use_muon"), Peer("heavyball", "Muon")],
+    "muon_adamw": [Peer("heavyball", "MuonAdamW")],
+    "adafactor": [Peer("pytorch_optimizer", "AdaFactor")],
+    "shampoo": [Peer("pytorch_optimizer", "Shampoo")],
+    "soap": [Peer("pytorch_optimizer", "SOAP"), Peer("heavyball", "SOAP")],
+    "prodigy": [Peer("pytorch_optimizer", "Prodigy")],
+    "schedule_free_sgd": [Peer("pytorch_optimizer", "ScheduleFreeSGD")],
+    "schedule_free_adamw": [Peer("pytorch_optimizer", "ScheduleFreeAdamW"), Peer("heavyball", "SFAdamW")],
+}
+MATRIX_SPECS = {"muon", "muon_adamw", "adafactor", "shampoo", "soap", "galore(adam)"}
 
 
 def _sync(device: str) -> None:
@@ -167,18 +192,19 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
     for spec in specs:
         moved = elements_moved(Optimizer([torch.zeros(1, requires_grad=True)], spec, backend="eager").program())
         for backend in backends:
-            for path, set_to_none, flat_params in PATHS:
+            for path, set_to_none in PATHS:
                 ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
-                opt = Optimizer(ps, spec, backend=backend, lr=1e-3, flat_params=flat_params)
+                opt = Optimizer(ps, spec, backend=backend, lr=1e-3)
                 measure(f"gradspec {spec} {backend} ({path})", "gradspec", stepper(opt, ps, gs, device, set_to_none),
                         moved)
-        peer = PEERS.get(spec)
-        pytorch_optimizer = _optional_peer_package() if peers and peer is not None else None
-        if pytorch_optimizer is not None:
+        for peer in PEERS.get(spec, []) if peers else []:
+            package = _optional_package(peer.package)
+            if package is None:
+                continue
             ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
-            groups = [{"params": ps, "use_muon": True}] if spec == "muon" else ps  # its Muon's protocol
-            opt = getattr(pytorch_optimizer, peer)(groups, lr=1e-3)
-            measure(f"pytorch_optimizer.{peer}", "peer", stepper(opt, ps, gs, device, True), moved)
+            groups = [{"params": ps, peer.matrix_flag: True}] if peer.matrix_flag else ps
+            opt = getattr(package, peer.cls)(groups, lr=1e-3, **dict(peer.options))
+            measure(f"{peer.package}.{peer.cls}", "peer", stepper(opt, ps, gs, device, True), moved)
         for count in compile_tensors:
             with tempfile.TemporaryDirectory() as cache:
                 cold, cold_started = compile_seconds(spec, count, cache)
@@ -189,13 +215,12 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
     return result
 
 
-def _optional_peer_package():
-    """pytorch-optimizer, or None where it is not installed (its rows are then left out)."""
+def _optional_package(name: str):
+    """A peer package, or None where it is not installed (its rows are then left out)."""
     try:
-        import pytorch_optimizer
+        return importlib.import_module(name)
     except ImportError:
         return None
-    return pytorch_optimizer
 
 
 def render(result: dict) -> str:
