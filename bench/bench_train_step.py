@@ -2,11 +2,14 @@
 fused Adam and with gradspec's compiled adam, under both ``zero_grad`` modes, interleaved.
 
     python bench/bench_train_step.py --width 1024 --depth 9 --batch 32 --steps 30
+    python bench/bench_train_step.py --width 64 --depth 500 --steps 30   # 1,000 parameter tensors
 
 ``gradspec bench`` times the optimizer step alone. Under torch's default
 ``zero_grad(set_to_none=True)`` backward hands out fresh gradients, which a hook copies into
 gradspec's flat buffer as they arrive; under ``set_to_none=False`` backward adds into the
-zeroed buffer in place. Either way the cost sits in backward, not in the step, so the
+zeroed buffer in place (on a GPU the step copies fresh gradients in one multi-tensor launch
+instead of a hook per tensor: the 1,000-tensor model shows whether any per-tensor launch is
+left). Either way the cost sits in backward, not in the step, so the
 question is one for the whole step: this script answers it on an MLP (no downloads). Each configuration trains
 its own copy of the same model; one step of each is taken in turn, in a rotating order, so
 the machine's drift and any first-in-turn effect fall on all of them alike, and the median
