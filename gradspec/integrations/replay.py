@@ -91,20 +91,21 @@ def gradient_norm(params: list) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+@dataclass
 class StepReplay:
-    """The closure a probe spec's step gets inside a trainer (see the module's docstring)."""
+    """The closure a probe spec's step gets inside a trainer (see the module's docstring):
+    ``grads`` are the trainer's, ``scale`` the clipping's factor, ``recompute_first`` whether the
+    step's own gradient must come with its graph (and ``wants_logits``, with logits)."""
 
-    def __init__(self, params: list, grads: list, batches: list, scale: float, recompute_first: bool,
-                 wants_logits: bool, step_loss, logits_hint: str):
-        self.params = params
-        self.grads = grads
-        self.batches = batches
-        self.scale = scale
-        self.recompute_first = recompute_first
-        self.wants_logits = wants_logits
-        self.step_loss = step_loss
-        self.logits_hint = logits_hint
-        self._first = True
+    params: list
+    grads: list
+    batches: list
+    scale: float
+    recompute_first: bool
+    wants_logits: bool
+    step_loss: object
+    logits_hint: str
+    _first: bool = True
 
     def __call__(self):
         first, self._first = self._first, False
