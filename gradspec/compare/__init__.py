@@ -95,7 +95,7 @@ def compare(variants: list[str], task: str | Task, steps: int | None = None, see
     if steps < 1 or seeds < 1 or threads < 1 or smooth < 1:
         raise ValueError(f"a comparison needs at least one step, one seed, one thread and a smoothing window of "
                          f"at least 1 (got steps={steps}, seeds={seeds}, threads={threads}, smooth={smooth})")
-    engine, bar = sweep.engine(workers, ray), _progress(progress)
+    engine, bar = sweep.engine(workers, ray, device), _progress(progress)
     grids = {}
     if lr_grid:
         jobs = [sweep.GridJob(ref, v, tuple(lr_grid), steps, backend, device, vmap, threads) for v in variants]

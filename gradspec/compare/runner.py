@@ -151,8 +151,11 @@ def train(task: Task, variant: str, seed: int, steps: int, lr: float | None = No
     run.per_step = ({k: v / done for k, v in counts.items()} if opt.has_probes
                     else {"closure_calls": 1.0, "gradients": 1.0, "hvps": 0.0})
     if sharpness and run.diverged_at is None:
-        values, _ = hessian_eigenpairs(problem.sharpness_loss, problem.params, k=1, iters=20, seed=seed)
-        run.sharpness = float(values[0])
+        try:
+            values, _ = hessian_eigenpairs(problem.sharpness_loss, problem.params, k=1, iters=20, seed=seed)
+            run.sharpness = float(values[0])
+        except torch.linalg.LinAlgError:  # a run on its way to diverging: a Hessian too large to resolve
+            run.sharpness = math.nan
     return run
 
 

@@ -19,6 +19,7 @@ first run of a variant it trains that variant for a few untimed steps, so one-ti
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from ..tasks import Task, get
@@ -47,7 +48,14 @@ class TaskRef:
         return TaskRef(name=task.name) if registered is task else TaskRef(task=task)
 
     def resolve(self) -> Task:
-        return get(self.name) if self.task is None else self.task
+        if self.task is not None:
+            return self.task
+        if self.name not in _RESOLVED:  # a path.py:function task runs its file once per process
+            _RESOLVED[self.name] = get(self.name)
+        return _RESOLVED[self.name]
+
+
+_RESOLVED: dict = {}  # task name or path.py:function -> Task, in this process
 
 
 @dataclass(frozen=True)
@@ -134,18 +142,24 @@ class Sequential:
 
 
 class Processes:
-    """Jobs in ``workers`` local processes (started fresh, not forked: a forked copy of a
-    process whose torch has started its thread pool can hang)."""
+    """Jobs in ``workers`` local processes. On Linux with a CPU device they are forked, as
+    torch's DataLoader forks its workers: a child starts at once with torch and gradspec
+    already imported, and runs its jobs with the thread count each job sets (one by default,
+    so no OpenMP team is inherited half-built). Elsewhere, or for a CUDA device (a forked
+    child cannot use a CUDA context its parent made), they are spawned: fresh interpreters
+    that import torch first."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, device: str = "cpu"):
         self.workers = workers
+        self.start = "fork" if sys.platform == "linux" and not device.startswith("cuda") else "spawn"
         self.how = f"{workers} at a time in local worker processes"
 
     def map(self, jobs: list, bar) -> list:
         import concurrent.futures
         import multiprocessing
         results = [None] * len(jobs)
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) \
+        context = multiprocessing.get_context(self.start)
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_forget_warm_up) \
                 as pool, bar(total=len(jobs), desc=f"runs, {self.workers} workers") as counter:
             futures = {pool.submit(execute, job): i for i, job in enumerate(jobs)}
             for done in concurrent.futures.as_completed(futures):
@@ -153,6 +167,12 @@ class Processes:
                 if counter is not None:
                     counter.update(1)
         return results
+
+
+def _forget_warm_up() -> None:
+    """A worker warms every variant up itself: what a forked child inherits of its parent's
+    warm-up is not its own (thread pools, for one, do not survive a fork)."""
+    _WARM.clear()
 
 
 class RayCluster:
@@ -191,13 +211,13 @@ class RayCluster:
                 ray.shutdown()
 
 
-def engine(workers: int = 1, ray: str | None = None):
+def engine(workers: int = 1, ray: str | None = None, device: str = "cpu"):
     """The engine for ``--workers N`` (1: this process) or ``--ray ADDRESS``."""
     if ray is not None:
         return RayCluster(ray)
     if workers < 1:
         raise ValueError(f"--workers must be at least 1 (got {workers})")
-    return Sequential() if workers == 1 else Processes(workers)
+    return Sequential() if workers == 1 else Processes(workers, device)
 
 
 def _describe(job) -> str:
