@@ -2,6 +2,7 @@
 torch, ``gradspec list`` keeping whole sentences, and ``gradspec bench`` explaining its two
 rankings."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -40,9 +41,15 @@ def test_list_wraps_descriptions_instead_of_cutting_them():
     listing = subprocess.run([sys.executable, "-m", "gradspec.cli", "list"], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "COLUMNS": "100"}).stdout
     # sgd_rms's first sentence spans four lines of its doc, alto's breaks a word with a hyphen
-    entries = {e.split()[0]: " ".join(e.split()[2:]) for e in listing.split("\n\n")[0].split("\n") if e[:1] != " "}
+    entries, name = {}, None
+    for row in listing.split("\n\n")[0].splitlines():
+        if row[:1] != " ":
+            name = row.split()[0]
+            entries[name] = " ".join(row.split()[2:])
+        else:
+            entries[name] += " " + row.strip()
     assert entries["sgd_rms"].startswith("The induced metric on an RMSprop")
-    assert listing.split("sgd_rms", 1)[1].split("\nsophia")[0].strip().endswith("over the group.")
+    assert entries["sgd_rms"].endswith("over the group.")
     assert "gradient-difference EMA" in " ".join(listing.split())
 
 
@@ -56,3 +63,19 @@ def test_bench_says_why_ratio_and_raw_ms_can_rank_rows_differently():
     assert "| a | 2.00 | 2.00x |" in text and "| b | 3.00 | 1.50x |" in text
     header = text.split("| optimizer |")[0]
     assert "smaller ms/step can have the larger ratio" in header and "rank rows by the ratio" in header
+
+
+def test_the_task_guide_example_runs(tmp_path):
+    import re
+
+    import gradspec.tasks as tasks
+    from gradspec.compare import compare
+    guide = (pathlib.Path(__file__).parent.parent / "docs" / "tasks.md").read_text()
+    (tmp_path / "blobs.py").write_text(re.search(r"```python\n(.*?)```", guide, re.S).group(1))
+    task = tasks.get(f"{tmp_path / 'blobs.py'}:blobs")
+    assert task.metric == "accuracy" and task.description.startswith("A 2-32-3 MLP on three Gaussian blobs")
+    problem = task.make(0, "cpu")
+    assert problem.validate() != problem.evaluate()["eval_loss"]  # validation and test splits differ
+    result = compare(["adam"], f"{tmp_path / 'blobs.py'}:blobs", steps=30, seeds=1, lr=0.05, progress=False)
+    assert result.summaries[0].final_loss[0] < result.summaries[0].runs[0].losses[0]
+    assert "[docs/tasks.md](docs/tasks.md)" in (pathlib.Path(__file__).parent.parent / "README.md").read_text()
