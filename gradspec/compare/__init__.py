@@ -138,16 +138,18 @@ def _control_rates(expect: list, chosen: dict) -> list:
             continue
         a, b = e["better"], e["than"]
         rate_a, rate_b = _effective_lr(a, chosen[a]), _effective_lr(b, chosen[b])
-        if rate_a != rate_b:
+        if None not in (rate_a, rate_b) and rate_a != rate_b:
             pairs += [(a, rate_b), (b, rate_a)]
     return list(dict.fromkeys(pairs))
 
 
-def _effective_lr(variant: str, lr: float | None) -> float:
+def _effective_lr(variant: str, lr: float | None) -> float | None:
+    """The rate a variant trained at: the given one, else its spec's default (None for a spec
+    without an ``lr``, which then has no shared rate to be judged at)."""
     if lr is not None:
         return lr
     from ..dsl.resolve import load
-    return load(variant).hyper_defaults["lr"]
+    return load(variant).hyper_defaults.get("lr")
 
 
 def judge_at_rates(expectation: dict, by_variant: dict, by_rate: dict, task: Task) -> list[Verdict]:
@@ -157,7 +159,7 @@ def judge_at_rates(expectation: dict, by_variant: dict, by_rate: dict, task: Tas
     a, b = by_variant[expectation["better"]], by_variant[expectation["than"]]
     verdicts = [judge(expectation, {a.variant: a, b.variant: b}, task, _rates_text(a, b))]
     rate_a, rate_b = _effective_lr(a.variant, a.lr), _effective_lr(b.variant, b.lr)
-    if expectation["on"] in LR_SENSITIVE and rate_a != rate_b:
+    if expectation["on"] in LR_SENSITIVE and None not in (rate_a, rate_b) and rate_a != rate_b:
         for rate in sorted({rate_a, rate_b}):
             pair = {v: by_rate.get((v, rate)) or by_variant[v] for v in (a.variant, b.variant)}
             verdicts.append(judge(expectation, pair, task, f"at shared lr {rate:g}"))

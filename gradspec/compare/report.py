@@ -191,7 +191,8 @@ def markdown(task: Task, summaries: list[Summary], settings: dict, figures: list
               "validation loss (AlgoPerf's protocol); ms/step: the mean over a run's timed steps (its first step is "
               "not timed, and each process trains a variant a few untimed steps before it times it), the median over "
               "seeds; optimizer ms/step: the step less "
-              "the time in the closure (the model's forward and backward passes)."
+              "the time in the closure (the forward and backward passes it runs; a probe's own autograd work, "
+              "such as a Hessian-vector product, counts as the optimizer's)."
               + (f" {BUSY}: measured while the load average exceeded the cores." if any(s.busy for s in summaries)
                  else ""), ""]
     if verdicts:
