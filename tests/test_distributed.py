@@ -1,4 +1,6 @@
-"""gradspec under torch.distributed: 2 CPU processes (gloo), float64, started by each test.
+"""gradspec under torch.distributed: 2 CPU processes (gloo), float64. The eager checks share
+one pair of processes (started once, by a module fixture); the compiled check and the
+torchrun example start their own.
 
 Every stdlib spec trains 20 steps under DDP and under FSDP2 (``fully_shard``, shards of
 uneven and empty size) and must match one process stepping on the full batch to 1e-10;
@@ -23,30 +25,66 @@ COMPILED = ["lamb", "muon", "sgd_metric", "clip_grad_norm(adam)", "deo(adam)", "
 CHECKPOINTED = ["lamb", "deo(adam)", "sophia_g", "muon", "sgd_log_metric"]
 
 
-def _spawn(check: str, *args):
-    with tempfile.TemporaryDirectory() as folder:  # a file rendezvous: no port to race for
-        rendezvous = "file://" + os.path.join(folder, "rendezvous")
-        mp.spawn(distributed_worker.main, args=(2, rendezvous, check, args), nprocs=2, join=True)
+def _spawn(checks: dict) -> tuple[set, Exception | None]:
+    """Run ``checks`` ({name: (check, args)}) in one pair of processes; the names of those that
+    passed on both ranks, and the error that stopped the rest (None if all passed)."""
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous = "file://" + os.path.join(folder, "rendezvous")  # a file: no port to race for
+        passed_folder = os.path.join(folder, "passed")
+        os.mkdir(passed_folder)
+        triples = [(name, check, args) for name, (check, args) in checks.items()]
+        try:
+            mp.spawn(distributed_worker.main, args=(2, rendezvous, triples, passed_folder), nprocs=2, join=True)
+            error = None
+        except Exception as raised:  # spawn's ProcessRaisedException carries the rank's traceback
+            error = raised
+        return set(os.listdir(passed_folder)), error
 
 
+EAGER_CHECKS = {
+    "parity-ddp": ("check_parity", ("ddp", "eager", list(SPECS))),
+    "parity-fsdp": ("check_parity", ("fsdp", "eager", list(SPECS))),
+    "checkpoint": ("check_checkpoint", ("eager", CHECKPOINTED)),
+    "nonfinite": ("check_nonfinite", ("eager",)),
+}
+
+
+@pytest.fixture(scope="module")
+def eager_checks():
+    """The eager checks, run once for the tests below, in one process group."""
+    return _spawn(EAGER_CHECKS)
+
+
+def _assert_passed(outcome, name):
+    passed, error = outcome
+    assert name in passed, f"{name} failed or did not run:\n{error}"
+
+
+# one xdist worker runs them all, so the module fixture spawns once
+together = pytest.mark.xdist_group("distributed")
+
+
+@together
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_every_stdlib_spec_matches_one_process(mode):
-    _spawn("check_parity", mode, "eager", list(SPECS))
+def test_every_stdlib_spec_matches_one_process(mode, eager_checks):
+    _assert_passed(eager_checks, f"parity-{mode}")
 
 
 @pytest.mark.compiled
 def test_compiled_sharded_steps_match_one_process():
     """The collectives are inside the compiled graph (reductions, Muon's gather). Under DDP
     the compiled step is the single-process one, which test_stdlib_parity covers."""
-    _spawn("check_parity", "fsdp", "compiled", COMPILED)
+    _assert_passed(_spawn({"compiled": ("check_parity", ("fsdp", "compiled", COMPILED))}), "compiled")
 
 
-def test_fsdp_checkpoint_resumes_bit_for_bit():
-    _spawn("check_checkpoint", "eager", CHECKPOINTED)
+@together
+def test_fsdp_checkpoint_resumes_bit_for_bit(eager_checks):
+    _assert_passed(eager_checks, "checkpoint")
 
 
-def test_a_nonfinite_shard_is_seen_by_every_rank():
-    _spawn("check_nonfinite", "eager")
+@together
+def test_a_nonfinite_shard_is_seen_by_every_rank(eager_checks):
+    _assert_passed(eager_checks, "nonfinite")
 
 
 def test_the_spec_lists_cover_the_stdlib():

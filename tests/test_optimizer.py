@@ -1,6 +1,11 @@
-"""gradspec.Optimizer as a torch.optim.Optimizer: param groups, schedulers, checkpoints,
-closures, validation, dtypes, missing gradients, zero_grad, non-finite policies, the
-compiled backend's compile count, step counters per bucket, and specs that read the loss.
+"""gradspec.Optimizer as a torch.optim.Optimizer: param groups (their own hyperparameters and
+switches), schedulers and torch-style ``betas``, checkpoints and state_dict, closures,
+validation, dtypes, missing gradients and frozen or moved parameters, zero_grad and the
+gradient hook, non-finite policies, the compiled backend's compile count, step counters per
+bucket, and specs that read the loss.
+
+(Hardening against bad input, refused loads and torch.optim state dicts is
+tests/test_hardening_runtime.py; the functional core is tests/test_functional.py.)
 
 References are torch.optim's own optimizers (float64, so the comparisons are tight) or a
 second gradspec optimizer where the claim is bit-for-bit equality.
@@ -95,6 +100,39 @@ def test_param_groups_with_their_own_lr_equal_two_separate_optimizers():
     assert not torch.allclose(_flat(shared), _flat(grouped), rtol=1e-6, atol=1e-8)
 
 
+def test_a_switch_set_in_one_param_group_gives_only_that_group_its_state():
+    """momentum > 0 switches SGD's buffer on: one group gets a plan with a buffer, the other
+    a plain step, and together they match torch.optim.SGD with the same groups."""
+    batches = _batches(12)
+    results, states = [], []
+    for make in (lambda groups: gradspec.Optimizer(groups, "sgd", backend="eager", lr=0.01),
+                 lambda groups: torch.optim.SGD(groups, lr=0.01, foreach=False)):
+        model = _model()
+        opt = make([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "momentum": 0.9}])
+        _train(model, opt, batches)
+        results.append(_flat(model))
+        states.append((set(opt.state[model[0].weight]), set(opt.state[model[2].weight])))
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
+    assert "buf" not in states[0][0] and "buf" in states[0][1]
+
+
+def test_a_switch_turned_on_mid_training_rebuilds_the_plan():
+    batches = _batches(8)
+    results = []
+    for make in (lambda p: gradspec.Optimizer(p, "sgd", backend="eager", lr=0.05),
+                 lambda p: torch.optim.SGD(p, lr=0.05, foreach=False)):
+        model = _model()
+        opt = make(model.parameters())
+        _train(model, opt, batches[:3])
+        opt.param_groups[0]["momentum"] = 0.9
+        _train(model, opt, batches[3:])
+        results.append(_flat(model))
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
+    plain = _model()
+    _train(plain, gradspec.Optimizer(plain.parameters(), "sgd", backend="eager", lr=0.05), batches)
+    assert not torch.allclose(_flat(plain), results[0], rtol=1e-6, atol=1e-8)  # the momentum was used
+
+
 def test_a_param_group_added_later_is_used_with_its_own_lr():
     model = _model()
     opt = gradspec.Optimizer(model[0].parameters(), "adam", backend="eager", lr=0.01)
@@ -162,6 +200,29 @@ def test_lr_schedulers_drive_the_lr_actually_used(name, spec, torch_cls, hyper):
     constant = _model()
     _train(constant, gradspec.Optimizer(constant.parameters(), spec, backend="eager", **hyper), batches)
     assert not torch.allclose(_flat(constant), _flat(model), rtol=1e-6, atol=1e-8)
+
+
+def test_torch_style_betas_and_beta1_beta2_stay_in_sync_and_are_used():
+    """``betas`` (torch.optim's name, which OneCycleLR and CyclicLR write) and the spec's
+    beta1/beta2 are one value: whichever a user or scheduler writes is what the step reads."""
+    batches = _batches(3)
+    model, reference = _model(), _model()
+    opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.01, betas=(0.8, 0.95))
+    torch_opt = _torch_adam(reference.parameters(), lr=0.01, betas=(0.8, 0.95))
+    group = opt.param_groups[0]
+    assert (group["beta1"], group["beta2"], group["betas"]) == (0.8, 0.95, (0.8, 0.95))
+    _train(model, opt, batches[:1])
+    _train(reference, torch_opt, batches[:1])
+    group["betas"] = torch_opt.param_groups[0]["betas"] = (0.7, 0.9)
+    _train(model, opt, batches[1:2])
+    _train(reference, torch_opt, batches[1:2])
+    assert (group["beta1"], group["beta2"]) == (0.7, 0.9)
+    group["beta2"] = 0.99  # as a user would write it
+    torch_opt.param_groups[0]["betas"] = (0.7, 0.99)
+    _train(model, opt, batches[2:])
+    _train(reference, torch_opt, batches[2:])
+    assert group["betas"] == (0.7, 0.99)
+    torch.testing.assert_close(_flat(model), _flat(reference), **TIGHT)
 
 
 def test_one_cycle_momentum_cycling_reaches_the_beta1_adam_reads():
@@ -256,9 +317,11 @@ def test_state_dict_is_a_snapshot_only_after_copying_like_torch_optim():
     opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.02)
     _train(model, opt, _batches(2))
     snapshot = copy.deepcopy(opt.state_dict())
+    assert sorted(snapshot["state"]) == [0, 1, 2, 3] and snapshot["param_groups"][0]["params"] == [0, 1, 2, 3]
     assert snapshot["state"][0]["step"].item() == 2
     assert set(snapshot["state"][0]) == {"step", "m", "v"}
-    assert snapshot["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert snapshot["state"][0]["m"].shape == model[0].weight.shape  # per parameter, as torch.optim
+    assert snapshot["param_groups"][0]["betas"] == (0.9, 0.999) and snapshot["param_groups"][0]["beta2"] == 0.999
     _train(model, opt, _batches(2, seed=7))
     assert snapshot["state"][0]["step"].item() == 2
     assert opt.state_dict()["state"][0]["step"].item() == 4
@@ -280,7 +343,8 @@ def test_step_with_closure_returns_its_loss_and_runs_with_grad_enabled():
             closure.loss = loss
             return loss
 
-        returned = opt.step(closure)
+        with torch.no_grad():  # as in an evaluation-style loop: step enables grad for the closure
+            returned = opt.step(closure)
         assert returned is closure.loss
     assert calls == [True] * len(batches)
 
@@ -320,9 +384,23 @@ def test_a_bad_value_in_one_param_group_is_refused():
         gradspec.Optimizer([{"params": _params()}, {"params": _params(), "betas": (0.9, 1.2)}], "adam", backend="eager")
 
 
-def test_valid_edge_values_are_accepted():
-    gradspec.Optimizer(_params(), "adam", backend="eager", beta1=0.0, lr=0.0)
-    gradspec.Optimizer(_params(), "sgd", backend="eager", nesterov=True, momentum=0.9)
+def test_valid_edge_values_are_accepted_and_step_as_torch_does():
+    """The closed ends of the constraints (beta1 = 0, lr = 0) and Nesterov with its
+    requirements met are values, not errors: they build and step like torch.optim."""
+    for spec, torch_cls, hyper in [("adam", torch.optim.Adam, dict(betas=(0.0, 0.999), lr=0.0)),
+                                   ("adam", torch.optim.Adam, dict(betas=(0.0, 0.999), lr=0.1)),
+                                   ("sgd", torch.optim.SGD, dict(lr=0.1, nesterov=True, momentum=0.9))]:
+        ours, theirs = _params(), _params()
+        theirs[0].data.copy_(ours[0])
+        start = ours[0].detach().clone()
+        opt = gradspec.Optimizer(ours, spec, backend="eager", **hyper)
+        torch_opt = torch_cls(theirs, foreach=False, **hyper)
+        for grad in (torch.tensor([1.0, -2.0, 0.5], dtype=F64), torch.tensor([0.3, 0.1, -1.0], dtype=F64)):
+            for params, o in ((ours, opt), (theirs, torch_opt)):
+                params[0].grad = grad.clone()
+                o.step()
+        torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
+        assert torch.equal(ours[0], start) == (hyper["lr"] == 0.0)
 
 
 @pytest.mark.parametrize("spec, wrong, right", [("adam", "bta1", "beta1"), ("sgd", "momentun", "momentum"),
@@ -407,6 +485,35 @@ def test_a_parameter_without_grad_is_skipped_and_starts_at_step_one_later():
     assert opt.state[ours[0]]["step"].item() == 8
     assert opt.state[ours[2]]["step"].item() == 5 == torch_opt.state[theirs[2]]["step"].item()
     assert never.grad is None and never not in opt.state
+
+
+def test_a_frozen_parameter_is_untouched_by_weight_decay_and_has_no_state():
+    """requires_grad=False before the optimizer is built: AdamW's decay would move it if it
+    were stepped with a zero gradient."""
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = gradspec.Optimizer(model.parameters(), "adamw", backend="eager", lr=0.01, weight_decay=0.5)
+    _train(model, opt, _batches(3))
+    assert torch.equal(model[0].weight, frozen) and model[0].weight not in opt.state
+    assert opt.state[model[0].bias]["step"].item() == 3
+
+
+def test_parameters_re_pointed_by_the_user_are_the_ones_stepped():
+    """``p.data = ...`` after a step (what a device move does) points a parameter away from
+    the optimizer's buffer; the next step must update the parameter, not the stale buffer."""
+    batches = _batches(5)
+    results = []
+    for make in (lambda p: gradspec.Optimizer(p, "adam", backend="eager", lr=0.01),
+                 lambda p: _torch_adam(p, lr=0.01)):
+        model = _model()
+        opt = make(model.parameters())
+        _train(model, opt, batches[:2])
+        for p in model.parameters():
+            p.data = p.data.clone()
+        _train(model, opt, batches[2:])
+        results.append(_flat(model))
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
 
 
 def test_step_counters_survive_gradients_arriving_in_different_steps():

@@ -1,0 +1,53 @@
+"""The ``compiled`` marker is checked, not trusted.
+
+``pytest -m "not compiled"`` is the fast suite (README). It stays fast only if every test
+that compiles carries the marker, and gradspec compiles where a reader may not expect it:
+``gradspec.Optimizer``'s default backend is "compiled". So:
+
+* a test parametrized with ``backend="compiled"`` gets the marker here, for that case only;
+* in a test without the marker, ``torch.compile`` raises at once with a message naming the
+  marker, and gradspec's cache of compiled steps starts empty, so a step compiled by an
+  earlier marked test cannot hide the compile (the test would then fail only when run
+  alone, or in the fast suite).
+
+This guards the test process only: a child process (a CLI run, torchrun, mp.spawn) is not
+watched, so a test that starts one with the compiled backend is marked by hand.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the child processes tests start
+
+import pytest
+import torch
+
+from gradspec.compiler import backends
+
+# One intra-op thread. The tests' tensors are tiny, and two OpenMP threads on a busy 2-core
+# machine (pytest-xdist's two workers, or anything else running) spin-wait for each other:
+# 200 steps of a 6-16-3 MLP took 6.9 s of CPU with two threads, 0.19 s with one.
+torch.set_num_threads(1)
+
+MISSING_MARKER = (
+    "this test runs torch.compile (gradspec's 'compiled' backend, which gradspec.Optimizer "
+    "uses by default) but is not marked @pytest.mark.compiled: mark it, or pass backend='eager'")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and params.params.get("backend") == "compiled":
+            item.add_marker(pytest.mark.compiled)
+
+
+def _refuse_to_compile(*args, **kwargs):
+    raise RuntimeError(MISSING_MARKER)
+
+
+@pytest.fixture(autouse=True)
+def _compiling_needs_the_marker(request, monkeypatch):
+    if request.node.get_closest_marker("compiled") is not None:
+        return
+    monkeypatch.setattr(torch, "compile", _refuse_to_compile)
+    # raising=False: if the cache is renamed, the torch.compile guard alone still holds
+    monkeypatch.setattr(backends, "_CACHE", {}, raising=False)
