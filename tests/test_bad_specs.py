@@ -35,7 +35,7 @@ CASES = [
     ("reserved_name", H + "law = 1\n" + U, "GS002", 3, 5),
     ("bad_hyper_type", "optimizer t\nhyper k: float = 1\n" + U.replace("lr", "k"), "GS003", 2, 10),
     ("int_hyper_bool", "optimizer t\nhyper k: int = true\n" + U.replace("lr", "k"), "GS003", 2, 10),
-    ("bad_state_scope", H + "state m: tensor = 0\nm' = m\n" + U, "GS004", 3, 10),
+    ("bad_state_scope", H + "state m: matrix = 0\nm' = m\n" + U, "GS004", 3, 10),
     ("law_missing_claim", H + "law \"a message alone\"\n" + U, "GS002", 3, 5),
     ("law_bad_mapping", H + "law invariant grad => 2 * grad\n" + U, "GS002", 3, 20),
     # names
@@ -86,6 +86,13 @@ CASES = [
     # probes
     ("grad_at_outside_probe", H + "param' = param - lr * grad_at(param)\n", "GS063", 3, 23),
     ("randn_in_the_step", H + "param' = param - lr * randn()\n", "GS063", 3, 23),
+    ("product_sizes_differ", H + "param' = param - lr * transpose(grad) @ transpose(grad)\n", "GS067", 3, 18),
+    ("state_shape_mismatch", H + "state L: (rows, rows) = 0\nL' = L + grad\n" + U, "GS067", 4, 6),
+    ("bad_state_size", H + "state L: (rows, q) = 0\nL' = L\n" + U, "GS068", 3, 1),
+    ("repeat_local_outside", H + "x = grad\nrepeat 2 {\n  y = x\n  x' = y\n}\nparam' = param - lr * y\n",
+     "GS068", 8, 23),
+    ("inverse_root_not_definite", H + "param' = param - lr * inv_root(grad @ transpose(grad), 4) @ grad\n",
+     "GS073", 3, 32),
     ("probe_local_used_outside", H + "hyper k: int = 2 >= 1\nprobe every k {\n  h = hvp(grad)\n}\nparam' = param - lr * h\n", "GS066", 7, 23),
     ("state_inside_probe", H + "probe every 2 {\n  state h = 0\n}\n" + U, "GS018", 4, 3),
     ("probe_period_real", H + "hyper k = 2\nstate h = 0\nprobe every k {\n  h' = hvp(grad)\n}\n" + U, "GS019", 3, 1),

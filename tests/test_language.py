@@ -223,7 +223,7 @@ def test_constant_expressions_that_do_not_fold_still_compile(expr):
 
 def test_bad_type_annotations_are_spec_errors():
     for text in ("optimizer t\nhyper k: float = 1\nparam' = param\n",
-                 "optimizer t\nhyper lr = 1\nstate m: tensor = 0\nm' = m\nparam' = param\n"):
+                 "optimizer t\nhyper lr = 1\nstate m: matrix = 0\nm' = m\nparam' = param\n"):  # ': tensor' is a per-tensor state
         with pytest.raises(gradspec.SpecError) as info:
             gradspec.parse(text)
         assert info.value.code in ("GS003", "GS004")

@@ -13,6 +13,7 @@ subexpressions are shared for free) and constant subtrees are folded as they are
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
@@ -31,13 +32,80 @@ class Scope(enum.IntEnum):
     GLOBAL = 1
     TENSOR = 2
     ELEMENT = 3
+    SHAPED = 4  # per tensor, in a shape of its own: a row or column vector, a matrix such as L (rows x rows)
+
+
+ROWS, COLS = "rows", "cols"
+ELEMENT_DIMS = (ROWS, COLS)
+"""A per-tensor value's shape is a pair of sizes, each ``rows`` or ``cols`` of the tensor's matrix
+view (first dimension x the rest; a vector is one row) or a whole number: an element value is
+(rows, cols), a per-tensor value (1, 1), ``row.mean(x)`` (rows, 1), Shampoo's L (rows, rows)."""
+
+
+class ShapeMismatch(Exception):
+    """Two shapes that cannot meet; the IR builder turns it into GS067 at the expression."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def show_dims(dims) -> str:
+    return "scalar" if dims is None else f"({dims[0]}, {dims[1]})"
+
+
+def dims_of(node) -> tuple | None:
+    """The per-tensor shape of a node, None for one value per step or group."""
+    if node.dims is not None:
+        return node.dims
+    return {Scope.TENSOR: (1, 1), Scope.ELEMENT: ELEMENT_DIMS}.get(node.scope)
+
+
+def broadcast_dims(shapes) -> tuple | None:
+    """The shape elementwise arithmetic gives: sizes of 1 stretch, equal sizes meet, others are a
+    ShapeMismatch."""
+    shapes = [d for d in shapes if d is not None]
+    if not shapes:
+        return None
+    out = []
+    for axis in (0, 1):
+        sizes = {d[axis] for d in shapes} - {1}
+        if len(sizes) > 1:
+            raise ShapeMismatch(f"shapes {' and '.join(show_dims(d) for d in dict.fromkeys(shapes))} do not match "
+                                f"elementwise", "arithmetic between per-tensor values needs equal sizes or sizes of 1; "
+                                                "for a matrix product write A @ B")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def scope_of_dims(dims) -> Scope:
+    if dims == (1, 1):
+        return Scope.TENSOR
+    return Scope.ELEMENT if dims == ELEMENT_DIMS else Scope.SHAPED
 
 
 # name -> arity
 FUNCTIONS = {
     "sqrt": 1, "rsqrt": 1, "exp": 1, "log": 1, "abs": 1, "sign": 1,
-    "min": 2, "max": 2, "clamp": 3, "lerp": 3, "where": 3,
+    "min": 2, "max": 2, "clamp": 3, "lerp": 3, "where": 3, "atan2": 2,
 }
+CONSTANTS = {"inf": math.inf}
+"""Names for numbers that have no literal in expressions; a spec's own name of the same
+spelling wins."""
+LINEAR = {"transpose": 1, "eye": 1, "trace": 1, "eigvecs": 1, "eigvals": 1, "inv_root": (2, 3), "qr": 1,
+          "svd_left": 2, "svd_right": 2}
+"""Matrix algebra within a tensor: ``transpose(A)``; ``eye(n)`` (n is rows, cols or a whole
+number); ``trace(A)``; for a symmetric A, ``eigvecs(A)`` (columns, eigenvalues descending) and
+``eigvals(A)`` (a row, descending); ``inv_root(A, p, floor)``, A^(-1/p) from the eigenvalues
+floored at ``floor`` (0 if left out); ``qr(M)``, the orthonormal factor (M's shape, rows >= cols);
+``svd_left(M, r)`` / ``svd_right(M, r)``, the top-r left (rows x r) / right (cols x r) singular
+vectors, zero columns past min(rows, cols). The product is the operator ``@``."""
+AXES = ("row", "col")
+"""``row.f(x)`` reduces each row of x (one value per row), ``col.f(x)`` each column."""
+MEASURES = {"tensor": ("numel", "rows", "cols"), "global": ("numel",)}
+SHAPE_CLASSES = ("matrix", "vector")
+"""``if matrix { }``: a tensor of two or more dimensions; ``if vector { }``: one of at most one.
+The step is specialised per class, as per switch."""
 REDUCTIONS = {"sum": 1, "mean": 1, "norm": 1, "dot": 2, "max": 1, "min": 1}
 MATRIX = {"orthogonalize": 2, "aspect": 1}
 """Per-tensor functions of a tensor's shape: ``tensor.orthogonalize(x, bf16)`` runs Muon's
@@ -57,7 +125,7 @@ diagonal B * grad(L^)^2 with labels sampled from the closure's logits; and
 ``hessian_eigvecs(k, iters)`` the top-k Hessian eigenvectors by ``iters`` Lanczos steps
 with full reorthogonalisation, a subspace. ``onto(v, U)`` (anywhere) projects v onto a
 subspace: U U^T v, U's columns orthonormal over the whole group."""
-ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow"}
+ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow", "@": "matmul"}
 COMPARE = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 LOGIC = {"and": "and", "or": "or"}
 
@@ -66,7 +134,7 @@ _FOLD = {
     "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
     "gt": operator.gt, "ge": operator.ge, "and": lambda a, b: a and b, "or": lambda a, b: a or b,
     "neg": operator.neg, "not": operator.not_, "abs": abs, "min": min, "max": max,
-    "exp": math.exp, "sign": lambda x: float((x > 0) - (x < 0)),
+    "exp": math.exp, "sign": lambda x: float((x > 0) - (x < 0)), "atan2": math.atan2,
 }
 
 
@@ -112,6 +180,18 @@ class Op(enum.StrEnum):
     CLAMP = "clamp"
     LERP = "lerp"
     WHERE = "where"
+    ATAN2 = "atan2"
+    MEASURE = "measure"
+    MATMUL = "matmul"
+    TRANSPOSE = "transpose"
+    EYE = "eye"
+    TRACE = "trace"
+    EIGVECS = "eigvecs"
+    EIGVALS = "eigvals"
+    INV_ROOT = "inv_root"
+    QR = "qr"
+    SVD_LEFT = "svd_left"
+    SVD_RIGHT = "svd_right"
 
 
 class Kind(enum.StrEnum):
@@ -126,8 +206,21 @@ class Kind(enum.StrEnum):
 class Reduction(NamedTuple):
     """A ``reduce`` node's attr: ``tensor.norm(x)`` is Reduction("tensor", "norm")."""
 
-    scope: str  # "tensor" or "global"
+    scope: str  # "tensor", "global", "row" or "col"
     func: str  # a key of REDUCTIONS
+
+
+class Measure(NamedTuple):
+    """A ``measure`` node's attr: ``tensor.numel`` is Measure("tensor", "numel")."""
+
+    scope: str  # "tensor" or "global"
+    what: str  # "numel", "rows" or "cols"
+
+
+class Sized(NamedTuple):
+    """The attr of a matrix function with a size: ``eye(rows)``, ``svd_left(M, r)``."""
+
+    size: object  # "rows", "cols" or an int
 
 
 class MatrixCall(NamedTuple):
@@ -158,6 +251,7 @@ class Node:
     type: Kind = Kind.REAL
     scope: Scope = Scope.SCALAR
     uses_step: bool = False  # depends on the step, so it differs between buckets
+    dims: tuple | None = None  # per-tensor shape where it is not the scope's (see ELEMENT_DIMS)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(a) for a in self.args)
@@ -193,6 +287,26 @@ class Program:
     probe_periods: tuple = ()  # each probe block's period: an int hyperparameter's name or an int
     probing: frozenset = frozenset()  # the indices of the probe blocks that run in this program
     state_ranks: dict = None  # subspace state -> its number of directions k
+    state_dims: dict = None  # per-tensor state shaped unlike the parameter -> its shape ((1, 1): ': tensor')
+    shape_class: str | None = None  # "matrix" or "vector" where the spec reads the class (if matrix { })
+    by_class: dict | None = None  # the class -> its Program, for a spec that reads the class
+
+    @functools.cached_property
+    def shaped(self) -> bool:
+        """Whether the step needs each tensor's matrix shape (axis reductions, matrix algebra,
+        states shaped unlike the parameter, shape classes): it is then lowered per run of
+        equal-shape tensors, as (count, rows, cols) batches."""
+        if self.by_class or self.state_dims:
+            return True
+        programs = [self]
+        return any(n.scope == Scope.SHAPED or n.op in _SHAPED_OPS or (n.op == "reduce" and n.attr.scope in AXES)
+                   or (n.op == "measure" and n.attr.what != "numel")
+                   for p in programs for n in p.nodes())
+
+    @property
+    def classes(self) -> list:
+        """The Program of each shape class the step distinguishes (itself when it does not)."""
+        return list(self.by_class.values()) if self.by_class else [self]
 
     @functools.cached_property
     def probes(self) -> list:
@@ -223,22 +337,36 @@ class Program:
         return order
 
 
+_SHAPED_OPS = {"matmul", "transpose", "eye", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right"}
+
+
 class Builder:
     """Builds and interns nodes, folding constants; knows the typing and scoping rules."""
 
     def __init__(self):
         self._interned: dict = {}
 
-    def node(self, op, args=(), attr=None, type_="real", scope=None) -> Node:
+    def node(self, op, args=(), attr=None, type_="real", scope=None, dims=None) -> Node:
+        """The interned node; ``dims`` gives a per-tensor shape other than its scope's (a matrix
+        function's result, a shaped state). Without ``scope``, elementwise broadcasting of the
+        arguments decides both (ShapeMismatch where they cannot meet)."""
         # the type is part of the key: False == 0.0 in Python, but not here
-        key = (op, tuple(id(a) for a in args), type(attr), repr(attr) if isinstance(attr, float) else attr)
+        key = (op, tuple(id(a) for a in args), type(attr), repr(attr) if isinstance(attr, float) else attr, dims)
         found = self._interned.get(key)
         if found is not None:
             return found
         if scope is None:
             scope = max((a.scope for a in args), default=Scope.SCALAR)
+            if any(a.dims is not None for a in args):
+                dims = broadcast_dims([dims_of(a) for a in args])
+                scope = scope_of_dims(dims)
+            elif scope >= Scope.TENSOR:
+                broadcast_dims([dims_of(a) for a in args])
+        if dims is not None:  # (1, 1) is per tensor, (rows, cols) per element: their scopes say so
+            scope = scope_of_dims(dims)
+            dims = dims if scope == Scope.SHAPED else None
         uses_step = (op == "input" and attr == "step") or any(a.uses_step for a in args)
-        made = Node(Op(op), tuple(args), attr, Kind(type_), scope, uses_step)
+        made = Node(Op(op), tuple(args), attr, Kind(type_), scope, uses_step, dims)
         self._interned[key] = made
         return made
 
@@ -256,6 +384,8 @@ class Builder:
             folded = _fold(op, [a.attr for a in args])
             if folded is not None:
                 return self.const(folded)
+        if op == "matmul":
+            return self.matmul(*args)
         if op == "where" and args[0].is_const:
             return args[1] if args[0].attr else args[2]
         if op in ("and", "or") and any(a.is_const for a in args):
@@ -264,6 +394,61 @@ class Builder:
                 return other
             return const
         return self.node(op, args, None, type_)
+
+
+    def matmul(self, a: Node, b: Node) -> Node:
+        """``a @ b`` of two per-tensor matrices whose inner sizes agree."""
+        da, db = dims_of(a), dims_of(b)
+        if da is None or db is None:
+            raise ShapeMismatch("a matrix product needs a per-tensor matrix on each side, not a scalar",
+                                "multiply by a scalar with *")
+        if da[1] != db[0]:
+            raise ShapeMismatch(f"the product of {show_dims(da)} and {show_dims(db)}: {da[1]} columns against "
+                                f"{db[0]} rows", "transpose one side (transpose(A)), or check which side each "
+                                                 "factor multiplies")
+        return self.node("matmul", (a, b), None, "real", Scope.SHAPED, (da[0], db[1]))
+
+    def linear(self, func: str, args: list, size=None) -> Node:
+        """A matrix function of LINEAR on nodes (``size``: eye's n, svd's r), shape-checked."""
+        if func == "eye":
+            return self.node("eye", (), Sized(size), "real", Scope.SHAPED, (size, size))
+        a = args[0]
+        da = dims_of(a)
+        if da is None:
+            raise ShapeMismatch(f"{func} works on a per-tensor matrix, not a scalar", None)
+        if func == "transpose":
+            return self.node("transpose", (a,), None, "real", Scope.SHAPED, (da[1], da[0]))
+        if func in ("svd_left", "svd_right"):
+            return self.node(func, (a,), Sized(size), "real", Scope.SHAPED, (da[0] if func == "svd_left" else da[1], size))
+        if func == "qr":
+            return self.node("qr", (a,), None, "real", Scope.SHAPED, da)
+        if da[0] != da[1]:
+            raise ShapeMismatch(f"{func} needs a square matrix, not {show_dims(da)}",
+                                "a Gram matrix such as G @ transpose(G) is square")
+        if func == "trace":
+            return self.node("trace", (a,), None, "real", Scope.TENSOR)
+        if func == "eigvals":
+            return self.node("eigvals", (a,), None, "real", Scope.SHAPED, (1, da[0]))
+        if func == "inv_root":
+            for extra in args[1:]:
+                if extra.scope > Scope.GLOBAL:
+                    raise ShapeMismatch("inv_root's power and floor are numbers (one per step)", None)
+            return self.node("inv_root", tuple(args) + ((self.const(0.0),) if len(args) == 2 else ()), None, "real",
+                             Scope.SHAPED, da)
+        return self.node(func, (a,), None, "real", Scope.SHAPED, da)  # eigvecs
+
+
+def evaluate_scalar(node: Node, values: dict) -> float:
+    """A value per step that reads only numbers and hyperparameters (a global state's initial
+    value), at the hyperparameters ``values``."""
+    if node.op == "const":
+        return node.attr
+    if node.op == "hyper":
+        return float(values[node.attr])
+    folded = _fold(node.op, [evaluate_scalar(a, values) for a in node.args])
+    if folded is None:
+        raise ValueError(f"cannot evaluate {node!r} before the first step")
+    return folded
 
 
 def _fold(op, values):
@@ -286,11 +471,14 @@ def _fold(op, values):
 
 @deep
 def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None,
-          probing=frozenset()) -> Program:
+          probing=frozenset(), shape_class: str | None = None) -> Program:
     """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
 
     ``probing`` holds the indices of the probe blocks that run at this step (a spec with
     probes has one program per set of probes due at a step); the others keep their states.
+
+    A spec that reads the shape class (``if matrix { }``) gets one program per class, joined in
+    ``by_class``; ``shape_class`` asks for one of them alone.
 
     ``forced`` maps the index of an ``if`` condition (in the order they are met) to the branch
     to take whatever the values say: the symbolic checker uses it to check the branches of a
@@ -302,7 +490,44 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
     if spec.kind == "adaptor":
         raise SpecError(_adaptor_alone(spec))
     values = {**spec.hyper_defaults, **(hyper_values or {})}
-    return _ProgramBuilder(spec, values, forced or {}, frozenset(probing)).run()
+    if shape_class is not None:
+        return _ProgramBuilder(spec, values, forced or {}, frozenset(probing), shape_class).run()
+    first = _ProgramBuilder(spec, values, forced or {}, frozenset(probing), "matrix")
+    matrix = first.run()
+    if not first.reads_class:
+        matrix.shape_class = None
+        return matrix
+    vector = _ProgramBuilder(spec, values, forced or {}, frozenset(probing), "vector", first.b).run()
+    return _by_class(spec, {"matrix": matrix, "vector": vector})
+
+
+def _by_class(spec, programs: dict) -> Program:
+    """One Program for a step that treats matrices and vectors differently: the union of the
+    classes' states and hyperparameters, each class's own program in ``by_class``. Values per
+    group (global reductions and states) must not differ between the classes (GS069): they are
+    one value over every tensor of the group."""
+    matrix, vector = programs["matrix"], programs["vector"]
+    errors = Collector(spec.source)
+    for name in set(matrix.global_states) | set(vector.global_states):
+        if matrix.next.get(name) is not vector.next.get(name):
+            errors.error("GS069", f"global state '{name}' is computed differently for matrices and vectors",
+                         None, "a per-group value is one value over every tensor: compute it outside "
+                               "'if matrix { }'")
+    reductions = [{id(n) for n in p.nodes() if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto")}
+                  for p in (matrix, vector)]
+    if reductions[0] != reductions[1]:
+        errors.error("GS069", "a global reduction reads a value that differs between matrices and vectors",
+                     None, "reduce over the group outside 'if matrix { }', from values both classes share")
+    if matrix.probes or vector.probes:
+        errors.error("GS069", "a spec with model probes cannot also branch on the shape class", None,
+                     "move the probe's work out of the branches, or split the parameters into two groups")
+    errors.raise_if_any()
+    names = tuple(dict.fromkeys(matrix.state_names + vector.state_names))
+    return dataclasses.replace(
+        matrix, state_names=names, hypers_used=tuple(sorted(set(matrix.hypers_used) | set(vector.hypers_used))),
+        uses_loss=matrix.uses_loss or vector.uses_loss, next={**vector.next, **matrix.next},
+        init={**vector.init, **matrix.init}, state_ranks={**vector.state_ranks, **matrix.state_ranks},
+        state_dims={**vector.state_dims, **matrix.state_dims}, shape_class=None, by_class=programs)
 
 
 @deep
@@ -315,14 +540,45 @@ def build_probing(spec: Spec, hyper_values: dict | None = None) -> Program:
     return build(spec, hyper_values, probing=frozenset(range(len(plain.probe_periods))))
 
 
+_FOLDABLE = set(_FOLD) | {"div", "pow", "sqrt", "log"}
+
+
+def _subtree(node: Node) -> list:
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n.args)
+    return out
+
+
 def _adaptor_alone(spec):
     from ..dsl.errors import Diagnostic
     return Diagnostic("GS031", f"'{spec.name}' is an adaptor: it needs a base optimizer", spec.source,
                       None, f"use it as {spec.name}(adam) or with another base")
 
 
+class _Loop:
+    """One iteration of a ``repeat`` block being built: the loop variables' current values and
+    the body's definitions, built on demand for this iteration."""
+
+    def __init__(self, src, current: dict, body: dict, nexts: dict):
+        self.src = src
+        self.current = current  # loop variable -> its node in this iteration
+        self.body = body  # definition name -> Define
+        self.nexts = nexts  # loop variable -> Define of X' = ...
+        self.built: dict = {}
+        self.building: list = []
+
+
 class _ProgramBuilder:
-    def __init__(self, spec: Spec, values: dict, forced: dict | None = None, probing=frozenset()):
+    def __init__(self, spec: Spec, values: dict, forced: dict | None = None, probing=frozenset(),
+                 shape_class: str = "matrix", builder: Builder | None = None):
+        self.shape_class = shape_class
+        self.reads_class = False
+        self.loops: dict = {}  # loop variable -> (source, Repeat)
+        self.loop_locals: set = set()  # definitions made inside repeat blocks
+        self._loop_stack: list = []
         self.spec = spec
         self.values = values
         self.forced = forced or {}
@@ -333,7 +589,7 @@ class _ProgramBuilder:
         self.probe_items: set = set()  # ids of the definitions inside probes run now
         self._in_probe = False
         self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
-        self.b = Builder()
+        self.b = builder or Builder()
         self.errors = Collector(spec.source)
         self.locals: dict = {}  # name -> (source, Define)
         self.states: dict = {}  # name -> (source, State)
@@ -381,22 +637,75 @@ class _ProgramBuilder:
         for name, (src, state) in self.states.items():
             if state.scope != "global":
                 continue
-            if name in inits and inits[name] is not None and not inits[name].is_const:
-                self.errors.error("GS060", f"global state '{name}' must start at a number", state.init.span,
-                                  f"write state {name}: global = 0", src)
+            init = inits.get(name)
+            if init is not None and (init.scope != Scope.SCALAR or any(n.op not in ("const", "hyper") and n.op not in
+                                                                       _FOLDABLE for n in _subtree(init))):
+                self.errors.error("GS060", f"global state '{name}' must start at a number or a value of the "
+                                           f"hyperparameters", state.init.span,
+                                  f"write state {name}: global = 0, or = d0 for a hyperparameter d0", src)
             nxt = nexts.get(name)
             if nxt is not None and nxt.scope > Scope.GLOBAL:
                 self.errors.error("GS061", f"the next value of global state '{name}' has one value per "
                                            f"{'tensor' if nxt.scope == Scope.TENSOR else 'element'}",
                                   self.nexts[name][1].span, "reduce it with global.sum(...) or similar", src)
         ranks = self._subspaces(nexts, inits)
+        shaped = self._shaped_states(nexts, inits)
         self.errors.raise_if_any()
         element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
                        self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self,
                        tuple(self.active), tuple(self.assumed), tuple(self.probe_periods),
-                       self.probing, ranks)
+                       self.probing, ranks, shaped, self.shape_class)
+
+    def _shaped_states(self, nexts, inits) -> dict:
+        """Each state shaped unlike the parameter, with its shape; its initial and next values
+        must have that shape (a smaller one stretches: 0 fills a matrix), GS067 otherwise."""
+        out = {}
+        for name, (src, state) in self.states.items():
+            dims = self._state_dims(name)
+            if dims is None or dims == ELEMENT_DIMS:
+                dims_check = ELEMENT_DIMS if state.scope == "element" else None
+            else:
+                out[name] = dims_check = dims
+            if dims_check is None:
+                continue
+            for node, what, span in ((inits.get(name), "initial value", state.init.span),
+                                     (nexts.get(name), "next value", (self.nexts.get(name) or (None, state))[1].span)):
+                have = dims_of(node) if node is not None else None
+                try:
+                    fits = node is None or broadcast_dims([have, dims_check]) == dims_check
+                except ShapeMismatch:
+                    fits = False
+                if not fits:
+                    self.errors.error("GS067", f"the {what} of state '{name}' has shape {show_dims(have)}, but the "
+                                               f"state is {show_dims(dims_check)}", span,
+                                      "reduce it to the state's shape (row.mean, col.mean, tensor.sum) or declare "
+                                      "the state with the value's shape", src)
+        return out
+
+    def _state_dims(self, name) -> tuple | None:
+        """A state's declared per-tensor shape with sizes resolved: ': tensor' is (1, 1), an int
+        hyperparameter is its value; None for per-element, global and subspace states."""
+        src, state = self.states[name]
+        if state.scope == "tensor":
+            return (1, 1)
+        if state.scope != "shaped":
+            return None
+        return tuple(self._size(src, d, state.span) for d in state.dims)
+
+    def _size(self, src, size, span):
+        """``rows``, ``cols``, a whole number or an int hyperparameter's value, as a size; GS068
+        (and 1, to go on) otherwise."""
+        if size in (ROWS, COLS) or (isinstance(size, int) and size >= 1):
+            return size
+        hyper = self.spec.hypers.get(size) if isinstance(size, str) else None
+        if hyper is not None and hyper.kind == "int" and int(self.values[size]) >= 1:
+            return int(self.values[size])
+        self.errors.error("GS068", f"a size is rows, cols, a whole number or an int hyperparameter >= 1, not "
+                                   f"'{size}'", span, did_you_mean(str(size), [ROWS, COLS, *self.spec.hypers])
+                          or "declare hyper r: int = 8 >= 1", src)
+        return 1
 
     def _subspaces(self, nexts, inits) -> dict:
         """Each ``state U: subspace(k)``'s k, checked against its initial and next values."""
@@ -439,6 +748,8 @@ class _ProgramBuilder:
                 self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
             elif isinstance(item, ast.Probe):
                 self._probe(src, item)
+            elif isinstance(item, ast.Repeat):
+                self._repeat(src, item)
             elif isinstance(item, ast.State):
                 self.active.append((src, item))
                 self._declare(self.states, item.name, src, item, "state")
@@ -468,6 +779,78 @@ class _ProgramBuilder:
                 self.kept[item.name] = (src, item)
             else:
                 self.probe_locals.add(item.name)
+
+    def _repeat(self, src, item: ast.Repeat):
+        """A repeat block: its ``X' = ...`` statements make X a loop variable, built when ``X'``
+        is read; its other definitions exist only inside it."""
+        for _, define in _defines(src, item.items, self):
+            if define.primed:
+                if define.name in self.loops:
+                    self.errors.error("GS044", f"loop variable '{define.name}' is advanced by two repeat blocks",
+                                      define.span, "name the second loop's variable differently", src)
+                self.loops[define.name] = (src, item)
+            else:
+                self.loop_locals.add(define.name)
+        for inner in item.items:
+            if isinstance(inner, ast.Repeat):
+                self.errors.error("GS068", "repeat blocks do not nest", inner.span,
+                                  "unroll the inner loop by hand, or use one loop with more steps", src)
+
+    def _loop(self, name):
+        """The values of every variable of ``name``'s repeat block after its last iteration."""
+        src, item = self.loops[name]
+        key = ("loop", id(item))
+        if key in self._memo:
+            return self._memo[key]
+        count = self._count(src, item)
+        body, nexts = {}, {}
+        for _, define in _defines(src, item.items, self):
+            (nexts if define.primed else body)[define.name] = define
+        current = {}
+        for var, define in nexts.items():
+            if var not in self.locals:
+                self.errors.error("GS068", f"'{var}' is advanced by a repeat block but has no start: define "
+                                           f"{var} = ... outside the block", define.span,
+                                  f"write {var} = <start> before 'repeat'; inside, {var} is the current iterate",
+                                  src)
+                self._memo[key] = None
+                return None
+            current[var] = self._definition(("local", var), self.locals[var])
+        before = len(self.errors.diagnostics)
+        for _ in range(count):
+            if any(v is None for v in current.values()) or len(self.errors.diagnostics) > before:
+                self._memo[key] = None
+                return None
+            loop = _Loop(src, current, body, nexts)
+            self._loop_stack.append(loop)
+            try:
+                current = {var: self._loop_value(loop, var, primed=True) for var in nexts}
+            finally:
+                self._loop_stack.pop()
+        self._memo[key] = current
+        return current
+
+    def _count(self, src, item) -> int:
+        count = item.count
+        if isinstance(count, str):
+            return max(1, int(self.values.get(count, 1)))
+        return max(1, int(count))
+
+    def _loop_value(self, loop: _Loop, name, primed=False):
+        """A body definition (or, ``primed``, a loop variable's next iterate) in this iteration."""
+        key = (name, primed)
+        if key in loop.built:
+            return loop.built[key]
+        define = loop.nexts[name] if primed else loop.body[name]
+        if key in loop.building:
+            cycle = " -> ".join(f"{n}{chr(39) if p else ''}" for n, p in loop.building[loop.building.index(key):] + [key])
+            self.errors.error("GS048", f"circular definition: {cycle}", define.span, None, loop.src)
+            return None
+        loop.building.append(key)
+        node = self._expr(loop.src, define.expr)
+        loop.building.pop()
+        loop.built[key] = node
+        return node
 
     def _declare(self, table, name, src, item, what):
         if name in table:
@@ -525,7 +908,9 @@ class _ProgramBuilder:
             return None
         self._building.append(key)
         outer, self._in_probe = self._in_probe, id(define) in self.probe_items
+        loops, self._loop_stack = self._loop_stack, []  # a definition outside a loop sees no loop variable
         node = self._expr(src, define.expr, in_init=in_init)
+        self._loop_stack = loops
         self._in_probe = outer
         self._building.pop()
         self._memo[memo_key] = node
@@ -535,7 +920,11 @@ class _ProgramBuilder:
         """``expr`` as a node, or None after recording an error; remembers where each node was
         first written, so the symbolic checker can point at it."""
         self._in_init = in_init
-        node = self._expr_node(src, expr, static, in_init)
+        try:
+            node = self._expr_node(src, expr, static, in_init)
+        except ShapeMismatch as mismatch:
+            self.errors.error("GS067", str(mismatch), expr.span, mismatch.hint, src)
+            return None
         if node is not None and getattr(expr, "span", None) is not None:
             self.origins.setdefault(id(node), []).append((src, expr.span))
         return node
@@ -569,6 +958,8 @@ class _ProgramBuilder:
             return self._call(src, expr, recurse)
         if isinstance(expr, ast.Reduce):
             return self._reduce(src, expr, recurse, static)
+        if isinstance(expr, ast.Measure):
+            return self._measure(src, expr, static)
         raise TypeError(f"unknown expression {expr!r}")  # pragma: no cover - parser guarantees
 
     def _typed(self, src, expr, op, args, want):
@@ -583,7 +974,45 @@ class _ProgramBuilder:
                 return None
         return self.b.op(op, *args)
 
+    def _measure(self, src, expr: ast.Measure, static):
+        if static:
+            self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
+                              expr.span, "branch on the shape class with 'if matrix { }'", src)
+            return None
+        if expr.what not in MEASURES[expr.scope]:
+            self.errors.error("GS055", f"unknown size '{expr.scope}.{expr.what}'", expr.span,
+                              f"sizes: {', '.join(f'{expr.scope}.{w}' for w in MEASURES[expr.scope])}", src)
+            return None
+        scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
+        return self.b.node("measure", (), Measure(expr.scope, expr.what), "real", scope)
+
+    def _linear(self, src, expr, recurse):
+        """A matrix function (LINEAR): sizes (eye's n, svd's r) are read as sizes, not values."""
+        arity = LINEAR[expr.func]
+        counts = arity if isinstance(arity, tuple) else (arity,)
+        if len(expr.args) not in counts:
+            self.errors.error("GS052", f"{expr.func} takes {' or '.join(map(str, counts))} arguments, got "
+                                       f"{len(expr.args)}", expr.span, None, src)
+            return None
+        sized = {"eye": 0, "svd_left": 1, "svd_right": 1}.get(expr.func)
+        size = None
+        if sized is not None:
+            arg = expr.args[sized]
+            word = arg.name if isinstance(arg, ast.Name) and not arg.primed and arg.qualifier is None else \
+                int(arg.value) if isinstance(arg, ast.Num) and float(arg.value).is_integer() else repr(arg)
+            size = self._size(src, word, arg.span)
+        args = [recurse(a) for i, a in enumerate(expr.args) if i != sized]
+        if any(a is None for a in args):
+            return None
+        for a, text in zip(args, [a for i, a in enumerate(expr.args) if i != sized]):
+            if a.type != "real":
+                self.errors.error("GS050", f"{expr.func} needs numbers", text.span, None, src)
+                return None
+        return self.b.linear(expr.func, args, size)
+
     def _call(self, src, expr, recurse):
+        if expr.func in LINEAR:
+            return self._linear(src, expr, recurse)
         if expr.func in PROBES:
             return self._probe_call(src, expr, recurse)
         if expr.func == "onto":
@@ -682,6 +1111,11 @@ class _ProgramBuilder:
             return None
         if expr.func in MATRIX and expr.scope == "tensor":
             return self._matrix(src, expr, recurse)
+        if expr.scope not in ("tensor", "global", *AXES):
+            self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
+                              "reductions are tensor.f, global.f (one value per tensor or group), row.f and col.f "
+                              "(one per row or column of each tensor's matrix view)", src)
+            return None
         if expr.func not in REDUCTIONS:
             self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
                               did_you_mean(expr.func, REDUCTIONS) or f"reductions: {', '.join(REDUCTIONS)}", src)
@@ -693,13 +1127,19 @@ class _ProgramBuilder:
             if a.type != "real":
                 self.errors.error("GS050", "a reduction needs numbers", text.span, None, src)
                 return None
-            if a.scope != Scope.ELEMENT:
+            if a.scope < Scope.ELEMENT:
                 self.errors.error("GS056", f"{expr.scope}.{expr.func} reduces over a tensor's elements, but "
                                            f"this argument has one value per {_scope_word(a.scope)}",
                                   text.span, "reduce an elementwise expression such as grad or m'", src)
                 return None
-        scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
-        return self.b.node("reduce", tuple(args), Reduction(expr.scope, expr.func), "real", scope)
+        dims = broadcast_dims([dims_of(a) for a in args])  # dot's two sides meet elementwise
+        attr = Reduction(expr.scope, expr.func)
+        if expr.scope == "global":
+            return self.b.node("reduce", tuple(args), attr, "real", Scope.GLOBAL)
+        if expr.scope == "tensor":
+            return self.b.node("reduce", tuple(args), attr, "real", Scope.TENSOR)
+        reduced = (dims[0], 1) if expr.scope == "row" else (1, dims[1])
+        return self.b.node("reduce", tuple(args), attr, "real", Scope.SHAPED, reduced)
 
     def _matrix(self, src, expr, recurse):
         args = self._arguments(src, expr, f"tensor.{expr.func}", MATRIX[expr.func], recurse)
@@ -726,6 +1166,32 @@ class _ProgramBuilder:
             self.errors.error("GS057", f"'{expr}' reads a base spec, but this is not an adaptor", expr.span,
                               None, src)
             return None
+        if self._loop_stack and expr.qualifier is None:
+            loop = self._loop_stack[-1]
+            if not expr.primed and name in loop.current:
+                return loop.current[name]
+            if not expr.primed and name in loop.body:
+                return self._loop_value(loop, name)
+            if expr.primed and name in loop.nexts:
+                return self._loop_value(loop, name, primed=True)
+        if expr.primed and expr.qualifier is None and name in self.loops and name not in self.states:
+            values = self._loop(name)
+            return None if values is None else values[name]
+        if not expr.primed and name in self.loop_locals and name not in self.locals and name not in self.states:
+            self.errors.error("GS068", f"'{name}' is defined inside a repeat block and exists only there",
+                              expr.span, "carry what you need out in a loop variable: X' = ... inside, X' after", src)
+            return None
+        known = name in self.locals or name in self.states or name in self.spec.hypers or name in INPUTS
+        if name in SHAPE_CLASSES and not known and not expr.primed:
+            if not static:
+                self.errors.error("GS047", f"'{name}' (the shape class) is known when the step is compiled: read "
+                                           f"it in an 'if' condition", expr.span,
+                                  f"if {name} {{ ... }} else {{ ... }}", src)
+                return None
+            self.reads_class = True
+            return self.b.const(self.shape_class == name)
+        if name in CONSTANTS and not known and not expr.primed:
+            return self.b.const(CONSTANTS[name])
         if static and (name in INPUTS or name in self.states or name in self.locals or expr.primed):
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
                               expr.span, f"'{name}' changes during training; use where(...) instead", src)
@@ -775,6 +1241,9 @@ class _ProgramBuilder:
         state = self.states[name][1]
         if state.scope == "subspace":
             return self.b.node("state", (), name, "subspace", Scope.ELEMENT)
+        if state.scope in ("tensor", "shaped"):
+            dims = self._state_dims(name)
+            return self.b.node("state", (), name, "real", scope_of_dims(dims), dims)
         scope = Scope.GLOBAL if state.scope == "global" else Scope.ELEMENT
         return self.b.node("state", (), name, "real", scope)
 

@@ -107,12 +107,13 @@ def _scalar_roots(program: Program, n_buckets: int) -> list:
                 seen.add((id(node), b))
                 roots.append((node, b))
 
-    for node in program.nodes():
-        if node.scope != Scope.SCALAR:
-            for arg in node.args:
-                add(arg)
-    for node in program.next.values():  # a next value that is itself a scalar, e.g. m' = 1 - beta^t
-        add(node)
+    for each in program.classes:
+        for node in each.nodes():
+            if node.scope != Scope.SCALAR:
+                for arg in node.args:
+                    add(arg)
+        for node in each.next.values():  # a next value that is itself a scalar, e.g. m' = 1 - beta^t
+            add(node)
     return roots
 
 
@@ -161,10 +162,19 @@ def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + f"_probe{index}")
 
 
+def _lowerer(graph, placeholders, buckets, program):
+    """The lowerer for ``program``: per run of equal-shape tensors where the step needs their
+    shapes (compiler/shaped.py), else over flat buckets."""
+    if program.shaped:
+        from .shaped import ShapedLowerer
+        return ShapedLowerer(graph, placeholders, buckets, program)
+    return _Lowerer(graph, placeholders, buckets, program)
+
+
 def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> fx.GraphModule:
     graph = fx.Graph()
     placeholders = {name: graph.placeholder(name) for name in names}
-    lowerer = _Lowerer(graph, placeholders, buckets, program)
+    lowerer = _lowerer(graph, placeholders, buckets, program)
     for i, (node, b) in enumerate(roots):
         lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
     if nonfinite == "skip":
@@ -173,10 +183,9 @@ def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> 
     for i in range(len(buckets)):
         for name in ("param",) + program.state_names:
             old = placeholders[f"b{i}_param" if name == "param" else state_input(i, name)]
-            node = program.next[name]
-            if node.op == "state" and node.attr == name:
+            new = lowerer.next_flat(name, i, old)
+            if new is None:
                 continue  # m' = m: nothing to write
-            new = lowerer.value(node, i, broadcast_to=Scope.ELEMENT)
             if lowerer.ok is not None:
                 new = lowerer.call(torch.where, lowerer.ok, new, lowerer.load(old, i, state=name != "param"))
             writes.append((old, new))
@@ -210,8 +219,11 @@ def lower_init(program: Program, bucket: BucketShape) -> fx.GraphModule:
     graph = fx.Graph()
     names = [f"hyper_{h}" for h in program.hypers_used] + ["b0_param", "b0_grad"]
     placeholders = {name: graph.placeholder(name) for name in names + ["generator"]}
-    lowerer = _Lowerer(graph, placeholders, [bucket], program)
-    outputs = [lowerer.value(program.init[name], 0, broadcast_to=Scope.ELEMENT) for name in program.state_names]
+    lowerer = _lowerer(graph, placeholders, [bucket], program)
+    if program.shaped:
+        outputs = [lowerer.initial_flat(name) for name in program.state_names]
+    else:
+        outputs = [lowerer.value(program.init[name], 0, broadcast_to=Scope.ELEMENT) for name in program.state_names]
     graph.output(tuple(outputs))  # scalars are broadcast when copied into the state buffers
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_init")
 
@@ -242,6 +254,7 @@ class _Lowerer:
         self.graph = graph
         self.ph = placeholders
         self.buckets = buckets
+        self.program = program
         self.probe_index = {id(node): j for j, node in enumerate(program.probes)}
         self.memo: dict = {}
         self.ok = None  # all gradients finite, under nonfinite="skip"
@@ -249,6 +262,13 @@ class _Lowerer:
 
     def call(self, fn, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(fn, args, kwargs)
+
+    def next_flat(self, name: str, bucket: int, old):
+        """The next value of a state (or "param") over the bucket; None where it is kept (m' = m)."""
+        node = self.program.next[name]
+        if node.op == "state" and node.attr == name:
+            return None
+        return self.value(node, bucket, broadcast_to=Scope.ELEMENT)
 
     def load(self, placeholder, bucket: int, state: bool = False):
         """A buffer in its compute dtype: half-precision buffers (parameters, or states kept in
@@ -347,6 +367,8 @@ class _Lowerer:
             return self._reduce(node, bucket)
         if op == "matrix":
             return self._matrix(node, bucket)
+        if op == "measure":
+            return self._measure(node, bucket)
         if op == "probe":
             if node.attr.func == "randn" and "generator" in self.ph:  # an initial value
                 param = self.ph[f"b{bucket}_param"]
@@ -356,8 +378,11 @@ class _Lowerer:
             return self.load(self.ph[f"b{bucket}_probe_{self.probe_index[id(node)]}"], bucket)
         if op == "onto":
             return self._onto(node, bucket)
-        args = self._args(node, bucket)
-        if all(_is_python(a) for a in args):  # constants folding could not settle, e.g. rsqrt(4)
+        return self.apply(op, self._args(node, bucket))
+
+    def apply(self, op, args: list):
+        """An elementwise operation (of the IR's arithmetic and functions) on lowered values."""
+        if args and all(_is_python(a) for a in args):  # constants folding could not settle, e.g. rsqrt(4)
             args[0] = self.call(torch.tensor, float(args[0]), dtype=torch.float64)
         if op in _BINARY:
             return self.call(_BINARY[op], *args)
@@ -373,6 +398,9 @@ class _Lowerer:
             return self.call(operator.add, a, self.call(operator.mul, w, self.call(operator.sub, b, a)))
         if op == "where":
             return self.call(torch.where, *args)
+        if op == "atan2":
+            a, b = (self.call(torch.as_tensor, x) if _is_python(x) else x for x in args)
+            return self.call(torch.atan2, a, b)
         raise NotImplementedError(f"no lowering for {op}")  # pragma: no cover - IR is closed
 
     def _onto(self, node: Node, bucket: int):
@@ -460,6 +488,16 @@ class _Lowerer:
         sharded = shape.sharding.gather_args() if shape.sharding else None
         return self.call(torch.ops.gradspec.orthogonalize.default, x,
                          *operator_args(tuple(shape.matrix_shapes()), node.attr.low_precision, sharded))
+
+    def _measure(self, node: Node, bucket: int):
+        """tensor.numel (and rows, cols) per tensor, global.numel: sizes baked into the graph."""
+        if node.attr.scope == "global":
+            return float(sum(sum(b.full_numels()) for b in self.buckets))
+        shape = self.buckets[bucket]
+        pick = {"numel": lambda r, c: r * c, "rows": lambda r, c: r, "cols": lambda r, c: c}[node.attr.what]
+        sizes = [float(pick(r, c)) for r, c in shape.matrix_shapes()]
+        return self.call(torch.tensor, sizes, dtype=compute_dtype(shape.dtype),
+                         device=self.graph_device(self.ph[f"b{bucket}_param"]))
 
     def graph_device(self, like):
         return self.graph.call_function(getattr, (like, "device"))

@@ -59,6 +59,16 @@ class Reduce:
 
 
 @dataclass(frozen=True)
+class Measure:
+    """``tensor.numel``, ``tensor.rows``, ``tensor.cols`` (per tensor) or ``global.numel`` (per
+    group): a size read off the parameters' shapes."""
+
+    scope: str
+    what: str
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class BinOp:
     op: str
     left: "Expr"
@@ -73,7 +83,7 @@ class UnOp:
     span: Span | None = field(default=None, compare=False)
 
 
-Expr = Union[Num, Bool, Name, Call, Reduce, BinOp, UnOp]
+Expr = Union[Num, Bool, Name, Call, Reduce, Measure, BinOp, UnOp]
 
 
 def names_in(expr):
@@ -185,6 +195,7 @@ class State:
     span: Span | None = field(default=None, compare=False)
     scope: str = "element"
     rank: str | None = None
+    dims: tuple | None = None  # "shaped": (d0, d1), each "rows", "cols", an int or an int hyperparameter
 
 
 @dataclass(frozen=True)
@@ -255,6 +266,19 @@ class Probe:
     every: str | int
     items: tuple
     span: Span | None = field(default=None, compare=False)
+    model: bool = True  # False: ``every k { }``, periodic work that evaluates nothing (no closure)
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """``repeat k { ... }``: the body's statements k times within one step. A definition ``X``
+    made outside is the start of a loop variable the body advances with ``X' = ...``; inside, ``X``
+    is the current iterate, and after the block ``X'`` is the last. ``count`` is an int
+    hyperparameter's name or a number, fixed when the step is compiled."""
+
+    count: str | int
+    items: tuple
+    span: Span | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -264,7 +288,7 @@ class Import:
     span: Span | None = field(default=None, compare=False)
 
 
-Item = Union[Hyper, State, Define, Override, Require, Law, If, Probe, Import]
+Item = Union[Hyper, State, Define, Override, Require, Law, If, Probe, Repeat, Import]
 
 # ---- specs and spec expressions -----------------------------------------------------------
 
@@ -309,6 +333,6 @@ class SpecAST:
                 if isinstance(item, If):
                     yield from go(item.then)
                     yield from go(item.otherwise)
-                elif isinstance(item, Probe):
+                elif isinstance(item, (Probe, Repeat)):
                     yield from go(item.items)
         yield from go(self.items)

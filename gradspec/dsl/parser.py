@@ -301,6 +301,12 @@ class _ToAst(Transformer):
     def open_end(self, meta, children):
         return False
 
+    def inf_number(self, meta, children):
+        return ast.Num(float("inf"), _span(meta))
+
+    def neg_inf_number(self, meta, children):
+        return ast.Num(float("-inf"), _span(meta))
+
     def neg_number(self, meta, children):
         return ast.Num(-_number(children[0]), _span(meta))
 
@@ -338,21 +344,42 @@ class _ToAst(Transformer):
     def mapping(self, meta, children):
         return (str(children[0]), children[1])
 
+
     def state(self, meta, children):
         name, kind, init = children
         scope, rank = kind if kind is not None else ("element", None)
-        return ast.State(str(name), init, _span(meta), scope, rank)
+        dims = None
+        if scope == "shaped":
+            rank, dims = None, rank
+        return ast.State(str(name), init, _span(meta), scope, rank, dims)
 
     def state_kind(self, meta, children):
         word, rank = children if len(children) == 2 else (children[0], None)
-        if str(word) == "global" and rank is None:
-            return ("global", None)
+        if str(word) in ("global", "tensor") and rank is None:
+            return (str(word), None)
         if str(word) == "subspace" and rank is not None:
             return ("subspace", str(rank))
+        if str(word) in ("rows", "cols") and rank is None:  # a vector: one value per row / column
+            return ("shaped", ("rows", 1) if str(word) == "rows" else (1, "cols"))
         hint = ("write ': subspace(k)', k an int hyperparameter" if str(word) == "subspace"
-                else "drop the annotation for a per-element state")
-        raise SpecError(Diagnostic("GS004", f"a state is per element, ': global' or ': subspace(k)', not ': {word}'",
+                else "drop the annotation for a per-element state, or give a shape: ': rows', ': cols', "
+                     "': (rows, rows)', ': (cols, r)'")
+        raise SpecError(Diagnostic("GS004", f"a state is per element, ': global', ': tensor', ': rows', ': cols', "
+                                            f"': (d0, d1)' or ': subspace(k)', not ': {word}'",
                                    self.source, Span.of(word), hint))
+
+    def state_shape(self, meta, children):
+        return ("shaped", tuple(children))
+
+    def dim(self, meta, children):
+        token = children[0]
+        if token.type == "NUMBER":
+            if not float(str(token)).is_integer() or float(str(token)) < 1:
+                raise SpecError(Diagnostic("GS004", f"a state's size must be a whole number >= 1, not {token}",
+                                           self.source, Span.of(token), "write rows, cols, a number or an int "
+                                                                        "hyperparameter"))
+            return int(float(str(token)))
+        return str(token)
 
     def probe_block(self, meta, children):
         every, *body = children
@@ -361,6 +388,18 @@ class _ToAst(Transformer):
         else:
             every = str(every)
         return ast.Probe(every, tuple(body), _span(meta))
+
+    def every_block(self, meta, children):
+        probe = self.probe_block(meta, children)
+        return ast.Probe(probe.every, probe.items, probe.span, model=False)
+
+    def repeat_block(self, meta, children):
+        _, count, *body = children  # the REPEAT keyword, the count, the body
+        if count.type == "NUMBER":
+            count = int(float(count)) if float(count).is_integer() else float(count)
+        else:
+            count = str(count)
+        return ast.Repeat(count, tuple(body), _span(meta))
 
     def define(self, meta, children):
         return ast.Define(str(children[0]), children[1], False, _span(meta))
@@ -410,6 +449,14 @@ class _ToAst(Transformer):
     def reduce(self, meta, children):
         scope, func, *args = children
         return ast.Reduce(str(scope), str(func), tuple(a for a in args if a is not None), _span(meta))
+
+    def measure(self, meta, children):
+        return ast.Measure(str(children[0]), str(children[1]), _span(meta))
+
+    def axis_reduce(self, meta, children):
+        """``row.mean(x)``, ``col.norm(x)``: ``row`` and ``col`` stay ordinary names elsewhere; any
+        other qualifier is reported by the IR builder (GS055)."""
+        return self.reduce(meta, children)
 
     def neg(self, meta, children):
         return ast.UnOp("-", children[0], _span(meta))

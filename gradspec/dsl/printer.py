@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import ast
 
 _PRECEDENCE = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
-               "+": 5, "-": 5, "*": 6, "/": 6, "%": 6, "neg": 7, "^": 8}
+               "+": 5, "-": 5, "*": 6, "/": 6, "%": 6, "@": 6, "neg": 7, "^": 8}
 
 
 def expr(e, parent: int = 0) -> str:
@@ -18,6 +18,8 @@ def expr(e, parent: int = 0) -> str:
         return f"{e.func}({', '.join(expr(a) for a in e.args)})"
     if isinstance(e, ast.Reduce):
         return f"{e.scope}.{e.func}({', '.join(expr(a) for a in e.args)})"
+    if isinstance(e, ast.Measure):
+        return f"{e.scope}.{e.what}"
     if isinstance(e, ast.UnOp):
         level = _PRECEDENCE["neg" if e.op == "-" else "not"]
         text = ("-" if e.op == "-" else "not ") + expr(e.operand, level)
@@ -35,7 +37,8 @@ def item(i, indent: str = "") -> list[str]:
     if isinstance(i, ast.Hyper):
         return [indent + hyper(i)]
     if isinstance(i, ast.State):
-        scope = {"global": ": global", "subspace": f": subspace({i.rank})"}.get(i.scope, "")
+        scope = {"global": ": global", "tensor": ": tensor", "subspace": f": subspace({i.rank})",
+                 "shaped": f": ({i.dims[0]}, {i.dims[1]})" if i.dims else ""}.get(i.scope, "")
         return [f"{indent}state {i.name}{scope} = {expr(i.init)}"]
     if isinstance(i, ast.Define):
         return [f"{indent}{i.name}{chr(39) if i.primed else ''} = {expr(i.expr)}"]
@@ -55,8 +58,10 @@ def item(i, indent: str = "") -> list[str]:
             for inner in i.otherwise:
                 lines += item(inner, indent + "    ")
         return lines + [f"{indent}}}"]
-    if isinstance(i, ast.Probe):
-        lines = [f"{indent}probe every {i.every} {{"]
+    if isinstance(i, (ast.Probe, ast.Repeat)):
+        opening = (f"repeat {i.count}" if isinstance(i, ast.Repeat) else
+                   f"probe every {i.every}" if i.model else f"every {i.every}")
+        lines = [f"{indent}{opening} {{"]
         for inner in i.items:
             lines += item(inner, indent + "    ")
         return lines + [f"{indent}}}"]

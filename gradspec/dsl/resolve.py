@@ -22,6 +22,9 @@ from .parser import RESERVED, parse
 from ..recursion import deep
 
 INPUTS = ("grad", "param", "step", "loss")
+BUILTIN_NAMES = ("inf", "matrix", "vector", "rows", "cols")
+"""Names the language gives a meaning where a spec has not: the number inf, the shape classes
+read by ``if matrix { }``, and the sizes of ``eye(rows)`` and state shapes."""
 """What the runtime feeds every spec: the gradient, the parameter, the step t (from 1) and the
 closure's loss. The learning rate is the hyperparameter ``lr``, which schedulers change."""
 
@@ -302,15 +305,17 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
                     what = {ast.Hyper: "hyperparameters are", ast.Law: "laws are"}.get(type(inner), "probes are")
                     errors.error("GS012", f"{what} declared at the top level, not inside 'if'",
                                  inner.span, "move the declaration above the 'if'")
-        elif isinstance(item, ast.Probe):
+        elif isinstance(item, (ast.Probe, ast.Repeat)):
+            block = _block_word(item)
             for inner in tree_items(item.items):
                 if isinstance(inner, (ast.Hyper, ast.Law, ast.State, ast.Probe)):
                     what = type(inner).__name__.lower()
-                    errors.error("GS018", f"a {what} cannot be declared inside a probe", inner.span,
-                                 "declare it at the top level; a probe sets next values (h' = ...)")
+                    errors.error("GS018", f"a {what} cannot be declared inside {block}", inner.span,
+                                 f"declare it at the top level; {block} sets next values (h' = ...)")
                 elif isinstance(inner, ast.Define) and inner.primed and inner.name == "param":
-                    errors.error("GS018", "the update param' cannot be inside a probe: every step updates",
-                                 inner.span, "compute what the probe finds into a state, and use it in param'")
+                    errors.error("GS018", f"the update param' cannot be inside {block}: every step updates once",
+                                 inner.span, f"compute what {block} finds into a state or definition, and use it "
+                                             f"in param'")
             _check_every(item, hypers, errors)
         name = getattr(item, "name", None)
         if name in RESERVED and not isinstance(item, ast.Override):
@@ -328,19 +333,29 @@ def tree_items(items):
             yield from tree_items(item.then + item.otherwise)
 
 
-def _check_every(probe: ast.Probe, hypers: dict, errors: Collector) -> None:
-    """A probe's period is a positive int: a literal, or an int hyperparameter that is >= 1."""
-    every = probe.every
+def _block_word(item) -> str:
+    """How an error names a block: "a probe", "an every block", "a repeat block"."""
+    if isinstance(item, ast.Repeat):
+        return "a repeat block"
+    return "a probe" if item.model else "an every block"
+
+
+def _check_every(probe: ast.Probe | ast.Repeat, hypers: dict, errors: Collector) -> None:
+    """A block's period (probe, every) or count (repeat) is a positive int: a literal, or an int
+    hyperparameter that is >= 1."""
+    every = probe.count if isinstance(probe, ast.Repeat) else probe.every
+    what = "a repeat block runs k times" if isinstance(probe, ast.Repeat) else f"{_block_word(probe)} runs every k steps"
+    count = "repeat count" if isinstance(probe, ast.Repeat) else "probe period"
     if isinstance(every, str):
         hyper = hypers.get(every)
         if hyper is None:
-            errors.error("GS019", f"a probe runs every k steps, k an int hyperparameter; '{every}' is not one",
+            errors.error("GS019", f"{what}, k an int hyperparameter; '{every}' is not one",
                          probe.span, did_you_mean(every, hypers) or f"declare hyper {every}: int = 10 >= 1")
         elif hyper.kind != "int" or hyper.check(1) or not _at_least_one(hyper):
-            errors.error("GS019", f"the probe period '{every}' must be an int hyperparameter constrained >= 1",
+            errors.error("GS019", f"the {count} '{every}' must be an int hyperparameter constrained >= 1",
                          hyper.span, f"hyper {every}: int = {max(1, round(float(hyper.default)))} >= 1")
     elif not isinstance(every, int) or every < 1:
-        errors.error("GS019", f"a probe period must be a whole number of steps >= 1, not {every}", probe.span,
+        errors.error("GS019", f"a {count} must be a whole number >= 1, not {every}", probe.span,
                      "write a whole number, or an int hyperparameter: hyper k: int = 10 >= 1")
 
 
@@ -418,7 +433,7 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
                 errors.error("GS027", f"'{base.name}' has no input or definition '{item.name}' to replace",
                              item.span, did_you_mean(item.name, base_names - _state_names(base.items)))
 
-    visible = own | set(INPUTS) | set(adaptor.hypers) | set(base.hypers)
+    visible = own | set(INPUTS) | set(adaptor.hypers) | set(base.hypers) | set(BUILTIN_NAMES)
 
     def rename_adaptor(node: ast.Name) -> ast.Name:
         if node.qualifier is not None:
@@ -502,7 +517,7 @@ def _walk(items):
         yield src, item
         if isinstance(item, ast.If):
             yield from _walk([(src, i) for i in item.then + item.otherwise])
-        elif isinstance(item, ast.Probe):
+        elif isinstance(item, (ast.Probe, ast.Repeat)):
             yield from _walk([(src, i) for i in item.items])
 
 
@@ -544,6 +559,6 @@ def _map_item(item, rename, recurse):
     if isinstance(item, ast.If):
         return ast.If(_map_names(item.cond, rename), tuple(recurse(i) for i in item.then),
                       tuple(recurse(i) for i in item.otherwise), item.span)
-    if isinstance(item, ast.Probe):
-        return ast.Probe(item.every, tuple(recurse(i) for i in item.items), item.span)
+    if isinstance(item, (ast.Probe, ast.Repeat)):
+        return dataclasses.replace(item, items=tuple(recurse(i) for i in item.items))
     return item

@@ -74,10 +74,12 @@ class Bucket:
 
     def __init__(self, params: list, state: dict, state_names: tuple, step: float, by_size: bool,
                  ranks: dict | None = None, state_dtype: torch.dtype | None = None,
-                 capture: GradientCapture | None = None, flat_params: bool = False):
-        # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py);
+                 capture: GradientCapture | None = None, flat_params: bool = False, layouts=None):
+        # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py), and
+        # shape-aware specs (``layouts``, compiler/shaped.py) equal shapes together as well;
         # p.numel() is the full size of a sharded tensor, so every rank sorts alike
-        self.params = params = sorted(params, key=lambda p: p.numel()) if by_size else list(params)
+        order = (lambda p: (p.numel(), matrix_view(p.shape))) if layouts is not None else (lambda p: p.numel())
+        self.params = params = sorted(params, key=order) if by_size or layouts is not None else list(params)
         self.sharding = sharding_of(params)
         # shapes only: a list of the tensors would keep each replaced storage alive to the end
         self.local_shapes = [local(p).shape for p in params]
@@ -122,18 +124,28 @@ class Bucket:
 
         self.states = {}
         self.ranks = ranks or {}
+        # states shaped unlike the parameter: each tensor's part in its own shape (StateLayout)
+        self.layouts = layouts(self.shape) if layouts is not None else {}
         self.missing = []  # states to initialise from the spec's initial values
         for name in state_names:
             rank = self.ranks.get(name)  # a subspace: k rows of the bucket's length
-            buffer = torch.empty(self.numel if rank is None else (rank, self.numel),
+            length = self.layouts[name].numel if name in self.layouts else self.numel
+            buffer = torch.empty(length if rank is None else (rank, self.numel),
                                  dtype=self.state_dtype or self.dtype, device=self.device)
             known = [name in state.get(p, {}) for p in params]
             if not all(known):
                 self.missing.append(name)
-            for p, view, has in zip(params, self.views(buffer), known):
+            for p, view, has in zip(params, self.state_views(name, buffer), known):
                 if has:
                     view.copy_(local(state[p][name]).reshape(view.shape))
             self.states[name] = buffer
+
+    def state_views(self, name: str, flat: torch.Tensor) -> list:
+        """Each parameter's part of a state buffer, in the state's shape for that parameter."""
+        layout = self.layouts.get(name)
+        if layout is None:
+            return self.views(flat)
+        return [flat[a:b].view(shape) for a, b, shape in zip(layout.offsets, layout.offsets[1:], layout.shapes)]
 
     def views(self, flat: torch.Tensor) -> list:
         """Each parameter's part of a flat buffer, in its shape; a subspace buffer (k, numel)
@@ -149,11 +161,12 @@ class Bucket:
             if name not in self.missing:
                 continue
             fresh = [name not in state.get(p, {}) for p in self.params]
-            for has_none, view, v in zip(fresh, self.views(self.states[name]), _split(value, self)):
+            views = self.state_views(name, self.states[name])
+            for has_none, view, v in zip(fresh, views, _split(value, self, self.states[name], views)):
                 if has_none:
                     view.copy_(v)
         self.missing = []
-        views = {name: self.views(buffer) for name, buffer in self.states.items()}
+        views = {name: self.state_views(name, buffer) for name, buffer in self.states.items()}
         for i, p in enumerate(self.params):
             entry = state.setdefault(p, {})
             entry["step"] = self.step.view(())
@@ -272,8 +285,20 @@ def _remove_all(handles) -> None:
         handle.remove()
 
 
-def _split(value, bucket: Bucket):
-    """Per-parameter slices of an initial value: a flat tensor, a 0-d tensor or a number."""
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == bucket.numel:
-        return bucket.views(value)
+def _split(value, bucket: Bucket, buffer: torch.Tensor, views: list):
+    """Per-parameter slices of an initial value (a flat tensor laid out as ``buffer``, whose
+    per-parameter ``views`` give the shapes), or the same 0-d tensor or number for each."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == buffer.numel():
+        out, start = [], 0
+        for view in views:
+            out.append(value[start:start + view.numel()].view(view.shape))
+            start += view.numel()
+        return out
     return [value] * len(bucket.params)
+
+
+def matrix_view(shape) -> tuple:
+    """A tensor's (rows, columns) as shape-aware specs see it (compiler/shaped.py), and its class."""
+    if len(shape) >= 2:
+        return (shape[0], torch.Size(shape[1:]).numel(), 1)
+    return (1, shape[0] if len(shape) else 1, 0)

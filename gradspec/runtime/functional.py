@@ -213,6 +213,9 @@ class Transform:
         found = self._compiled.get(key)
         if found is None:
             program = simplified(build(self.spec, _checked(self.spec, values), probing=probing))
+            if program.shaped:  # its states are laid out per shape (compiler/shaped.py): not here yet
+                raise ValueError(f"{self.spec.name}: the functional update does not run shape-aware specs (axis "
+                                 f"reductions, matrix states, 'if matrix') yet; use gradspec.Optimizer")
             unsupported = sorted({n.attr.func for n in program.probes} - set(FUNCTIONAL_PROBES))
             if unsupported:
                 raise ValueError(f"{self.spec.name}: the functional update evaluates grad_at, hvp and randn "

@@ -10,14 +10,16 @@ step and never cause a rebuild or a recompile.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
 
 from ..check import safety_checked
 from ..compiler import backends
-from ..compiler.ir import Program, Scope, build
+from ..compiler.ir import Program, Scope, build, evaluate_scalar
 from ..compiler.lower import bucket_normal, compute_dtype, lower_init, lower_probe_args, lower_step
+from ..compiler.shaped import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
@@ -144,7 +146,8 @@ class Optimizer(torch.optim.Optimizer):
         self._programs: dict = {}
         self._betas_seen: dict = {}
         self._skipped: dict = {}  # group index -> skipped-step counter, kept across plan rebuilds
-        self._has_probes = any(isinstance(item, ast.Probe) for _, item in self.spec.items)
+        # blocks that evaluate the model need step(closure); ``every k { }`` blocks do not
+        self._has_probes = any(isinstance(item, ast.Probe) and item.model for _, item in self.spec.items)
         self.evaluations = Evaluations()
         # torch.optim's flags with their defaults, where the spec does not use the name itself
         self._flags = {name: default for name, default in {**TORCH_FLAGS, MAXIMIZE: False}.items()
@@ -321,8 +324,8 @@ class Optimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":  # check every group before any group changes
             for plan, _ in plans:
                 plan.raise_if_nonfinite()
-        for plan, group in plans:
-            plan.run(group, loss)
+        for plan, group in plans:  # due ``every k { }`` blocks run without a closure
+            plan.run(group, loss, self._due(group) if plan.program.probe_periods else frozenset())
         return returned
 
     def _undo_new_plans(self) -> None:
@@ -461,11 +464,18 @@ class Optimizer(torch.optim.Optimizer):
         return bool(group.get(MAXIMIZE, False)) if MAXIMIZE in self._flags else False
 
     def _split_betas(self, values: dict) -> dict:
-        """torch.optim's ``betas=(b1, b2)`` as the spec's ``beta1`` and ``beta2``."""
+        """torch.optim's ``betas=(b1, b2)`` as the spec's ``beta1`` and ``beta2``; a longer tuple
+        (pytorch-optimizer's ``betas=(b1, b2, b3)``) sets ``beta3`` and on, where the spec has them."""
         if "betas" not in values or not self._has_betas:
             return values
         values = dict(values)
-        values["beta1"], values["beta2"] = values.pop("betas")
+        betas = tuple(values.pop("betas"))
+        names = [f"beta{i}" for i in range(1, len(betas) + 1)]
+        missing = [n for n in names if n not in self.spec.hypers]
+        if missing or len(betas) < 2:
+            raise ValueError(f"{self.spec.name}: betas gives {len(betas)} values, but the spec has "
+                             f"{', '.join(n for n in names if n in self.spec.hypers) or 'no betas'}")
+        values.update(zip(names, betas))
         return values
 
     def _sync_betas(self, group: dict) -> None:
@@ -587,8 +597,9 @@ class _Plan:
             step = state.get(p, {}).get("step", 0)
             step = float(step.item() if isinstance(step, torch.Tensor) else step)
             groups.setdefault((p.device, p.dtype, step), []).append(p)
+        layouts = functools.partial(state_layouts, program) if program.shaped else None
         self.buckets = [Bucket(ps, state, program.state_names, step, by_size, program.state_ranks,
-                               optimizer.state_dtype, optimizer._capture, optimizer.flat_params)
+                               optimizer.state_dtype, optimizer._capture, optimizer.flat_params, layouts)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device
@@ -627,10 +638,14 @@ class _Plan:
             buffer = torch.zeros(1, dtype=dtype, device=self.device)
             if saved is not None:
                 buffer.copy_(saved.reshape(1))
-            else:
-                buffer.fill_(self.program.init[name].attr)
+            else:  # a number, or hyperparameters: the group's values
+                buffer.fill_(evaluate_scalar(self.program.init[name], self._group_values(params)))
             out[name] = buffer
         return out
+
+    def _group_values(self, params: list) -> dict:
+        group = next(g for g in self.optimizer.param_groups if any(p is q for q in g["params"] for p in params[:1]))
+        return {name: group[name] for name in self.optimizer.spec.hypers if name in group}
 
     def _initial_values(self, bucket: Bucket):
         """The spec's initial state values for a bucket, computed eagerly once."""
@@ -718,7 +733,7 @@ class _Plan:
     def run(self, group: dict, loss, probing: frozenset = frozenset()) -> None:
         variant = self.variant(probing)
         probed, self._probed = self._probed, None
-        if probing and (probed is None or probed[0] != probing):
+        if probing and variant.program.probes and (probed is None or probed[0] != probing):
             raise RuntimeError("internal: a probing step without its probes")  # pragma: no cover
         self.refresh_hypers(group)
         negate = self.optimizer._maximizes(group)

@@ -6,7 +6,7 @@ import sympy
 
 from ..compiler.ir import Program
 from ..dsl import ast
-from .translate import OPS, Aspect, ElementSymbol, Orthogonalize, number, reduction
+from .translate import _MATRIX_FUNCTIONS, OPS, Aspect, ElementSymbol, MatMul, Orthogonalize, number, reduction
 
 MATRIX_CLASSES = {"orthogonalize": Orthogonalize, "aspect": Aspect}
 
@@ -81,13 +81,21 @@ def _sympy(expr, program: Program, names: dict, shown: dict):
         return -inner if expr.op == "-" else sympy.Not(inner)
     if isinstance(expr, ast.BinOp):
         a, b = _sympy(expr.left, program, names, shown), _sympy(expr.right, program, names, shown)
+        if expr.op == "@":
+            return MatMul(a, b)
         op = {"+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "^": "pow", "==": "eq", "!=": "ne",
               "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "and": "and", "or": "or"}[expr.op]
         return OPS[op](a, b)
+    if isinstance(expr, ast.Measure):
+        return sympy.Symbol(rf"\operatorname{{{expr.what}}}_{{\mathrm{{{expr.scope}}}}}")
     if isinstance(expr, ast.Reduce):
         if expr.func in MATRIX_CLASSES:
             return MATRIX_CLASSES[expr.func](recurse[0])
         return reduction(expr.scope, expr.func)(*recurse)
+    if expr.func == "eye":
+        return sympy.Symbol("I")
+    if expr.func in _MATRIX_FUNCTIONS:
+        return _MATRIX_FUNCTIONS[expr.func](*recurse)
     if expr.func in PROBE_NOTATION:
         return PROBE_NOTATION[expr.func](*(recurse if expr.func != "hessian_eigvecs" else recurse[:1]))
     return OPS[expr.func](*recurse)

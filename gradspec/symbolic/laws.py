@@ -186,7 +186,7 @@ def walk(items):
         yield src, item
         if isinstance(item, ast.If):
             yield from walk([(src, i) for i in item.then + item.otherwise])
-        elif isinstance(item, ast.Probe):
+        elif isinstance(item, (ast.Probe, ast.Repeat)):
             yield from walk([(src, i) for i in item.items])
 
 
@@ -228,7 +228,7 @@ def _base_at_rest(spec, source):
             return dataclasses.replace(item, expr=ast.Name("param", span=item.span))
         if isinstance(item, ast.If):
             return dataclasses.replace(item, then=tuple(map(still, item.then)), otherwise=tuple(map(still, item.otherwise)))
-        if isinstance(item, ast.Probe):
+        if isinstance(item, (ast.Probe, ast.Repeat)):
             return dataclasses.replace(item, items=tuple(map(still, item.items)))
         return item
     items = tuple((src, item if src == source else still(item)) for src, item in spec.items)

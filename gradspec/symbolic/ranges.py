@@ -429,12 +429,59 @@ class Analysis:
         return self._min(node, self._max(node, x, lo), hi)
 
     def _lerp(self, node, a, b, w):
+        if w.lo >= 0 and w.hi <= 1:  # (1 - w) a + w b: between a and b, strictly inside where w is
+            return _add_range(_mul_range(_add_range(Range.point(1), _neg(w)), a), _mul_range(w, b))
         return _add_range(a, _mul_range(w, _add_range(b, _neg(a))))
 
     def _matrix(self, node, x):
         if node.attr.func == "aspect":
             return Range(0, INF, False, False)
         return ANY  # Newton-Schulz output: singular values near [0.5, 1.5], entries unbounded a priori
+
+    def _atan2(self, node, y, x):
+        return Range(-math.pi, math.pi, True, True)
+
+    def _measure(self, node):
+        return Range(1, INF, True, False, True)
+
+    # ---- matrix algebra: ranges of entries, with the definiteness facts of matrices.py
+    def _matmul(self, node, a, b):
+        return ANY
+
+    def _transpose(self, node, a):
+        return a
+
+    def _eye(self, node):
+        return Range(0, 1, True, True, True)
+
+    def _trace(self, node, a):
+        return Range(0, INF, True, False) if self.definiteness(node.args[0]) else ANY
+
+    def _eigvecs(self, node, a):
+        return Range(-1, 1, True, True)
+
+    def _eigvals(self, node, a):
+        found = self.definiteness(node.args[0])
+        return Range(0, INF, found == "psd", False) if found else ANY
+
+    def _inv_root(self, node, a, power, floor):
+        """A^(-1/p) needs positive eigenvalues: A proven positive definite, or a positive floor."""
+        if self._collect and not (self.definiteness(node.args[0]) == "pd" or floor.lo > 0 or
+                                  (floor.lo == 0 and not floor.lo_closed)):
+            self.unsafe.append(Unsafe(node, node.args[0], "may be singular"))
+        return ANY
+
+    def _qr(self, node, a):
+        return Range(-1, 1, True, True)
+
+    def _svd_left(self, node, a):
+        return Range(-1, 1, True, True)
+
+    _svd_right = _svd_left
+
+    def definiteness(self, node):
+        from .matrices import definiteness
+        return definiteness(node, self.program, lambda n: self.range(n, self._facts))
 
     def _probe(self, node, *args):
         return Range(0, INF, True, False) if node.attr.func == "gauss_newton" else ANY
@@ -489,8 +536,10 @@ def intersect(r: Range | None, fact: Range) -> Range | None:
 
 
 _MIXING = {  # operations that combine many elements, and the widest scope a fact may have to cross them
-    "reduce": lambda node: node.scope, "onto": lambda node: Scope.GLOBAL,
-    "matrix": lambda node: Scope.TENSOR,
+    "reduce": lambda node: Scope.TENSOR if node.attr.scope in ("row", "col") else node.scope,
+    "onto": lambda node: Scope.GLOBAL, "matrix": lambda node: Scope.TENSOR,
+    **{op: (lambda node: Scope.TENSOR) for op in ("matmul", "transpose", "trace", "eigvecs", "eigvals", "inv_root",
+                                                   "qr", "svd_left", "svd_right")},
 }
 _NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt", "eq": "ne", "ne": "eq"}
 _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq", "ne": "ne"}

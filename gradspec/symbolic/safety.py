@@ -56,6 +56,11 @@ def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: 
     else:  # the operand was first written elsewhere (m' defined above): name it, point at the use
         text = str(Translator(program)(unsafe.operand))
     text = text or _WHAT.get(unsafe.node.op, "an operand")
+    if unsafe.node.op == "inv_root":
+        return Diagnostic("GS073", f"{text} may be singular: it is not proven positive definite, so its inverse "
+                                   f"root may not exist", source, span,
+                          "add a positive multiple of the identity (L + eps * eye(rows), eps > 0) or give a positive "
+                          "floor: inv_root(L, 4, eps)")
     reason, hint = _explain(program, analysis, unsafe, narrowed, facts)
     return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
 

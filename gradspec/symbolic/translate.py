@@ -34,6 +34,8 @@ class _Reduction(sympy.Function):
 
     @classmethod
     def eval(cls, *args):
+        if any(arg.is_zero for arg in args) and cls.what in ("sum", "mean", "norm", "dot", "max", "min"):
+            return sympy.Integer(0)
         factors, rests = [], []
         for arg in args:
             # factor_terms brings a common factor out of a sum under a root:
@@ -106,6 +108,60 @@ class Aspect(sympy.Function):
 
 
 ASPECT = ElementSymbol("aspect", positive=True)  # varies between tensors, so it stays inside sums
+
+
+class MatMul(sympy.Function):
+    """``a @ b``: opaque, bilinear (factors that do not vary over a tensor come out), with the
+    identity as its unit and 0 as its zero."""
+
+    is_real = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_zero or b.is_zero:
+            return sympy.Integer(0)
+        if isinstance(a, Identity):
+            return b
+        if isinstance(b, Identity):
+            return a
+        (ca, ra), (cb, rb) = _split_constant(a), _split_constant(b)
+        scale = ca * cb
+        return scale * cls(ra, rb) if scale != 1 and ra != 1 and rb != 1 else None
+
+    def _latex(self, printer):
+        return " ".join(printer.parenthesize(a, 50) for a in self.args)
+
+
+class Identity(ElementSymbol):
+    """``eye(n)``: the unit of ``@``."""
+
+
+class MatrixFunction(sympy.Function):
+    """``transpose``, ``trace``, the decompositions: opaque functions of a per-tensor matrix.
+    The transpose of a transpose, and any of them of the identity where it is known, simplify."""
+
+    is_real = True
+    name = "f"
+
+    @classmethod
+    def eval(cls, *args):
+        a = args[0]
+        if cls.name == "transpose":
+            if isinstance(a, MatrixFunction) and a.name == "transpose":
+                return a.args[0]
+            if isinstance(a, Identity) or a.is_zero:
+                return a
+        if cls.name in ("inv_root", "eigvecs", "qr") and isinstance(a, Identity):
+            return a
+        return None
+
+    def _latex(self, printer):
+        inner = ", ".join(printer._print(a) for a in self.args)
+        return r"\operatorname{%s}\left(%s\right)" % (self.name.replace("_", r"\_"), inner)
+
+
+_MATRIX_FUNCTIONS = {name: type(name, (MatrixFunction,), {"name": name})
+                     for name in ("transpose", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right")}
 
 
 class GradAt(sympy.Function):
@@ -243,6 +299,15 @@ class Translator:
             return ASPECT if attr.func == "aspect" else Orthogonalize(*args)
         if op == "reduce":
             return reduction(attr.scope, attr.func)(*args)
+        if op == "measure":
+            return sympy.Symbol(f"{attr.scope}_{attr.what}", positive=True, integer=True) if attr.scope == "global" \
+                else ElementSymbol(f"{attr.what}", positive=True, integer=True)  # varies between tensors
+        if op == "eye":
+            return Identity(f"I_{attr.size}", real=True)
+        if op == "matmul":
+            return MatMul(*args)
+        if op in _MATRIX_FUNCTIONS:
+            return _MATRIX_FUNCTIONS[op](*args)
         return OPS[op](*args)
 
 
@@ -272,7 +337,7 @@ OPS = {
     "sqrt": sympy.sqrt, "rsqrt": lambda a: 1 / sympy.sqrt(a), "exp": sympy.exp, "log": sympy.log,
     "abs": sympy.Abs, "sign": sympy.sign, "min": sympy.Min, "max": sympy.Max,
     "clamp": lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi),
-    "lerp": lambda a, b, w: a + w * (b - a), "where": _where,
+    "lerp": lambda a, b, w: a + w * (b - a), "where": _where, "atan2": sympy.atan2,
     "eq": sympy.Eq, "ne": sympy.Ne, "lt": sympy.Lt, "le": sympy.Le, "gt": sympy.Gt, "ge": sympy.Ge,
     "and": sympy.And, "or": sympy.Or, "not": sympy.Not,
 }

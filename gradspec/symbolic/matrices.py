@@ -1,0 +1,94 @@
+"""Facts about per-tensor matrices: which are positive semi-definite (PSD) or definite (PD), so
+that an inverse root such as ``inv_root(L + eps * eye(rows), 4)`` is proven defined.
+
+The rules are the textbook closure properties: G Gᵀ and Gᵀ G are PSD; the identity is PD; a
+sum of PSD matrices is PSD, and PD if one term is; a nonnegative multiple of a PSD matrix is
+PSD (PD for a positive multiple of a PD one); ``lerp(A, B, w)`` with w in [0, 1] mixes two PSD
+(PD) matrices into one; a zero matrix is PSD. A state is PSD when it starts PSD and its next
+value is PSD whenever it is (induction over the steps), and so is a value of the decompositions
+that keep the spectrum nonnegative (an inverse root).
+"""
+from __future__ import annotations
+
+from ..compiler.ir import Node, Program, dims_of
+from .ranges import Range
+
+
+def definiteness(node: Node, program: Program, ranges, assumed: dict | None = None) -> str | None:
+    """"pd", "psd" or None (not proven) for a per-tensor square matrix ``node``; ``ranges(n)``
+    gives a scalar node's Range."""
+    assumed = dict(assumed or {})
+    return _definiteness(node, program, ranges, assumed, set())
+
+
+def _nonnegative(node, ranges) -> bool:
+    r = ranges(node)
+    return r is not None and r.lo >= 0
+
+
+def _positive(node, ranges) -> bool:
+    r: Range = ranges(node)
+    return r is not None and (r.lo > 0 or (r.lo == 0 and not r.lo_closed))
+
+
+def _definiteness(node, program, ranges, assumed, visiting) -> str | None:
+    op = node.op
+    if op == "const":
+        return "psd" if node.attr == 0 else ("pd" if node.attr > 0 and dims_of(node) is None else None)
+    if op == "eye":
+        return "pd"
+    if op == "inv_root":
+        return "pd"  # the eigenvalues floored and raised to a power: positive where it is defined
+    if op == "matmul":
+        a, b = node.args
+        if (b.op == "transpose" and b.args[0] is a) or (a.op == "transpose" and a.args[0] is b):
+            return "psd"
+        return None
+    if op == "state":
+        if node.attr in assumed:
+            return assumed[node.attr]
+        if node.attr in visiting:
+            return None
+        init, nxt = program.init.get(node.attr), program.next.get(node.attr)
+        if init is None or nxt is None:
+            return None
+        visiting.add(node.attr)
+        start = _definiteness(init, program, ranges, assumed, visiting)
+        result = None
+        if start is not None:  # induction: assume the state has its start's property, check the step keeps it
+            inner = dict(assumed)
+            inner[node.attr] = start
+            kept = _definiteness(nxt, program, ranges, inner, set())
+            if kept == start or kept == "pd":
+                result = start
+            elif kept == "psd":
+                result = "psd"
+        visiting.discard(node.attr)
+        assumed[node.attr] = result
+        return result
+    if op == "add":
+        parts = [_definiteness(a, program, ranges, assumed, visiting) if dims_of(a) is not None
+                 else ("pd" if _positive(a, ranges) else "psd" if _nonnegative(a, ranges) else None)
+                 for a in node.args]
+        if None in parts:
+            return None
+        return "pd" if "pd" in parts else "psd"
+    if op == "mul":
+        matrices = [a for a in node.args if dims_of(a) is not None and dims_of(a) != (1, 1)]
+        scalars = [a for a in node.args if a not in matrices]
+        if len(matrices) != 1 or not all(_nonnegative(s, ranges) for s in scalars):
+            return None
+        inner = _definiteness(matrices[0], program, ranges, assumed, visiting)
+        if inner is None:
+            return None
+        return "pd" if inner == "pd" and all(_positive(s, ranges) for s in scalars) else "psd"
+    if op == "lerp":
+        a, b, w = node.args
+        r = ranges(w)
+        if r is None or r.lo < 0 or r.hi > 1:
+            return None
+        parts = [_definiteness(x, program, ranges, assumed, visiting) for x in (a, b)]
+        if None in parts:
+            return None
+        return "pd" if parts == ["pd", "pd"] else "psd"
+    return None

@@ -1,0 +1,303 @@
+"""Shape-aware specs: axis reductions, states shaped unlike the parameter, matrix algebra,
+``repeat`` and ``every`` blocks, shape classes; and the stdlib specs written with them, each
+against pytorch-optimizer 4.1 or torch.optim over 100+ steps in float64."""
+import pytest
+import torch
+
+import gradspec
+from gradspec.compiler.ir import build
+from gradspec.compiler.lower import BucketShape, lower_step
+
+STEPS = 120
+SHAPES = [(6, 4), (5,), (3, 2, 2), (6, 4), (4, 6), (3,)]
+
+
+def _params(shapes=SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def _train(make, shapes=SHAPES, steps=STEPS, seed=0, transform=None):
+    """A quadratic pull towards random targets plus seeded noise, ``steps`` steps."""
+    params = _params(shapes, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    targets = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    opt = make(params)
+    for _ in range(steps):
+        for p, target in zip(params, targets):
+            p.grad = (p.detach() - target) + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if transform is not None:
+                p.grad = transform(p)
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in params]), opt, params
+
+
+def _relative(ours, theirs) -> float:
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+BACKENDS = ["eager", pytest.param("compiled", marks=pytest.mark.compiled)]
+
+
+# ---- the stdlib specs against pytorch-optimizer 4.1 -------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hyper", [{}, dict(relative_step=False, lr=1e-2, weight_decay=0.1, scale_parameter=False),
+                                   dict(warmup_init=True, beta1=0.0)], ids=["default", "lr-wd", "warmup"])
+def test_adafactor_matches_pytorch_optimizer(hyper, backend):
+    from pytorch_optimizer import AdaFactor
+    shapes = [(6, 4), (5,), (4, 6), (7,)]  # pytorch-optimizer factors the last two dimensions: 2-D here
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "adafactor", backend=backend, **hyper), shapes)
+    beta1 = hyper.get("beta1", 0.9)
+    peer_hyper = {k: v for k, v in hyper.items() if k != "beta1"}
+    theirs, _, _ = _train(lambda p: AdaFactor(p, betas=(beta1 if beta1 else None, 0.999),
+                                              momentum_dtype=torch.float64, **peer_hyper), shapes)
+    assert _relative(ours, theirs) < 1e-10
+
+
+def test_adafactor_keeps_rows_plus_columns_for_a_matrix():
+    _, opt, params = _train(lambda p: gradspec.Optimizer(p, "adafactor", backend="eager"), [(6, 4), (5,)], steps=2)
+    matrix, vector = opt.state[params[0]], opt.state[params[1]]
+    assert matrix["R"].shape == (6,) and matrix["C"].shape == (4,) and matrix["V"].shape == (0,)
+    assert vector["V"].shape == (5,) and vector["R"].shape == (0,) and vector["C"].shape == (0,)
+
+
+def test_adafactor_on_a_vector_equals_its_unfactored_form():
+    """A vector is one row: factored, R is its mean and R / mean(R) is 1, so the factored
+    estimate is C = the EMA of g^2 itself."""
+    text = gradspec.load("adafactor").source.text.replace("if matrix {", "if true {")
+    factored = gradspec.parse(text, "factored.opt")
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, factored, backend="eager"), [(7,), (3,)])
+    plain, _, _ = _train(lambda p: gradspec.Optimizer(p, "adafactor", backend="eager"), [(7,), (3,)])
+    assert _relative(ours, plain) < 1e-14
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hyper", [dict(lr=0.05), dict(lr=0.02, momentum=0.5, weight_decay=0.01)], ids=["plain", "momentum-wd"])
+def test_shampoo_matches_pytorch_optimizer(hyper, backend):
+    from pytorch_optimizer import Shampoo
+    shapes = [(6, 4), (5,), (4, 6)]
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "shampoo", backend=backend, **hyper), shapes)
+    theirs, _, _ = _train(lambda p: Shampoo(p, **hyper), shapes)
+    assert _relative(ours, theirs) < 1e-8
+
+
+def test_shampoo_refreshes_its_roots_every_k_steps_without_a_closure():
+    _, opt, params = _train(lambda p: gradspec.Optimizer(p, "shampoo", backend="eager",
+                                                         preconditioning_compute_steps=3), [(4, 3)], steps=4)
+    state = opt.state[params[0]]
+    assert state["L"].shape == (4, 4) and state["R_root"].shape == (3, 3)
+    # refreshed at steps 1 and 4: the root is that of L after step 4
+    expected = torch.linalg.matrix_power(state["L"], 1)
+    vals, vecs = torch.linalg.eigh(expected)
+    root = vecs @ torch.diag(vals ** -0.25) @ vecs.T
+    assert torch.allclose(state["L_root"], root, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gc_matches_pytorch_optimizer_centralisation(backend):
+    from pytorch_optimizer.optimizer.gradient_centralization import centralize_gradient
+
+    def centred(p):
+        g = p.grad.clone()
+        centralize_gradient(g, gc_conv_only=False)
+        return g
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "gc(sgd)", backend=backend, lr=0.05, momentum=0.9))
+    theirs, _, _ = _train(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), transform=centred)
+    assert _relative(ours, theirs) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_matches_pytorch_optimizer_clipping(backend):
+    from pytorch_optimizer.optimizer.agc import agc
+    shapes = [(6, 4), (5,), (2, 3, 2, 2), (4, 6)]  # 3-D tensors differ: pytorch-optimizer reduces dim 1 only
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "agc(adam)", backend=backend, lr=1e-2, agc_clip_val=0.05), shapes)
+    theirs, _, _ = _train(lambda p: torch.optim.Adam(p, lr=1e-2), shapes,
+                          transform=lambda p: agc(p.detach(), p.grad, agc_eps=1e-3, agc_clip_val=0.05, eps=1e-6))
+    assert _relative(ours, theirs) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_muon_adamw_is_muon_on_matrices_and_adamw_on_the_rest(backend):
+    """The split in one spec equals the two-optimizer recipe (muon's in-language iteration, and
+    torch.optim.AdamW on the vectors)."""
+    shapes = [(6, 4), (5,), (3, 2, 2), (3,)]
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "muon_adamw", backend=backend, adamw_lr=3e-3,
+                                                     adamw_weight_decay=0.1, weight_decay=0.01), shapes)
+
+    class Both:
+        def __init__(self, params):
+            self.opts = [gradspec.Optimizer([p for p in params if p.ndim >= 2], "muon", backend="eager",
+                                            ns_bfloat16=False, weight_decay=0.01),
+                         torch.optim.AdamW([p for p in params if p.ndim < 2], lr=3e-3, weight_decay=0.1)]
+
+        def step(self):
+            for opt in self.opts:
+                opt.step()
+    theirs, _, _ = _train(Both, shapes)
+    assert _relative(ours, theirs) < 1e-10
+
+
+def test_muon_in_language_iteration_equals_the_batched_kernel():
+    """tensor.orthogonalize is an optimised lowering of muon.opt's own repeat loop: in float64
+    the two agree to rounding."""
+    text = gradspec.load("muon").source.text.replace("O = tensor.orthogonalize(u, true)",
+                                                     "O = tensor.orthogonalize(u, false)")
+    kernel = gradspec.parse(text, "kernel.opt")
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "muon", backend="eager", ns_bfloat16=False))
+    theirs, _, _ = _train(lambda p: gradspec.Optimizer(p, kernel, backend="eager", ns_bfloat16=True))
+    assert _relative(ours, theirs) < 1e-10
+
+
+# ---- the constructs ----------------------------------------------------------------------------
+
+def _spec(body: str, hypers: str = "hyper lr = 0.1 >= 0\n"):
+    return gradspec.parse("optimizer t\n" + hypers + body)
+
+
+def _one_step(spec, shapes=((4, 3), (5,), (2, 3, 2)), **hyper):
+    params = _params(shapes)
+    opt = gradspec.Optimizer(params, spec, backend="eager", **hyper)
+    grads = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+             for i, p in enumerate(params)]
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return before, grads, params, opt
+
+
+def _matrix(t):
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+@pytest.mark.parametrize("axis", ["row", "col"])
+@pytest.mark.parametrize("func", ["sum", "mean", "max", "norm"])
+def test_axis_reductions_broadcast_back(axis, func):
+    before, grads, params, _ = _one_step(_spec(f"param' = param - {axis}.{func}(grad)\n"))
+    dim = 1 if axis == "row" else 0
+    reduce = {"sum": lambda m: m.sum(dim, keepdim=True), "mean": lambda m: m.mean(dim, keepdim=True),
+              "max": lambda m: m.amax(dim, keepdim=True), "norm": lambda m: m.norm(dim=dim, keepdim=True)}[func]
+    for b, g, p in zip(before, grads, params):
+        expected = _matrix(b) - reduce(_matrix(g)).expand_as(_matrix(g))
+        assert torch.allclose(_matrix(p.detach()), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_states_are_shown_in_their_declared_shapes_and_take_what_they_declare():
+    spec = _spec("state s: tensor = 0\nstate r: rows = 0\nstate c: cols = 0\nstate L: (rows, rows) = 0\n"
+                 "state Q: (cols, k) = 0\ns' = s + tensor.numel\nr' = r + row.sum(grad)\nc' = c + col.sum(grad)\n"
+                 "L' = L + grad @ transpose(grad)\nQ' = svd_right(grad, k)\nparam' = param - lr * grad\n",
+                 "hyper lr = 0.1 >= 0\nhyper k: int = 2 >= 1\n")
+    _, grads, params, opt = _one_step(spec)
+    shapes = {name: tuple(opt.state[params[0]][name].shape) for name in "srcLQ"}
+    assert shapes == {"s": (), "r": (4,), "c": (3,), "L": (4, 4), "Q": (3, 2)}
+    assert tuple(opt.state[params[2]]["L"].shape) == (2, 2) and tuple(opt.state[params[1]]["c"].shape) == (5,)
+    assert opt.state[params[2]]["s"].item() == 12
+    assert torch.allclose(opt.state[params[0]]["L"], grads[0] @ grads[0].T)
+    # memory: exactly what is declared, per state, over the bucket
+    declared = {"s": 3, "r": 4 + 1 + 2, "c": 3 + 5 + 6, "L": 16 + 1 + 4, "Q": 6 + 10 + 12}
+    plan = next(iter(opt._plans.values()))
+    held = {name: sum(b.states[name].numel() for b in plan.buckets) for name in declared}
+    assert held == declared
+
+
+def test_matrix_algebra_within_a_tensor():
+    spec = _spec("G = grad @ transpose(grad) + eye(rows)\n"
+                 "param' = param - lr * inv_root(G, 2) @ grad + 0 * trace(G) + 0 * qr(grad)\n")
+    before, grads, params, _ = _one_step(spec, shapes=((4, 3),))
+    g = grads[0]
+    vals, vecs = torch.linalg.eigh(g @ g.T + torch.eye(4, dtype=torch.float64))
+    expected = before[0] - 0.1 * (vecs @ torch.diag(vals ** -0.5) @ vecs.T) @ g
+    assert torch.allclose(params[0].detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_eigen_decomposition_orders_eigenvalues_descending():
+    spec = _spec("state e: (1, rows) = 0\ne' = eigvals(grad @ transpose(grad))\nparam' = param\n")
+    _, grads, params, opt = _one_step(spec, shapes=((3, 5),))
+    values = opt.state[params[0]]["e"].reshape(-1)
+    assert torch.allclose(values, torch.linalg.eigvalsh(grads[0] @ grads[0].T).flip(0))
+
+
+def test_repeat_iterates_a_loop_variable():
+    spec = _spec("x = grad\nrepeat k {\n  y = x * 2\n  x' = y + 1\n}\nparam' = x'\n", "hyper k: int = 3 >= 1\n")
+    _, grads, params, _ = _one_step(spec, shapes=((3,),))
+    assert torch.allclose(params[0].detach(), ((grads[0] * 2 + 1) * 2 + 1) * 2 + 1)
+
+
+def test_every_block_runs_at_steps_1_k_plus_1_without_a_closure():
+    spec = _spec("state n: global = 0\nevery k { n' = n + 1 }\nparam' = param\n", "hyper k: int = 3 >= 1\n")
+    params = _params([(2,)])
+    opt = gradspec.Optimizer(params, spec, backend="eager")
+    counts = []
+    for _ in range(7):
+        params[0].grad = torch.ones(2, dtype=torch.float64)
+        opt.step()
+        counts.append(opt.state[params[0]]["n"].item())
+    assert counts == [1, 1, 1, 2, 2, 2, 3]
+
+
+def test_small_gaps_inf_atan2_numel_and_global_state_at_a_hyperparameter():
+    spec = _spec("state d: global = d0\nd' = d + 1\n"
+                 "param' = param - lr * atan2(grad, 1) * min(tensor.numel, inf) / global.numel + d * 0\n",
+                 "hyper lr = 0.1 >= 0\nhyper d0 = 5 > 0\n")
+    before, grads, params, opt = _one_step(spec, shapes=((2, 3), (4,)), d0=7.0)
+    assert opt.state[params[0]]["d"].item() == 8.0
+    for b, g, p in zip(before, grads, params):
+        assert torch.allclose(p.detach(), b - 0.1 * torch.atan2(g, torch.ones_like(g)) * g.numel() / 10)
+
+
+def test_inf_is_a_literal_where_values_are_written():
+    spec = _spec("param' = param - lr * min(grad, cap)\n", "hyper lr = 0.1 >= 0\nhyper cap = inf > 0\n")
+    assert spec.hypers["cap"].default == float("inf")
+
+
+def test_betas_of_any_length_map_to_beta1_beta2_beta3():
+    spec = _spec("param' = param - lr * (beta1 + beta2 + beta3) * grad\n",
+                 "hyper lr = 0.1 >= 0\nhyper beta1 = 0.1\nhyper beta2 = 0.2\nhyper beta3 = 0.3\n")
+    opt = gradspec.Optimizer(_params([(2,)]), spec, backend="eager", betas=(0.5, 0.25, 0.125))
+    assert (opt.param_groups[0]["beta1"], opt.param_groups[0]["beta2"], opt.param_groups[0]["beta3"]) == \
+        (0.5, 0.25, 0.125)
+    with pytest.raises(ValueError, match="betas"):
+        gradspec.Optimizer(_params([(2,)]), "adam", backend="eager", betas=(0.5, 0.25, 0.125))
+
+
+def test_the_graph_grows_with_the_shapes_not_the_tensors():
+    program = build(gradspec.load("shampoo"))
+
+    def nodes(shapes):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        return len(lower_step(program, [BucketShape(numel, len(shapes), torch.float64, tuple(shapes))]).main.graph.nodes)
+    assert nodes([(4, 3)] * 2 + [(5,)] * 2) == nodes([(4, 3)] * 40 + [(5,)] * 40)
+
+
+@pytest.mark.parametrize("text, code, line, column", [
+    ("param' = param - lr * grad @ grad\n", "GS067", 3, 18),
+    ("state L: (rows, rows) = 0\nL' = L + grad\nparam' = param\n", "GS067", 4, 6),
+    ("param' = param - lr * (grad + row.mean(grad) @ transpose(row.mean(grad)))\n", "GS067", 3, 24),
+    ("state L: (rows, q) = 0\nL' = L\nparam' = param\n", "GS068", 3, 1),
+    ("param' = param - lr * inv_root(grad @ transpose(grad), 4) @ grad\n", "GS073", 3, 32),
+    ("param' = param - lr * foo.mean(grad)\n", "GS055", 3, 23),
+    ("x = grad\nrepeat 2 {\n  y = x\n  x' = y\n}\nparam' = param - lr * y\n", "GS068", 8, 23),
+])
+def test_shape_errors_are_located(text, code, line, column):
+    with pytest.raises(gradspec.SpecError) as info:
+        gradspec.check(_spec(text))
+    found = [(d.code, d.span.line, d.span.column) for d in info.value.diagnostics]
+    assert (code, line, column) in found, found
+
+
+def test_a_psd_statistic_makes_its_inverse_root_provably_defined():
+    gradspec.check(_spec("state L: (rows, rows) = eps * eye(rows)\nL' = L + grad @ transpose(grad)\n"
+                         "param' = param - lr * inv_root(L', 4) @ grad\n",
+                         "hyper lr = 0.1 >= 0\nhyper eps = 1e-6 > 0\n"))
+    with pytest.raises(gradspec.SpecError) as info:  # eps >= 0 allows a singular start
+        gradspec.check(_spec("state L: (rows, rows) = eps * eye(rows)\nL' = L + grad @ transpose(grad)\n"
+                             "param' = param - lr * inv_root(L', 4) @ grad\n",
+                             "hyper lr = 0.1 >= 0\nhyper eps = 1e-6 >= 0\n"))
+    assert info.value.code == "GS073"
+
+
+def test_shape_class_names_stay_ordinary_names():
+    spec = _spec("matrix = 2 * grad\nrepeat = 3\nrows = 1\nparam' = param - lr * matrix * repeat * rows\n")
+    before, grads, params, _ = _one_step(spec, shapes=((3,),))
+    assert torch.allclose(params[0].detach(), before[0] - 0.1 * 2 * grads[0] * 3)
