@@ -170,3 +170,27 @@ def test_a_verdict_that_changes_with_the_rate_gets_a_note():
     [note] = lr_dependence(verdicts)
     assert note.startswith("'a better than b on sharpness' is reproduced at their own lr: 0.03 vs 0.01; "
                            "not reproduced at shared lr 0.01")
+
+
+def _spiky_run(variant, seed, bumps):
+    losses = [3.0 - 0.01 * t + (0.004 if t % 2 else -0.004) for t in range(60)]
+    for step, size in bumps:
+        losses[step] += size
+    return Run(variant, seed, 0.1, losses=losses, **{c: [1.0] * 60 for c in CLOCKS}, evals=[], per_step=STEP)
+
+
+def test_loss_spikes_are_counted_against_one_threshold_and_judged():
+    task = tasks.get("char_lm")
+    adam = summarise(task, "adam", 0.1, [_spiky_run("adam", s, [(20, 0.5), (40, 0.4)]) for s in range(3)])
+    deo = summarise(task, "deo(adam)", 0.1, [_spiky_run("deo(adam)", s, []) for s in range(3)])
+    report.with_spikes([adam, deo])
+    assert adam.spike_threshold == deo.spike_threshold
+    assert adam.spike_count == (2.0, 0.0) and deo.spike_count == (0.0, 0.0)
+    assert adam.spike_largest[0] == pytest.approx(0.5 - 0.01 - 0.008, abs=1e-9)  # step 19 sat 0.004 high
+    header, _, adam_row, deo_row = report.table(task, [adam, deo]).splitlines()
+    assert "loss spikes" in header and "2 ± 0; " in adam_row and "0 ± 0; " in deo_row
+    from gradspec.compare import judge
+    verdict = judge({"better": "deo(adam)", "than": "adam", "on": "spikes"}, {"adam": adam, "deo(adam)": deo}, task)
+    assert verdict.verdict == "reproduced"
+    reverse = judge({"better": "adam", "than": "deo(adam)", "on": "spikes"}, {"adam": adam, "deo(adam)": deo}, task)
+    assert reverse.verdict == "not reproduced"

@@ -15,7 +15,7 @@ A comparison file::
     [[expect]]                       # optional: what the claim predicts, judged on the runs
     better = "deo(adam)"
     than = "adam"
-    on = "final_loss"                # final_loss | metric | steps_to_target | sharpness
+    on = "final_loss"                # final_loss | metric | steps_to_target | sharpness | spikes
 
 A learning-rate grid trains as one run where it can: every rate's copy of the initial
 parameters is stacked, and one ``torch.func.vmap``-ed loop of ``torch.func.grad`` and the
@@ -50,7 +50,7 @@ from typing import NamedTuple
 from ..tasks import Task
 from . import plots, report, sweep
 
-ON = ("final_loss", "metric", "steps_to_target", "sharpness")
+ON = ("final_loss", "metric", "steps_to_target", "sharpness", "spikes")
 LR_SENSITIVE = ("metric", "sharpness")  # expectations judged again at a shared learning rate
 
 
@@ -107,8 +107,10 @@ def compare(variants: list[str], task: str | Task, steps: int | None = None, see
     jobs = [job(v, seed, chosen[v]) for seed in range(seeds) for v in sweep.rotated(list(variants), seed)]
     jobs += [job(v, seed, at, True) for seed in range(seeds) for v, at in sweep.rotated(controls, seed)]
     runs = engine.map(jobs, bar)
-    summaries = [report.summarise(task, v, chosen[v], _runs_of(jobs, runs, v, chosen[v], False)) for v in variants]
-    control_summaries = [report.summarise(task, v, at, _runs_of(jobs, runs, v, at, True)) for v, at in controls]
+    summaries = report.with_spikes(
+        [report.summarise(task, v, chosen[v], _runs_of(jobs, runs, v, chosen[v], False)) for v in variants])
+    control_summaries = report.with_spikes(
+        [report.summarise(task, v, at, _runs_of(jobs, runs, v, at, True)) for v, at in controls])
     settings = {"steps": steps, "seeds": seeds, "backend": backend, "device": device, "threads": threads,
                 "executed": engine.how, "smooth": smooth, **(settings or {})}
     settings.setdefault("command", _command(variants, task.name, steps, seeds, lr_grid, lr, sharpness, vmap))
@@ -257,7 +259,7 @@ def judge(expectation: dict, by_variant: dict, task: Task, at: str = "") -> Verd
     when neither reached the target). ``at`` says at which learning rates."""
     a, b, on = by_variant[expectation["better"]], by_variant[expectation["than"]], expectation["on"]
     text = f"{expectation['better']} better than {expectation['than']} on {on.replace('_', ' ')}"
-    lower_better = {"final_loss": True, "steps_to_target": True, "sharpness": True,
+    lower_better = {"final_loss": True, "steps_to_target": True, "sharpness": True, "spikes": True,
                     "metric": not task.higher_is_better}[on]
     if on == "steps_to_target":
         sa, sb = a.steps_to_target, b.steps_to_target
@@ -270,8 +272,7 @@ def judge(expectation: dict, by_variant: dict, task: Task, at: str = "") -> Verd
                            f"({a.reached} vs {b.reached} runs)")
         pair_a, pair_b = (sa, 0.0), (sb, 0.0)
     else:
-        pair_a = {"final_loss": a.final_loss, "metric": a.metric, "sharpness": a.sharpness or (math.nan, math.nan)}[on]
-        pair_b = {"final_loss": b.final_loss, "metric": b.metric, "sharpness": b.sharpness or (math.nan, math.nan)}[on]
+        pair_a, pair_b = (_judged_value(x, on) for x in (a, b))
     (ma, sa_), (mb, sb_) = pair_a, pair_b
     if math.isnan(ma) or math.isnan(mb):
         return Verdict(text, at, "inconclusive", "a variant diverged or was not measured")
@@ -283,6 +284,14 @@ def judge(expectation: dict, by_variant: dict, task: Task, at: str = "") -> Verd
     if gain < -noise:
         return Verdict(text, at, "not reproduced", detail)
     return Verdict(text, at, "inconclusive", detail + ", within noise")
+
+
+def _judged_value(summary, on: str) -> tuple:
+    """(mean, std) of what an expectation ``on`` compares; a loss-spike expectation compares
+    the summed rise above the shared threshold (count and size in one figure)."""
+    missing = (math.nan, math.nan)
+    return {"final_loss": summary.final_loss, "metric": summary.metric, "sharpness": summary.sharpness or missing,
+            "spikes": summary.spike_total or missing}[on]
 
 
 def _command(variants, task, steps, seeds, lr_grid, lr, sharpness, vmap=True) -> str:

@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..tasks import Task
+from . import spikes as loss_spikes
 from .runner import CLOCKS, Run
 
 STEP_COLUMNS = ["variant", "seed", "lr", "control", "step", "loss", "seconds", "cpu_seconds", *CLOCKS]
@@ -46,6 +47,12 @@ class Summary:
     diverged: int
     busy: int  # runs during which the load average exceeded the cores
     max_load: float  # the highest load average read during any of the runs
+    # loss spikes above the threshold shared by the summaries compared (see with_spikes):
+    # (mean, std) over runs of their count, largest rise and summed rise
+    spike_count: tuple | None = None
+    spike_largest: tuple | None = None
+    spike_total: tuple | None = None
+    spike_threshold: float | None = None
 
     @property
     def ms_per_step(self) -> float:
@@ -84,6 +91,24 @@ def summarise(task: Task, variant: str, lr, runs: list[Run]) -> Summary:
                    sum(r.busy for r in runs), max(r.max_load for r in runs))
 
 
+def with_spikes(summaries: list[Summary]) -> list[Summary]:
+    """Every summary given its runs' loss spikes, against one threshold pooled over all their
+    runs (:mod:`.spikes`): a variant is never judged by a bar of its own. Diverged runs are
+    left out, as from the loss columns."""
+    curves = {(i, j): run.losses for i, s in enumerate(summaries) for j, run in enumerate(s.runs)
+              if run.diverged_at is None and len(run.losses) > 1}
+    if not curves:
+        return summaries
+    threshold = loss_spikes.shared_threshold(list(curves.values()))
+    for i, s in enumerate(summaries):
+        found = [loss_spikes.spikes(losses, threshold) for (k, _), losses in curves.items() if k == i]
+        s.spike_count = _mean_std(f.count for f in found)
+        s.spike_largest = _mean_std(f.largest for f in found)
+        s.spike_total = _mean_std(f.total for f in found)
+        s.spike_threshold = threshold
+    return summaries
+
+
 def _pm(pair, digits=4) -> str:
     mean, std = pair
     if math.isnan(mean):
@@ -106,6 +131,8 @@ def table(task: Task, summaries: list[Summary], grids: dict | None = None) -> st
               f"steps to loss {task.target:g}", "time to target (s) = steps × CPU ms/step",
               "ms/step, CPU / wall", "optimizer ms/step, CPU / wall", "grads/step", "HVPs/step"]
     header += ["sharpness (top Hessian eigenvalue)"] if sharp else []
+    spiked = next((s.spike_threshold for s in summaries if s.spike_threshold is not None), None)
+    header += [f"loss spikes, rises > {spiked:.3g}: count; largest"] if spiked is not None else []
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     for s in summaries:
         n = len(s.runs)
@@ -120,6 +147,8 @@ def table(task: Task, summaries: list[Summary], grids: dict | None = None) -> st
                f"{s.per_step['gradients']:.3g}", f"{s.per_step['hvps']:.3g}"]
         if sharp:
             row.append(_pm(s.sharpness) if s.sharpness else "-")
+        if spiked is not None:
+            row.append(f"{_pm(s.spike_count, 3)}; {_pm(s.spike_largest, 3)}" if s.spike_count else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
