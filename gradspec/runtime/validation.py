@@ -39,7 +39,8 @@ def parameter_problem(param) -> Exception | None:
 
 def hyper_problem(hyper: ast.Hyper, value) -> Exception | None:
     """Why ``value`` cannot be ``hyper``'s value, or None: the type first (TypeError), then
-    finiteness and the spec's constraint (ValueError). A tensor (a 0-d lr) must hold one
+    finiteness (an infinity only where the default is that infinity) and the spec's
+    constraint (ValueError). A tensor (a 0-d lr) must hold one
     real number; on an accelerator its value is not read, which would synchronise every step."""
     name = hyper.name
     if hyper.kind == "bool":
@@ -58,7 +59,9 @@ def hyper_problem(hyper: ast.Hyper, value) -> Exception | None:
         number = float(value)
     except OverflowError:
         number = math.inf
-    if not math.isfinite(number):
+    # infinity only where the spec's own default is infinite (Prodigy's unbounded growth_rate):
+    # elsewhere an infinite lr or eps is a mistake, however the constraint reads
+    if math.isnan(number) or (math.isinf(number) and number != hyper.default):
         allowed = f" ({hyper.constraint.describe(name)})" if hyper.constraint is not None else ""
         return ValueError(f"{name} must be a finite number{allowed}, got {number}")
     problem = hyper.check(value)
