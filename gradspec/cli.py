@@ -329,14 +329,17 @@ def _cost_text(spec, dtype: str) -> str:
              f"  Hessian-vector products          {cost.hvps:g}"]
     for probe in cost.probes:
         calls = "; ".join(f"{name}: {c} closure call, {g} gradient, {h} HVP" for name, c, g, h in probe.calls
-                          if c or g or h) or "no model evaluation"
-        lines.append(f"  probe every {probe.period} steps: {calls}")
+                          if c or g or h)
+        # an ``every k { }`` block (a preconditioner refresh) evaluates no model: it is no probe
+        lines.append(f"  probe every {probe.period} steps: {calls}" if calls else
+                     f"  every {probe.period} steps: periodic work, no model evaluation")
     if cost.differentiates_gradient:
         lines.append("  on probe steps the gradient is taken with create_graph=True (exact HVPs)")
     lines.append(f"  optimizer memory traffic, a step without probes: {cost.elements_moved * itemsize} bytes per "
                  f"parameter ({cost.elements_moved} {dtype} buffers read or written)")
     if cost.probes:
-        lines.append(f"    on a step where every probe runs {cost.elements_moved_probing * itemsize} bytes per parameter")
+        lines.append(f"    on a step where every periodic block runs {cost.elements_moved_probing * itemsize} bytes "
+                     "per parameter")
     return "\n".join(lines)
 
 

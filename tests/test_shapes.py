@@ -301,3 +301,11 @@ def test_shape_class_names_stay_ordinary_names():
     spec = _spec("matrix = 2 * grad\nrepeat = 3\nrows = 1\nparam' = param - lr * matrix * repeat * rows\n")
     before, grads, params, _ = _one_step(spec, shapes=((3,),))
     assert torch.allclose(params[0].detach(), before[0] - 0.1 * 2 * grads[0] * 3)
+
+
+def test_show_cost_calls_a_refresh_block_periodic_work_not_a_probe(capsys):
+    from gradspec.cli import main
+    assert main(["show", "shampoo", "--cost"]) == 0
+    out = capsys.readouterr().out
+    assert "every preconditioning_compute_steps = 1 steps: periodic work, no model evaluation" in out
+    assert "probe every" not in out
