@@ -35,7 +35,13 @@ def test_state_memory_is_what_the_spec_declares(name):
     (plan,) = opt._plans.values()
     (bucket,) = plan.buckets
     state_bytes = sum(b.numel() * b.element_size() for b in bucket.states.values())
-    assert state_bytes == len(program.state_names) * numel * 4
+    # every byte of the state buffers is a value optimizer.state shows, in its declared shape
+    # (parameter-shaped, or per row, per column, per tensor, a matrix for shape-aware specs)
+    shown = sum(opt.state[p][n].numel() for p in model.parameters() for n in program.state_names)
+    assert state_bytes == shown * 4
+    shaped = set(bucket.layouts)
+    assert shown == sum(numel for n in program.state_names if n not in shaped) + \
+        sum(bucket.states[n].numel() for n in shaped)
     # torch.optim's view of the state shows the same buffers, not copies
     for p in model.parameters():
         for state_name in program.state_names:
@@ -99,3 +105,17 @@ def test_bfloat16_states_resume_bit_for_bit():
 def test_a_bad_state_dtype_is_refused_at_construction():
     with pytest.raises(ValueError, match="state_dtype must be a floating torch dtype"):
         gradspec.Optimizer(_model().parameters(), "adam", state_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("beta1, extra", [(0.0, 0), (0.9, 64 * 48)])
+def test_adafactor_keeps_rows_plus_columns_for_a_matrix(beta1, extra):
+    """The factored second moment: 64 + 48 values for a 64 x 48 matrix, not 64 x 48; the
+    momentum, a switch, is kept only where beta1 > 0."""
+    p = torch.zeros(64, 48, requires_grad=True)
+    opt = gradspec.Optimizer([p], "adafactor", backend="eager", beta1=beta1)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    (plan,) = opt._plans.values()
+    (bucket,) = plan.buckets
+    assert sum(b.numel() for b in bucket.states.values()) == 64 + 48 + extra
+    assert opt.state[p]["R"].shape == (64,) and opt.state[p]["C"].shape == (48,)
