@@ -129,7 +129,8 @@ def test_muon_adamw_is_muon_on_matrices_and_adamw_on_the_rest(backend):
         def __init__(self, params):
             self.opts = [gradspec.Optimizer([p for p in params if p.ndim >= 2], "muon", backend="eager",
                                             ns_bfloat16=False, weight_decay=0.01),
-                         torch.optim.AdamW([p for p in params if p.ndim < 2], lr=3e-3, weight_decay=0.1)]
+                         torch.optim.AdamW([p for p in params if p.ndim < 2], lr=3e-3, weight_decay=0.1,
+                                           betas=(0.9, 0.95), eps=1e-10)]  # muon_adamw's (the Muon authors') defaults
 
         def step(self):
             for opt in self.opts:
