@@ -16,7 +16,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import distributed_worker
-from distributed_worker import HVP_SPECS, SPECS
+from distributed_worker import HVP_SPECS, SHAPED_SPECS, SPECS
 
 pytestmark = pytest.mark.skipif(not __import__("torch").distributed.is_available(),
                                 reason="torch built without torch.distributed")
@@ -91,7 +91,7 @@ def test_the_spec_lists_cover_the_stdlib():
     import gradspec
     names = {n.split("(")[0] for n in SPECS}
     assert names >= set(gradspec.stdlib.names()) - {"e"}  # e is covered by eadam, esgd, alto
-    assert HVP_SPECS <= set(SPECS)
+    assert HVP_SPECS <= set(SPECS) and SHAPED_SPECS <= set(SPECS)
 
 
 def test_the_fsdp_example_runs_under_torchrun():
