@@ -23,7 +23,6 @@ import sys
 CONFIGURATIONS = {
     "torch.optim.Adam fused": "torch.optim.Adam(params, lr=1e-3, fused=True)",
     "gradspec adam (aliases, the default)": "gradspec.Optimizer(params, 'adam', lr=1e-3)",
-    "gradspec adam (flat_params=True)": "gradspec.Optimizer(params, 'adam', lr=1e-3, flat_params=True)",
 }
 
 _CHILD = """

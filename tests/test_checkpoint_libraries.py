@@ -5,8 +5,7 @@ After a few steps, each common way of saving a model (safetensors, accelerate's
 and restore every parameter exactly, as it does under torch.optim. When the parameters were
 views of one flat buffer, safetensors refused the model and accelerate kept one tensor of
 four. Now each parameter has a storage object of its own over its part of the flat buffer,
-so the step still writes it in place. ``flat_params=True`` is the old layout, kept as an
-opt-in: its limits are checked here too, so the documentation stays true.
+so the step still writes it in place.
 """
 import pytest
 import torch
@@ -58,18 +57,6 @@ def test_safetensors_save_model_and_load_model(tmp_path):
     fresh = _model(seed=1)
     missing, unexpected = safetensors_torch.load_model(fresh, str(tmp_path / "model.safetensors"))
     assert not missing and not unexpected
-    _same_parameters(model, fresh)
-
-
-def test_flat_params_is_the_layout_safetensors_refuses(tmp_path):
-    """The opt-in does what its documentation says: parameters share one storage."""
-    model, _ = _trained(flat_params=True)
-    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
-    with pytest.raises(RuntimeError, match="share"):
-        safetensors_torch.save_model(model, str(tmp_path / "model.safetensors"))
-    torch.save(model.state_dict(), tmp_path / "model.pt")  # torch.save still works
-    fresh = _model(seed=1)
-    fresh.load_state_dict(torch.load(tmp_path / "model.pt"))
     _same_parameters(model, fresh)
 
 

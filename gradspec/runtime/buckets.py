@@ -13,10 +13,9 @@ alive as long as any alias). Where that is not possible (FSDP2's shards, which l
 FSDP2's storage, or a device without DLPack) the bucket keeps a flat *copy*: the step
 writes it back into the parameters (8 more bytes moved and 4 more kept per fp32 parameter),
 and a parameter written by someone else (``model.load_state_dict``, an EMA swap) is copied in
-before the next step, as its version counter tells. ``flat_params=True`` makes the
-parameters plain *views* of the flat buffer, one shared storage, which safetensors refuses
-and accelerate's ``save_state`` truncates (docs/design.md has the layouts measured). As with
-views, a step does not advance an alias's version counter.
+before the next step, as its version counter tells. As with views of one buffer (this
+module's first layout, which safetensors refused and accelerate's ``save_state`` truncated),
+a step does not advance an alias's version counter.
 
 Gradients are views of the flat gradient buffer, which backward accumulates into in place.
 ``zero_grad(set_to_none=True)`` (torch's default) drops those views, and backward then
@@ -49,7 +48,6 @@ class ParamLayout(enum.StrEnum):
 
     ALIASES = "aliases"  # own storage objects over the flat buffer's memory (the default)
     COPY = "copy"  # own memory; the flat copy is written back after each step
-    VIEWS = "views"  # views of the flat buffer, one shared storage (flat_params=True)
 
 
 @functools.cache
@@ -74,7 +72,7 @@ class Bucket:
 
     def __init__(self, params: list, state: dict, state_names: tuple, step: float, by_size: bool,
                  ranks: dict | None = None, state_dtype: torch.dtype | None = None,
-                 capture: GradientCapture | None = None, flat_params: bool = False, layouts=None):
+                 capture: GradientCapture | None = None, layouts=None):
         # specs with per-tensor reductions lay tensors out by size (see compiler/lower.py), and
         # shape-aware specs (``layouts``, compiler/shaped.py) equal shapes together as well;
         # p.numel() is the full size of a sharded tensor, so every rank sorts alike
@@ -93,13 +91,12 @@ class Bucket:
         self.shape = BucketShape(self.numel, len(params), self.dtype, tuple(map(tuple, self.local_shapes)),
                                  self.state_dtype, self.sharding)
 
-        self.layout = ParamLayout.COPY if self.sharding else ParamLayout.VIEWS if flat_params else \
-            ParamLayout.ALIASES if _aliasable(self.device) else ParamLayout.COPY
+        self.layout = ParamLayout.ALIASES if not self.sharding and _aliasable(self.device) else ParamLayout.COPY
         self.param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         for p, view in zip(params, self.views(self.param)):
             view.copy_(local(p).detach())
-            if self.layout != ParamLayout.COPY:  # one tensor at a time: each old storage goes before the next copy
-                p.data = view if self.layout == ParamLayout.VIEWS else torch.from_dlpack(view)
+            if self.layout == ParamLayout.ALIASES:  # one at a time: each old storage goes before the next copy
+                p.data = torch.from_dlpack(view)
         self.grad = torch.empty_like(self.param)
         self.grad_views = self.views(self.grad)
         for p, view in zip(params, self.grad_views):
@@ -187,7 +184,7 @@ class Bucket:
     def gather_params(self) -> None:
         """The flat copy made current where a parameter (or shard) was written since the
         bucket last wrote it (a checkpoint loaded into the model, an EMA swap): its version
-        counter tells. Aliases and views of the flat buffer are current already."""
+        counter tells. Aliases of the flat buffer are current already."""
         if self.layout != ParamLayout.COPY:
             return
         owned = self._current_locals()
@@ -236,7 +233,7 @@ class Bucket:
         """Give parameters and states their own storage again, before this bucket is dropped."""
         _remove_all(self._hooks)
         for p in self.params:
-            if self.layout != ParamLayout.COPY:
+            if self.layout == ParamLayout.ALIASES:
                 p.data = p.data.clone()
             entry = state.get(p, {})
             for name, value in list(entry.items()):

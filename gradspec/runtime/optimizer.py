@@ -76,9 +76,7 @@ class Optimizer(torch.optim.Optimizer):
     Parameters keep storage objects of their own, so every checkpoint library (safetensors,
     accelerate, ``save_pretrained``) saves the model as it would under torch.optim, while the
     step still writes them in place: each is an alias of its part of the flat buffer (see
-    :mod:`gradspec.runtime.buckets`). ``flat_params=True`` makes them plain views of that
-    buffer instead, one storage shared by every parameter of a bucket, which safetensors
-    refuses and accelerate's ``save_state`` truncates; save such a model with ``torch.save``.
+    :mod:`gradspec.runtime.buckets`).
 
     Under torch.distributed (see :mod:`gradspec.runtime.distributed` and docs/distributed.md)
     DDP needs nothing, and FSDP2's DTensor parameters are stepped shard by shard with the
@@ -89,7 +87,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, spec: str | Spec | None = None, *, backend: str = "compiled",
                  nonfinite: str = "propagate", seed: int = 0, state_dtype: torch.dtype | None = None,
-                 process_group="auto", flat_params: bool = False, **hyper):
+                 process_group="auto", **hyper):
         if spec is None:  # no default: a trainer passing only hyperparameters would get a method it did not ask for
             raise TypeError("gradspec.Optimizer needs a spec: a stdlib name such as 'adamw', a spec expression, "
                             "a path to a .opt file or a gradspec.Spec")
@@ -114,12 +112,9 @@ class Optimizer(torch.optim.Optimizer):
                                 + f" (it has: {', '.join(self.spec.hypers)})")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch dtype such as torch.bfloat16, got {state_dtype!r}")
-        if not isinstance(flat_params, bool):
-            raise TypeError(f"flat_params must be True or False, got {flat_params!r}")
         self.backend = backend
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
-        self.flat_params = flat_params
         defaults = {**self.spec.hyper_defaults, **self._flags, **hyper}
         if self._has_betas:
             defaults["betas"] = (defaults["beta1"], defaults["beta2"])
@@ -178,7 +173,7 @@ class Optimizer(torch.optim.Optimizer):
         parameters and states, as after ``load_state_dict``."""
         self._record_in_first_group()
         return {**super().__getstate__(), "spec": self._spec_argument, "backend": self.backend,
-                "nonfinite": self.nonfinite, "state_dtype": self.state_dtype, "flat_params": self.flat_params}
+                "nonfinite": self.nonfinite, "state_dtype": self.state_dtype}
 
     def __setstate__(self, state: dict) -> None:
         if "spec" not in state:  # torch.optim's load_state_dict updates a live optimizer this way
@@ -188,7 +183,6 @@ class Optimizer(torch.optim.Optimizer):
         self._spec_argument, self.backend = state.pop("spec"), state.pop("backend")
         self.spec = load(self._spec_argument) if isinstance(self._spec_argument, str) else self._spec_argument
         self.nonfinite, self.state_dtype = state.pop("nonfinite"), state.pop("state_dtype")
-        self.flat_params = state.pop("flat_params", False)
         super().__setstate__(state)
         self._fresh_runtime()
         self.generator = self._new_generator()
@@ -599,7 +593,7 @@ class _Plan:
             groups.setdefault((p.device, p.dtype, step), []).append(p)
         layouts = functools.partial(state_layouts, program) if program.shaped else None
         self.buckets = [Bucket(ps, state, program.state_names, step, by_size, program.state_ranks,
-                               optimizer.state_dtype, optimizer._capture, optimizer.flat_params, layouts)
+                               optimizer.state_dtype, optimizer._capture, layouts)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
         self.device = self.buckets[0].device
