@@ -9,6 +9,10 @@ import gradspec
 from gradspec.recursion import MAX_DEPTH
 
 HEAD = "optimizer deep\nhyper lr = 0.5 > 0\n"
+# Without gradspec.recursion (walkers on the calling thread, Python's default limit of 1,000
+# frames) a RecursionError came at a 248-term sum, 243 unary minuses, 325 nots and a 138-deep
+# definition chain; the sizes below are 3 to 12 times those, and test_deeper_than_the_limit
+# parses MAX_DEPTH (20,000) levels.
 
 
 def _step(text: str, grad: torch.Tensor) -> torch.Tensor:
@@ -22,25 +26,25 @@ def _step(text: str, grad: torch.Tensor) -> torch.Tensor:
 GRAD = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
 
 
-def test_ten_thousand_term_sum():
-    text = HEAD + "d = " + " + ".join(["grad"] * 10_000) + "\nparam' = param - lr * d\n"
+def test_three_thousand_term_sum():
+    text = HEAD + "d = " + " + ".join(["grad"] * 3_000) + "\nparam' = param - lr * d\n"
     gradspec.check(gradspec.parse(text))
-    assert torch.allclose(_step(text, GRAD), -0.5 * 10_000 * GRAD, rtol=1e-12)
+    assert torch.allclose(_step(text, GRAD), -0.5 * 3_000 * GRAD, rtol=1e-12)
 
 
-def test_three_thousand_unary_minuses_and_nots():
-    minus = HEAD + "d = " + "-" * 3001 + "grad\nparam' = param - lr * d\n"
+def test_a_thousand_unary_minuses_and_nots():
+    minus = HEAD + "d = " + "-" * 1001 + "grad\nparam' = param - lr * d\n"
     assert torch.equal(_step(minus, GRAD), 0.5 * GRAD)  # an odd count: -grad
-    nots = HEAD + "hyper flip = true\nd = where(" + "not " * 3000 + "flip, grad, 0)\nparam' = param - lr * d\n"
+    nots = HEAD + "hyper flip = true\nd = where(" + "not " * 1000 + "flip, grad, 0)\nparam' = param - lr * d\n"
     gradspec.check(gradspec.parse(nots))
     assert torch.equal(_step(nots, GRAD), -0.5 * GRAD)  # an even count: flip itself
 
 
-def test_five_thousand_deep_definition_chain():
-    lines = ["d0 = grad"] + [f"d{i} = d{i - 1} + 1" for i in range(1, 5001)]
-    text = HEAD + "\n".join(lines) + "\nparam' = param - lr * d5000\n"
+def test_fifteen_hundred_deep_definition_chain():
+    lines = ["d0 = grad"] + [f"d{i} = d{i - 1} + 1" for i in range(1, 1501)]
+    text = HEAD + "\n".join(lines) + "\nparam' = param - lr * d1500\n"
     gradspec.check(gradspec.parse(text))
-    assert torch.allclose(_step(text, GRAD), -0.5 * (GRAD + 5000), rtol=1e-12)
+    assert torch.allclose(_step(text, GRAD), -0.5 * (GRAD + 1500), rtol=1e-12)
 
 
 def test_deeper_than_the_limit_is_a_located_error():
@@ -53,7 +57,7 @@ def test_deeper_than_the_limit_is_a_located_error():
 
 def test_the_recursion_limit_is_restored():
     before = sys.getrecursionlimit()
-    gradspec.check(gradspec.parse(HEAD + "d = " + "-" * 2000 + "grad\nparam' = param - lr * d\n"))
+    gradspec.check(gradspec.parse(HEAD + "d = " + "-" * 1000 + "grad\nparam' = param - lr * d\n"))
     assert sys.getrecursionlimit() == before
 
 
