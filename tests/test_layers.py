@@ -12,7 +12,7 @@ LAYERS = [
     {"symbolic"},
     {"check", "docs"},
     {"runtime"},
-    {"tasks", "compare", "bench"},
+    {"tasks", "compare", "bench", "integrations"},
     {"cli", "__init__"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
