@@ -223,7 +223,8 @@ def _show(args) -> int:
         return 1
     import torch
     from .compiler.ir import build, build_probing
-    from .compiler.lower import BucketShape, lower_step
+    from .compiler.lower import lower_step
+    from .compiler.lowerer import BucketShape
     from .symbolic.simplify import rewritten, simplified
     shapes = [BucketShape(numel=1024, ntensors=4, dtype=torch.float32)]
     written = build(spec)

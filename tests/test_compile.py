@@ -93,7 +93,8 @@ def test_per_tensor_reductions_trace_a_graph_whose_size_does_not_grow_with_the_t
     """lamb's trust ratio: tensors are laid out by size, so the graph has one row reduction
     per distinct size, whatever the number of tensors."""
     from gradspec.compiler.ir import build
-    from gradspec.compiler.lower import BucketShape, lower_step
+    from gradspec.compiler.lower import lower_step
+    from gradspec.compiler.lowerer import BucketShape
     program = build(gradspec.load("lamb"))
 
     def nodes(shapes):
@@ -111,7 +112,8 @@ def test_newton_schulz_is_one_opaque_operator_whatever_the_shapes():
     """Muon's iteration is a custom operator: the step graph calls it once per bucket and holds
     no matrix product, so its compile does not grow with the number of distinct shapes."""
     from gradspec.compiler.ir import build
-    from gradspec.compiler.lower import BucketShape, lower_step
+    from gradspec.compiler.lower import lower_step
+    from gradspec.compiler.lowerer import BucketShape
     program = build(gradspec.load("muon"))
     shapes = ((16, 3, 3, 3), (32, 16, 3, 3), (10, 512), (10, 512), (7,))
     numel = sum(torch.Size(s).numel() for s in shapes)

@@ -6,7 +6,8 @@ import torch
 
 import gradspec
 from gradspec.compiler.ir import build
-from gradspec.compiler.lower import BucketShape, lower_step
+from gradspec.compiler.lower import lower_step
+from gradspec.compiler.lowerer import BucketShape
 
 STEPS = 120
 SHAPES = [(6, 4), (5,), (3, 2, 2), (6, 4), (4, 6), (3,)]

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .ir import COLS, ROWS, Node, Program, dims_of
-from .lower import BucketShape, _is_python, _Lowerer, accumulated_sum, compute_dtype
+from .lowerer import BucketShape, _is_python, _Lowerer, accumulated_sum, compute_dtype, state_input
 from .newton_schulz import newton_schulz
 
 
@@ -327,7 +327,6 @@ def _arg_dims(node: Node) -> tuple:
 
 
 def _state_input(bucket: int, name: str) -> str:
-    from .lower import state_input
     return state_input(bucket, name)
 
 

@@ -39,7 +39,7 @@ import weakref
 
 import torch
 
-from ..compiler.lower import BucketShape
+from ..compiler.lowerer import BucketShape
 from .distributed import local, sharding_of, state_view
 
 

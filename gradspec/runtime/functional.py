@@ -33,8 +33,8 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, build
-from ..compiler.lower import (BucketShape, bucket_normal, compute_dtype, global_input, lower_init,
-                              lower_probe_args, lower_step, state_input)
+from ..compiler.lower import lower_init, lower_probe_args, lower_step
+from ..compiler.lowerer import BucketShape, bucket_normal, compute_dtype, global_input, state_input
 from ..compiler.switches import static_hypers
 from ..dsl.resolve import Spec, load
 from ..symbolic.simplify import simplified

@@ -18,7 +18,8 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build, evaluate_scalar
-from ..compiler.lower import bucket_normal, compute_dtype, lower_init, lower_probe_args, lower_step
+from ..compiler.lower import lower_init, lower_probe_args, lower_step
+from ..compiler.lowerer import bucket_normal, compute_dtype
 from ..compiler.shaped import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl import ast

@@ -11,7 +11,6 @@ that keep the spectrum nonnegative (an inverse root).
 from __future__ import annotations
 
 from ..compiler.ir import Node, Program, dims_of
-from .ranges import Range
 
 
 def definiteness(node: Node, program: Program, ranges, assumed: dict | None = None) -> str | None:
@@ -27,7 +26,7 @@ def _nonnegative(node, ranges) -> bool:
 
 
 def _positive(node, ranges) -> bool:
-    r: Range = ranges(node)
+    r = ranges(node)  # a ranges.Range (ranges.py uses this module: no import back)
     return r is not None and (r.lo > 0 or (r.lo == 0 and not r.lo_closed))
 
 

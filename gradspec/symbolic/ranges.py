@@ -16,6 +16,7 @@ import sympy
 
 from ..compiler.ir import Node, Program, Scope
 from ..dsl import ast
+from .matrices import definiteness
 
 INF = math.inf
 
@@ -480,7 +481,6 @@ class Analysis:
     _svd_right = _svd_left
 
     def definiteness(self, node):
-        from .matrices import definiteness
         return definiteness(node, self.program, lambda n: self.range(n, self._facts))
 
     def _probe(self, node, *args):
