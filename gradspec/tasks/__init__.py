@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # annotations only: declaring and listing tasks imports no torch
+    import torch
 
 
 @dataclass
