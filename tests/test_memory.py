@@ -5,6 +5,7 @@ import torch
 
 import gradspec
 from gradspec import stdlib
+from gradspec.dsl import ast
 
 
 def _model(dtype=torch.float32):
@@ -17,7 +18,9 @@ def _specs():
         spec = gradspec.load(name)
         if spec.kind == "adaptor":
             name = f"{name}(adam)"
-        if not gradspec.Optimizer([torch.zeros(1, requires_grad=True)], name, backend="eager").has_probes:
+        spec = gradspec.load(name)
+        # Optimizer.has_probes without building an optimizer at collection
+        if not any(isinstance(item, ast.Probe) and item.model for _, item in spec.items):
             yield name
 
 
