@@ -15,6 +15,7 @@ import pytest
 
 import gradspec
 from gradspec import cache
+from gradspec.cli import main
 from gradspec.dsl import parser
 from gradspec.dsl.files import MAX_SPEC_BYTES
 
@@ -356,13 +357,12 @@ def test_an_unclosed_string_or_power_stars_say_what_is_wrong():
     assert info.value.message == "unexpected '**'" and "       |          ^^" in str(info.value)
 
 
-def test_check_json_lists_every_syntax_error(tmp_path, monkeypatch):
+def test_check_json_lists_every_syntax_error(tmp_path, monkeypatch, capsys):
     import json
     monkeypatch.chdir(tmp_path)
     (tmp_path / "two.opt").write_text(H + "x = grad ** 2\ny = grad $ 2\n" + U)
-    done = subprocess.run([sys.executable, "-m", "gradspec.cli", "check", "--json", "two.opt"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    [report] = json.loads(done.stdout)
+    assert main(["check", "--json", "two.opt"]) == 1
+    [report] = json.loads(capsys.readouterr().out)
     assert [(d["code"], d["line"], d["column"]) for d in report["diagnostics"]] == [("GS002", 3, 10),
                                                                                     ("GS001", 4, 10)]
 
@@ -395,10 +395,10 @@ def test_check_and_list_do_not_import_torch(argv):
     assert done.stdout.split()[:2] == ["0", "False"], done.stderr
 
 
-def test_gradspec_version():
-    done = subprocess.run([sys.executable, "-m", "gradspec.cli", "--version"], capture_output=True, text=True,
-                          timeout=60)
-    assert done.stdout.strip() == f"gradspec {gradspec.__version__}"
+def test_gradspec_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"gradspec {gradspec.__version__}"
 
 
 def test_lazy_public_names_stay_what_they_were():
