@@ -4,6 +4,8 @@ Resolution and the IR builder find syntax, name, type and scope errors; the symb
 adds the hyperparameters' domains, numerical safety under every setting of the switches, and
 the spec's laws. Errors raise :class:`SpecError`; warnings (a constant that underflows in a
 half-precision dtype) are returned by :func:`diagnose` and printed by ``gradspec check``.
+:func:`examine` also says what became of each law, so that ``gradspec check`` can say what
+it proved rather than only that nothing failed.
 
 Only the switches the spec reads are enumerated: a boolean hyperparameter that no statement
 names cannot change the program, so twenty unused ones cost nothing. A problem found under
@@ -17,7 +19,7 @@ import itertools
 from dataclasses import dataclass
 
 from .compiler.ir import build
-from .dsl import ast
+from .dsl import ast, printer
 from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import Spec, apply_adaptor, load
 from .symbolic import domains, laws, safety
@@ -45,8 +47,35 @@ class _Run:
     allowed: bool = True  # False where a ``require`` rules the setting out
 
 
+@dataclass(frozen=True)
+class LawOutcome:
+    """What checking one law found, under every setting of the switches it leaves free:
+    ``proved``; ``refuted`` (a counterexample, GS081); ``unproven`` (no counterexample at the
+    random points, but no proof either: GS082); or ``invalid`` (the law names what the spec
+    does not have)."""
+
+    claim: str  # the law as written, without its message: "equals adam at weight_decay = 0"
+    message: str | None  # the law's own words: "without decay, AdamW is Adam"
+    status: str
+
+
+@dataclass(frozen=True)
+class Examined:
+    """Everything checking found: the diagnostics, and each law's outcome in source order
+    (empty when an error stopped the checker before the laws)."""
+
+    diagnostics: list
+    laws: list
+
+
 @deep
 def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diagnostic]:
+    """All diagnostics of ``spec``, errors and warnings, in source order (see :func:`examine`)."""
+    return examine(spec, dtype, prove_laws).diagnostics
+
+
+@deep
+def examine(spec: Spec | str, dtype=None, prove_laws: bool = True) -> Examined:
     """All diagnostics of ``spec``, errors and warnings, in source order. Adaptors are checked
     applied to ``sgd``, the simplest base; a spec is built under every setting of the switches
     it reads, so that an error in a branch not taken by default is found too; a spec with
@@ -57,19 +86,21 @@ def diagnose(spec: Spec | str, dtype=None, prove_laws: bool = True) -> list[Diag
         base = load("sgd") if spec.kind == "adaptor" else None
         target = apply_adaptor(spec, base) if base is not None else spec
     except SpecError as error:
-        return error.diagnostics
+        return Examined(error.diagnostics, [])
     switches = read_switches(target)
     runs = [_check_setting(target, switches, values) for values in _settings(target, switches)]
     found = [(d, None) for d in domains.diagnostics(target)]  # None: the same under every setting
     found += [(d, run.values) for run in runs for d in run.found]
+    outcomes = []
     if not any(d.severity == "error" for d, _ in found):
         if prove_laws:
             pinned = base.hyper_defaults if base is not None else None
-            found += _laws(runs, switches, pinned)
+            law_found, outcomes = _laws(runs, switches, pinned)
+            found += law_found
         default = runs[0].program
         if dtype is not None and default is not None:
             found += [(d, runs[0].values) for d in domains.underflow(default, dtype)]
-    return _merged(found, switches, [run.values for run in runs if run.allowed])
+    return Examined(_merged(found, switches, [run.values for run in runs if run.allowed]), outcomes)
 
 
 @deep  # hashing a deep spec's statements recurses too
@@ -133,9 +164,10 @@ def _check_setting(spec: Spec, switches: list[str], values: tuple) -> _Run:
     return run
 
 
-def _laws(runs: list[_Run], switches: list[str], pinned) -> list:
-    """Each law proven once per setting of the read switches its ``at`` leaves free."""
-    found, done = [], set()
+def _laws(runs: list[_Run], switches: list[str], pinned) -> tuple[list, list[LawOutcome]]:
+    """Each law proven once per setting of the read switches its ``at`` leaves free; the
+    diagnostics, and each law's outcome (its worst under any setting)."""
+    found, done, worst = [], set(), {}
     for run in runs:
         if run.program is None:
             continue
@@ -145,8 +177,27 @@ def _laws(runs: list[_Run], switches: list[str], pinned) -> list:
             if key in done:
                 continue
             done.add(key)
-            found += [(d, run.values) for d in laws.check_law(run.program, index, pinned)]
-    return found
+            diagnostics = laws.check_law(run.program, index, pinned)
+            found += [(d, run.values) for d in diagnostics]
+            previous = worst.setdefault(id(law), (law, "proved"))[1]
+            worst[id(law)] = (law, max(previous, _status(diagnostics), key=_STATUSES.index))
+    return found, [LawOutcome(law_claim(law), law.message, status) for law, status in worst.values()]
+
+
+_STATUSES = ("proved", "unproven", "invalid", "refuted")  # worse to the right
+
+
+def _status(diagnostics: list[Diagnostic]) -> str:
+    errors = {d.code for d in diagnostics if d.severity == "error"}
+    if not errors:
+        return "proved"
+    return "refuted" if "GS081" in errors else "unproven" if errors == {"GS082"} else "invalid"
+
+
+def law_claim(law: ast.Law) -> str:
+    """The law as written, without ``law`` and its message."""
+    text = printer.law(dataclasses.replace(law, message=None))
+    return text.removeprefix("law ")
 
 
 def _other_branches(spec, setting, program, limit: int = 6, probing=frozenset()) -> list[Diagnostic]:

@@ -146,7 +146,7 @@ def _hanging(prefix: str, text: str) -> str:
 
 
 def _check(args) -> int:
-    from .check import diagnose
+    from .check import Examined, examine
     names = list(args.specs) + (stdlib.names() if args.all else [])
     if not names:
         print("gradspec check: name specs to check, or --all", file=sys.stderr)
@@ -154,20 +154,43 @@ def _check(args) -> int:
     failed, report = 0, []
     for name in names:
         try:
-            found = diagnose(name, args.dtype)
+            examined = examine(name, args.dtype)
         except OSError as error:
-            found = [Diagnostic("GS000", str(error))]
+            examined = Examined([Diagnostic("GS000", str(error))], [])
+        found = examined.diagnostics
         errors = [d for d in found if d.severity == "error"]
         failed += bool(errors)
-        report.append({"spec": name, "ok": not errors, "diagnostics": [d.as_dict() for d in found]})
+        report.append({"spec": name, "ok": not errors, "diagnostics": [d.as_dict() for d in found],
+                       "laws": [{"law": o.claim, "message": o.message, "status": o.status} for o in examined.laws]})
         if not args.json:
             for d in found:
                 print(d.render(), file=sys.stderr)
-            if not errors:
-                print(f"{name}: ok")
+            if not errors or examined.laws:
+                print(_check_summary(name, not errors, examined.laws))
     if args.json:
         print(json.dumps(report, indent=2))
     return 1 if failed else 0
+
+
+_LAW_WORDS = {"proved": "proved", "unproven": "not proven", "refuted": "refuted", "invalid": "invalid"}
+
+
+def _check_summary(name: str, ok: bool, outcomes: list) -> str:
+    """``adam: ok, 2 laws proved``, then one indented line per law: its outcome, the claim as
+    written and the law's own words."""
+    verdict = "ok" if ok else "failed"
+    if not outcomes:
+        return f"{name}: {verdict}, no laws declared" if ok else f"{name}: {verdict}"
+    counts = {}
+    for outcome in outcomes:
+        counts[_LAW_WORDS[outcome.status]] = counts.get(_LAW_WORDS[outcome.status], 0) + 1
+    tally = ", ".join(f"{n} {'law' if n == 1 else 'laws'} {word}" for word, n in counts.items())
+    lines = [f"{name}: {verdict}, {tally}"]
+    width = max(len(_LAW_WORDS[o.status]) for o in outcomes)
+    for outcome in outcomes:
+        words = f" \N{EM DASH} {outcome.message}" if outcome.message else ""
+        lines.append(_hanging(f"  {_LAW_WORDS[outcome.status]:<{width}}  ", outcome.claim + words))
+    return "\n".join(lines)
 
 
 def _diff(args) -> int:
