@@ -2,22 +2,38 @@
 and clipping kept, evaluations as `gradspec show --cost` declares), plain specs everywhere
 torch.optim.AdamW goes (matching it), resuming, and docs/integrations.md's examples, run as
 written. Models are built from configs or by hand, data generated here: nothing is downloaded."""
+import functools
+import importlib
 import pathlib
 import re
 
-import accelerate
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 import gradspec
 from gradspec.compiler.cost import step_cost
 from gradspec.integrations import replay
 from gradspec.integrations.lightning import ProbeSteps
-from gradspec.integrations.transformers import GradspecTrainer
 from gradspec.runtime.probes import Evaluations
+
+
+class _OnFirstUse:
+    """A module imported when a test first reads from it. transformers' Trainer and lightning
+    take about 6 s of CPU to import; with the file in one xdist group below, one worker pays
+    that, instead of every worker at collection."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+L = _OnFirstUse("lightning")
+transformers = _OnFirstUse("transformers")
+hf_integration = _OnFirstUse("gradspec.integrations.transformers")
+pytestmark = pytest.mark.xdist_group("integrations")
 
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "integrations.md"
 PROBE_SPECS = [("deo(adam)", {"T": 2, "lr": 1e-2}),
@@ -112,8 +128,8 @@ def _hf_args(tmp_path, **overrides):
 def test_probe_specs_in_the_hf_trainer_accumulate_and_clip(spec, hyper, tmp_path):
     model, (x, y) = Tiny(), _data()
     opt = gradspec.Optimizer(model.parameters(), spec, backend="eager", **hyper)
-    trainer = GradspecTrainer(model=model, args=_hf_args(tmp_path), optimizers=(opt, None),
-                              train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
+    trainer = hf_integration.GradspecTrainer(model=model, args=_hf_args(tmp_path), optimizers=(opt, None),
+                                             train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
     trainer.train()
     expected, expected_counts = _reference(spec, hyper)
     assert opt.evaluations.as_dict() == _declared(opt, STEPS) == expected_counts
@@ -122,20 +138,30 @@ def test_probe_specs_in_the_hf_trainer_accumulate_and_clip(spec, hyper, tmp_path
     assert opt._optimizer_step_pre_hooks == {}  # released after train()
 
 
-class TinyModule(ProbeSteps, L.LightningModule):
-    def __init__(self, spec: str, hyper: dict, dtype=torch.float64, optimizer=None):
-        super().__init__()
-        self.model, self.spec, self.hyper, self.optimizer = Tiny(dtype), spec, hyper, optimizer
+@functools.cache
+def _tiny_module_class():
+    """TinyModule, a LightningModule (so defined on first use: see _OnFirstUse)."""
 
-    def training_step(self, batch, batch_idx):
-        out = self.model(*batch)
-        self.log("train_loss", out["loss"])
-        return out
+    class TinyModule(ProbeSteps, L.LightningModule):
+        def __init__(self, spec: str, hyper: dict, dtype=torch.float64, optimizer=None):
+            super().__init__()
+            self.model, self.spec, self.hyper, self.optimizer = Tiny(dtype), spec, hyper, optimizer
 
-    def configure_optimizers(self):
-        if self.optimizer is not None:  # a torch.optim class, for the twin runs
-            return self.optimizer(self.parameters(), **self.hyper)
-        return gradspec.Optimizer(self.parameters(), self.spec, backend="eager", **self.hyper)
+        def training_step(self, batch, batch_idx):
+            out = self.model(*batch)
+            self.log("train_loss", out["loss"])
+            return out
+
+        def configure_optimizers(self):
+            if self.optimizer is not None:  # a torch.optim class, for the twin runs
+                return self.optimizer(self.parameters(), **self.hyper)
+            return gradspec.Optimizer(self.parameters(), self.spec, backend="eager", **self.hyper)
+
+    return TinyModule
+
+
+def tiny_module(*args):
+    return _tiny_module_class()(*args)
 
 
 def _lightning(tmp_path, **overrides):
@@ -154,7 +180,7 @@ def test_probe_specs_in_lightning_automatic_optimization_accumulate_and_clip(spe
     logged = []
     log = L.LightningModule.log
     monkeypatch.setattr(L.LightningModule, "log", lambda self, *a, **k: logged.append(a[0]) or log(self, *a, **k))
-    module = TinyModule(spec, hyper)
+    module = tiny_module(spec, hyper)
     trainer = _lightning(tmp_path)
     trainer.fit(module, _loader())
     opt = trainer.optimizers[0]
@@ -185,8 +211,8 @@ def test_replays_draw_the_trainers_dropout_masks(tmp_path, monkeypatch):
     monkeypatch.setattr(replay.ProbeStepper, "record", record_and_replay)
     model, (x, y) = Tiny(dropout=0.5), _data()
     opt = gradspec.Optimizer(model.parameters(), "deo(adam)", T=1, backend="eager")
-    trainer = GradspecTrainer(model=model, args=_hf_args(tmp_path, max_steps=2), optimizers=(opt, None),
-                              train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
+    trainer = hf_integration.GradspecTrainer(model=model, args=_hf_args(tmp_path, max_steps=2),
+                                             optimizers=(opt, None), train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
     trainer.train()
     assert len(checked) == 2 * ACCUMULATE
     for replayed, trained, unseeded in checked:
@@ -197,15 +223,15 @@ def test_replays_draw_the_trainers_dropout_masks(tmp_path, monkeypatch):
 def test_settings_that_cannot_combine_with_probes_are_refused(tmp_path):
     model, (x, y) = Tiny(), _data()
     opt = gradspec.Optimizer(model.parameters(), "sophia", backend="eager")
-    trainer = GradspecTrainer(model=model, args=_hf_args(tmp_path), optimizers=(opt, None),
-                              train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
+    trainer = hf_integration.GradspecTrainer(model=model, args=_hf_args(tmp_path), optimizers=(opt, None),
+                                             train_dataset=[{"x": a, "labels": b} for a, b in zip(x, y)])
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16=True sets up (CPU fp16 is refused earlier)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="fp16=True"):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="gradient_clip_algorithm='value'"):
-        _lightning(tmp_path, gradient_clip_algorithm="value").fit(TinyModule("sophia", {}), _loader())
+        _lightning(tmp_path, gradient_clip_algorithm="value").fit(tiny_module("sophia", {}), _loader())
 
 
 def test_probe_specs_without_the_integration_stop_in_the_hf_trainer(tmp_path):
@@ -259,7 +285,7 @@ def test_plain_specs_in_the_hf_trainer_equal_torch_adamw(how, tmp_path):
 def test_plain_specs_in_lightning_equal_torch_adamw(tmp_path):
     runs = []
     for optimizer in (None, AdamWFromSpec):
-        module = TinyModule("adamw", {"lr": 1e-2}, torch.float32, optimizer)
+        module = tiny_module("adamw", {"lr": 1e-2}, torch.float32, optimizer)
         _lightning(tmp_path).fit(module, _loader(torch.float32))
         runs.append(list(module.parameters()))
     _assert_twins(*runs)
@@ -275,9 +301,9 @@ def test_hf_trainer_resumes_from_a_checkpoint(spec, tmp_path):
         model = Tiny()
         opt = gradspec.Optimizer(model.parameters(), spec, lr=1e-2, backend="eager",
                                  **({"T": 2} if spec != "adamw" else {}))
-        trainer = GradspecTrainer(model=model, optimizers=(opt, None), train_dataset=data,
-                                  args=_hf_args(tmp_path, output_dir=str(tmp_path / out), max_steps=steps,
-                                                save_strategy="steps", save_steps=2))
+        args = _hf_args(tmp_path, output_dir=str(tmp_path / out), max_steps=steps, save_strategy="steps",
+                        save_steps=2)
+        trainer = hf_integration.GradspecTrainer(model=model, optimizers=(opt, None), train_dataset=data, args=args)
         trainer.train(resume_from_checkpoint=resume)
         return [p.detach().clone() for p in model.parameters()]
 
@@ -293,7 +319,7 @@ def test_hf_trainer_resumes_from_a_checkpoint(spec, tmp_path):
 def test_lightning_resumes_with_clipping_and_accumulation(spec, hyper, tmp_path):
     """Two epochs of two steps each, straight or resumed from the first epoch's checkpoint."""
     def run(epochs, ckpt_path=None, root="straight"):
-        module = TinyModule(spec, hyper)
+        module = tiny_module(spec, hyper)
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / root), save_last=True)
         trainer = _lightning(tmp_path, max_steps=-1, max_epochs=epochs, enable_checkpointing=True,
                              callbacks=[checkpoints])
