@@ -3,16 +3,24 @@
     torchrun --nproc_per_node 2 examples/fsdp_train.py                  # lamb, FSDP2
     torchrun --nproc_per_node 2 examples/fsdp_train.py --spec "deo(adam)" --steps 60
     torchrun --nproc_per_node 2 examples/fsdp_train.py --wrap ddp --spec sophia
+    torchrun --nproc_per_node 2 examples/fsdp_train.py --spec muon  # Muon on the hidden matrices, AdamW on the rest
 
 Each rank takes its own slice of every batch. Under FSDP2 the optimizer steps the local
 shards, all-reducing LAMB's trust ratios and DEO's projections inside its compiled graph;
 probing specs get ``step(closure)``, and the closure runs on every rank. Halfway the run
 saves a checkpoint with torch.distributed.checkpoint and the second half resumes from it
-in a fresh model and optimizer, as a restarted job would.
+in a fresh model and optimizer, as a restarted job would. The checkpoint goes to
+--checkpoint-dir, which is kept; without it, to a temporary folder removed at the end.
+
+Muon is for hidden weight matrices: with --spec muon the blocks' 2-D weights take Muon (at
+--muon-lr) and the embedding, the output layer and every 1-D parameter take AdamW (at --lr),
+two optimizers stepped together and saved in one checkpoint, as the muon spec's docstring
+recommends.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 
@@ -56,13 +64,20 @@ def wrap(model, how: str):
 
 
 def build(vocab, args):
+    """A fresh model and its optimizers (two for Muon, one otherwise)."""
     torch.manual_seed(0)  # the same initial model on every rank
     model = wrap(CharModel(vocab), args.wrap)
-    opt = gradspec.Optimizer(model.parameters(), args.spec, backend=args.backend, lr=args.lr, seed=0)
-    return model, opt
+    if args.spec != "muon":
+        return model, [gradspec.Optimizer(model.parameters(), args.spec, backend=args.backend, lr=args.lr, seed=0)]
+    inner = getattr(model, "module", model)  # DDP wraps; fully_shard does not
+    hidden = {id(p) for p in inner.blocks.parameters() if p.ndim >= 2}
+    matrices = [p for p in model.parameters() if id(p) in hidden]
+    rest = [p for p in model.parameters() if id(p) not in hidden]
+    return model, [gradspec.Optimizer(matrices, "muon", backend=args.backend, lr=args.muon_lr),
+                   gradspec.Optimizer(rest, "adamw", backend=args.backend, lr=args.lr)]
 
 
-def train(model, opt, data, steps, first, rank, world):
+def train(model, opts, data, steps, first, rank, world):
     rows = BATCH // world
     generator = torch.Generator().manual_seed(1234)
     for step in range(first + steps):
@@ -77,17 +92,29 @@ def train(model, opt, data, steps, first, rank, world):
             logits = model(x)
             return F.cross_entropy(logits, y), logits
 
-        if opt.has_probes:
-            loss = opt.step(closure)
+        if opts[0].has_probes:  # a probing spec is the only optimizer
+            loss = opts[0].step(closure)
         else:
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss, _ = closure()
             loss.backward()
-            opt.step(loss=loss.detach())  # for specs that read the loss
+            for opt in opts:
+                opt.step(loss=loss.detach())  # for specs that read the loss
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         if rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1:4d}  loss {float(mean) / world:.4f}", flush=True)
+
+
+def checkpoint_folder(args, rank):
+    """--checkpoint-dir, kept; else a temporary folder rank 0 makes (private to this user)
+    and removes when the block ends. Every rank gets the same path."""
+    if args.checkpoint_dir is not None:
+        return contextlib.nullcontext(args.checkpoint_dir)
+    if rank == 0:
+        return tempfile.TemporaryDirectory(prefix="gradspec-fsdp-")
+    return contextlib.nullcontext(None)
 
 
 def main():
@@ -95,8 +122,11 @@ def main():
     parser.add_argument("--spec", default="lamb")
     parser.add_argument("--wrap", choices=["fsdp", "ddp"], default="fsdp")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="the spec's lr (AdamW's with --spec muon)")
+    parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon's lr on the hidden matrices")
     parser.add_argument("--backend", choices=["eager", "compiled"], default="eager")
+    parser.add_argument("--checkpoint-dir", help="save the halfway checkpoint here and keep it "
+                                                 "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -106,26 +136,30 @@ def main():
     vocab = sorted(set(text))
     data = torch.tensor([vocab.index(c) for c in text[:200_000]])
 
-    model, opt = build(len(vocab), args)
+    model, opts = build(len(vocab), args)
     half = args.steps // 2
-    train(model, opt, data, half, 0, rank, world)
+    train(model, opts, data, half, 0, rank, world)
 
-    folder = [tempfile.mkdtemp(prefix="gradspec-fsdp-") if rank == 0 else None]
-    dist.broadcast_object_list(folder)
-    model_state, opt_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=folder[0])
-    if rank == 0:
-        print(f"saved a checkpoint at step {half} to {folder[0]}; resuming in a fresh model and optimizer")
+    with checkpoint_folder(args, rank) as made:
+        folder = [made]
+        dist.broadcast_object_list(folder)
+        model_state, opt_state = get_state_dict(model, opts)
+        dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=folder[0])
+        if rank == 0:
+            print(f"saved a checkpoint at step {half} to {folder[0]}; resuming in a fresh model and optimizer")
 
-    model, opt = build(len(vocab), args)
-    opt.init_state()  # the state layout to load into: DCP's own lr-0 step has no closure or loss
-    model_state, opt_state = get_state_dict(model, opt)
-    state = {"model": model_state, "optimizer": opt_state}
-    dcp.load(state, checkpoint_id=folder[0])
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    train(model, opt, data, args.steps - half, half, rank, world)
+        model, opts = build(len(vocab), args)
+        for opt in opts:
+            opt.init_state()  # the state layout to load into: DCP's own lr-0 step has no closure or loss
+        model_state, opt_state = get_state_dict(model, opts)
+        state = {"model": model_state, "optimizer": opt_state}
+        dcp.load(state, checkpoint_id=folder[0])
+        set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        dist.barrier()  # every rank has read the checkpoint before rank 0 removes it
+    train(model, opts, data, args.steps - half, half, rank, world)
     if rank == 0:
-        print(f"{args.spec} under {args.wrap} on {world} processes: evaluations {opt.evaluations.as_dict()}")
+        counts = "; ".join(f"{opt.spec.name} {opt.evaluations.as_dict()}" for opt in opts)
+        print(f"{args.spec} under {args.wrap} on {world} processes: evaluations {counts}")
     dist.barrier()  # no rank tears down while another still communicates
     dist.destroy_process_group()
 
