@@ -19,6 +19,7 @@ import sympy
 
 from ..compiler.ir import Program
 from ..dsl import ast, printer
+from .laws import walk
 from .translate import _MATRIX_FUNCTIONS, OPS, Aspect, ElementSymbol, MatMul, Orthogonalize, number, reduction
 
 MATRIX_CLASSES = {"orthogonalize": Orthogonalize, "aspect": Aspect}
@@ -58,7 +59,7 @@ class Notation:
 
     @classmethod
     def of(cls, spec) -> "Notation":
-        items = list(_walk([item for _, item in spec.items]))
+        items = [item for _, item in walk(spec.items)]
         states = {i.name for i in items if isinstance(i, ast.State)}
         declared = states | {i.name for i in items if isinstance(i, ast.Define)} | set(spec.hypers)
         read = {n.name for i in items for e in _expressions(i) for n in ast.names_in(e)}
@@ -78,16 +79,6 @@ class Notation:
         if name in self.states:
             return f"{base}_{{t}}" if primed else f"{base}_{{t-1}}"
         return base
-
-
-def _walk(items):
-    """Every item of a body, with those nested in ``if``, probe and repeat blocks."""
-    for item in items:
-        yield item
-        if isinstance(item, ast.If):
-            yield from _walk(item.then + item.otherwise)
-        elif isinstance(item, (ast.Probe, ast.Repeat)):
-            yield from _walk(item.items)
 
 
 def _expressions(item) -> list:
