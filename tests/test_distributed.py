@@ -9,10 +9,12 @@ exact-HVP specs are refused under FSDP2 with a clear error. A checkpoint saved t
 torch.distributed.checkpoint under FSDP2 resumes bit for bit, and a non-finite gradient in
 one rank's shard is seen by every rank. The checks themselves are in distributed_worker.py.
 """
+import json
 import os
 import socket
 import tempfile
 
+import filelock
 import pytest
 import torch.multiprocessing as mp
 
@@ -50,10 +52,22 @@ EAGER_CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def eager_checks():
-    """The eager checks, run once for the tests below, in one process group."""
-    return _spawn(EAGER_CHECKS)
+@pytest.fixture(scope="session")
+def eager_checks(tmp_path_factory, worker_id):
+    """The eager checks, run once per test session for the tests below, in one process group.
+    Under pytest-xdist the first worker that needs them runs them and leaves the outcome in the
+    session's shared folder; a worker that comes later waits for it and reads it (the
+    xdist_group mark alone does not keep the tests on one worker: pytest-xdist 3.8 ignores it
+    under pytest 9.2, pytest-dev/pytest-xdist#1386)."""
+    if worker_id == "master":  # no xdist
+        return _spawn(EAGER_CHECKS)
+    outcome = tmp_path_factory.getbasetemp().parent / "distributed-eager-checks.json"
+    with filelock.FileLock(f"{outcome}.lock"):
+        if not outcome.is_file():
+            passed, error = _spawn(EAGER_CHECKS)
+            outcome.write_text(json.dumps({"passed": sorted(passed), "error": None if error is None else str(error)}))
+        saved = json.loads(outcome.read_text())
+    return set(saved["passed"]), saved["error"]
 
 
 def _assert_passed(outcome, name):
@@ -61,7 +75,7 @@ def _assert_passed(outcome, name):
     assert name in passed, f"{name} failed or did not run:\n{error}"
 
 
-# one xdist worker runs them all, so the module fixture spawns once
+# one xdist worker runs them all where pytest-xdist can (see eager_checks)
 together = pytest.mark.xdist_group("distributed")
 
 

@@ -27,9 +27,10 @@ from probe_references import DEO, BulkDom, Sophia, SophiaBase, TorchBase, flat
 STEPS = 100
 SEED = 7
 TOLERANCE = 1e-10
-BACKENDS = ["eager", pytest.param("compiled", marks=pytest.mark.compiled)]
-# one xdist worker runs the file, so the can-fail tests find the parity tests' runs in _OURS
-pytestmark = pytest.mark.xdist_group("probe_parity")
+# one xdist worker runs the eager runs, so the can-fail tests find the parity tests' in _OURS
+# (the compiled cases go to any worker)
+EAGER_RUNS = pytest.mark.xdist_group("probe_parity_eager")
+BACKENDS = [pytest.param("eager", marks=EAGER_RUNS), pytest.param("compiled", marks=pytest.mark.compiled)]
 
 
 def _train(make, backward=False, classify=False, bumpy=0.0, steps=STEPS):
@@ -131,6 +132,7 @@ def test_deo_matches_the_paper_form(spec, base_hyper, base, backward, deo_hyper,
     _assert_close(ours, expected)
 
 
+@EAGER_RUNS
 def test_deo_changes_the_trajectory():
     """The projection and the rotations matter in these runs: DEO is far from its base, and
     a reference that never rotates (rot_lr = 0) is far from DEO."""
@@ -263,6 +265,7 @@ WRONG_SETTINGS = [
 ]
 
 
+@EAGER_RUNS
 @pytest.mark.parametrize("ours, wrong", WRONG_SETTINGS)
 def test_a_reference_with_a_wrong_setting_fails(ours, wrong):
     error = _error(ours(), wrong())
