@@ -149,15 +149,16 @@ BASES = [n for n in stdlib.names() if n not in ADAPTORS]
 def test_every_adaptor_checks_on_every_stdlib_optimizer(adaptor):
     """lookahead's fixed point was refuted on every base with weight decay: an adaptor's law
     now says that at a fixed point of the base the adaptor is at one too. A pair that cannot
-    be composed at all (both declare alpha: GS025; bulk_sgd already is bulk_dom(sgd): GS033)
-    is a resolution error, not a law's."""
+    be composed at all (both declare alpha: GS025; bulk_sgd already is bulk_dom(sgd): GS033;
+    a base that branches on the shape class under an adaptor whose probes or global reductions
+    read a class-dependent value: GS069) is a composition error, not a law's."""
     clashes = []
     for base in BASES:
         try:
             gradspec.check(f"{adaptor}({base})")
         except gradspec.SpecError as error:
             codes = {d.code for d in error.diagnostics}
-            assert codes <= {"GS025", "GS033"}, f"{adaptor}({base}): {error}"
+            assert codes <= {"GS025", "GS033", "GS069"}, f"{adaptor}({base}): {error}"
             clashes.append(base)
     assert len(clashes) < len(BASES) / 2, clashes
 

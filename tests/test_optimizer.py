@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import gradspec
+from gradspec.compiler import backends
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -836,7 +837,9 @@ def test_nonfinite_raise_changes_nothing_in_any_param_group():
 # ---------------------------------------------------------------- the compiled backend
 @pytest.mark.compiled
 def test_scheduler_and_hand_changed_beta2_never_recompile():
-    # sizes no other test uses, so this optimizer's step is compiled here and not shared
+    # a length-free step is shared by every optimizer of the same spec and dtype: start empty
+    backends._CACHE.clear()
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 11), torch.nn.Tanh(), torch.nn.Linear(11, 2)).double()
     reference = copy.deepcopy(model)

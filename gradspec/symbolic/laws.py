@@ -437,8 +437,13 @@ def search(exprs, bounds, gap, facts=()):
     symbols = sorted(set().union(*(e.free_symbols for e in exprs + facts)), key=lambda s: s.name)
     # dummify: a symbol named like a function (a hyperparameter called exp) must not shadow
     # it, and two symbols of one name (different assumptions) must stay two arguments
-    function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"], dummify=True)
-    holds = sympy.lambdify(symbols, facts, modules=[_MATH, "math"], dummify=True) if facts else None
+    try:
+        function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"], dummify=True)
+        holds = sympy.lambdify(symbols, facts, modules=[_MATH, "math"], dummify=True) if facts else None
+    except (AttributeError, TypeError, NotImplementedError):
+        # matrix algebra (a MatMul) has no scalar function to sample: no counterexample is
+        # sought, and the caller's symbolic proof alone decides
+        return None
     rng = random.Random(0)
     boundaries = _boundaries(exprs)
     for index in range(SAMPLES * (4 if facts else 1) + (SAMPLES if boundaries else 0)):
