@@ -47,7 +47,6 @@ def test_the_cli_refuses_probe_specs_and_empty_layouts(capsys):
 
 
 @pytest.mark.compiled  # its child processes compile (conftest.py cannot see them)
-@pytest.mark.compiled  # its child processes compile (conftest.py cannot see them)
 def test_compile_times_are_taken_in_fresh_processes_for_a_first_and_a_second_graph(monkeypatch):
     monkeypatch.setattr(bench, "_optional_package", lambda name: None)  # no peer package installed
     result = bench.run(["lamb"], params=1e3, tensors=2, steps=1, backends=("eager",), compile_tensors=(3,))
