@@ -61,6 +61,7 @@ class _FirstCall:
         self.compiled = compiled
         self.after_first = after_first
         self.any_size = any_size
+        self.for_any_length = any_size  # kept: any_size itself only marks the first call
 
     def __call__(self, *args):
         if self.any_size:
@@ -108,20 +109,38 @@ def remember_vector_isa() -> None:
 _CACHE: dict = {}
 
 
+# A kernel compiled for any length ran 40% slower than one compiled for its length on our CPU
+# (adam, 10M parameters: 10.7-11.0 vs 7.6-7.9 ms, fused Adam 7.5-7.7; docs/design.md): the
+# loop bound and the tail become run-time values. So a length-free step is compiled for its
+# lengths up to STATIC_LAYOUTS times, and one kernel for any length serves every layout after
+# those: a model with one or two groups keeps the fast kernels, one with 48 groups of distinct
+# sizes compiles five graphs, not 48.
+STATIC_LAYOUTS = 4
+
+
 def cached(graphs, shapes, backend: str, device: torch.device | str = "cpu", relower=None):
     """The (scalar, main) callables of a step, shared by every optimizer whose graphs have the
     same code and bucket shapes: a second optimizer with the same spec and layout does not
     compile again. ``relower(shapes)`` lowers the same program for other shapes: where the
-    graphs come out the same for longer buffers, the step depends on no length, and one
-    kernel compiled for any length serves every group and bucket of the same dtypes (a
-    model with 48 groups of distinct sizes compiles once, not 48 times)."""
-    any_size = relower is not None and _independent_of_lengths(graphs, shapes, relower)
-    layout = tuple((s.dtype, s.state_dtype) for s in shapes) if any_size else tuple(shapes)
-    key = (graphs.scalar.code, graphs.main.code, layout, backend, str(device))
-    if key not in _CACHE:
+    graphs come out the same for longer buffers, the step depends on no length, and after
+    :data:`STATIC_LAYOUTS` layouts of the same code and dtypes one kernel compiled for any
+    length serves the rest."""
+    key = (graphs.scalar.code, graphs.main.code, tuple(shapes), backend, str(device))
+    if key in _CACHE:
+        return _CACHE[key]
+    family = (graphs.scalar.code, graphs.main.code, tuple((s.dtype, s.state_dtype) for s in shapes), backend,
+              str(device))
+    layouts = _CACHE.setdefault(("static layouts", *family), set())
+    if backend == "compiled" and len(layouts) >= STATIC_LAYOUTS and relower is not None \
+            and _independent_of_lengths(graphs, shapes, relower):
+        if family not in _CACHE:
+            _CACHE[family] = (graphs.scalar, make(graphs.main, backend, device, any_size=True))
+        _CACHE[key] = _CACHE[family]
+    else:
         # The scalar phase is a handful of 0-d ops (15 us/step eagerly on CPU for adam);
         # compiling it would cost a second C++ build (several seconds) for nothing.
-        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device, any_size))
+        _CACHE[key] = (graphs.scalar, make(graphs.main, backend, device))
+        layouts.add(key)
     return _CACHE[key]
 
 
