@@ -22,16 +22,21 @@ def _groups(count: int, dtype=torch.float32, seed=0):
     return params, [{"params": [p], "lr": 1e-2 * 0.9 ** i, "weight_decay": 0.1 * (i % 2)} for i, p in enumerate(params)]
 
 
+@pytest.fixture
+def no_compiles_yet():
+    """Empty caches and Dynamo's counters, so a test counts the graphs its own steps compile."""
+    backends._CACHE.clear()
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def _step(opt, params, gen):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
     opt.step()
 
 
-def test_48_groups_of_distinct_sizes_compile_five_graphs_not_48():
-    backends._CACHE.clear()
-    torch._dynamo.reset()
-    counters.clear()
+def test_48_groups_of_distinct_sizes_compile_five_graphs_not_48(no_compiles_yet):
     params, groups = _groups(48)
     opt = gradspec.Optimizer(groups, "adamw", backend="compiled")
     gen = torch.Generator().manual_seed(1)
@@ -43,10 +48,7 @@ def test_48_groups_of_distinct_sizes_compile_five_graphs_not_48():
     assert len(opt._plans) == 48
 
 
-def test_a_model_with_few_layouts_keeps_kernels_compiled_for_their_lengths():
-    backends._CACHE.clear()
-    torch._dynamo.reset()
-    counters.clear()
+def test_a_model_with_few_layouts_keeps_kernels_compiled_for_their_lengths(no_compiles_yet):
     params, groups = _groups(2)
     opt = gradspec.Optimizer(groups, "adamw", backend="compiled")
     _step(opt, params, torch.Generator().manual_seed(1))
@@ -67,12 +69,9 @@ def test_the_length_free_kernel_matches_torch_adamw_in_every_group():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_a_spec_with_per_tensor_reductions_keeps_a_compile_per_layout():
+def test_a_spec_with_per_tensor_reductions_keeps_a_compile_per_layout(no_compiles_yet):
     """LAMB's trust ratio reduces each tensor: its graph holds the tensors' sizes, so two
     groups of different sizes are two layouts (and two graphs), never one wrong kernel."""
-    backends._CACHE.clear()
-    torch._dynamo.reset()
-    counters.clear()
     params, groups = _groups(2)
     opt = gradspec.Optimizer(groups, "lamb", backend="compiled")
     _step(opt, params, torch.Generator().manual_seed(4))
