@@ -275,7 +275,7 @@ def _show(args) -> int:
 def _bench(args) -> int:
     from . import bench
     for spec in args.specs:
-        if any(type(item).__name__ == "Probe" for _, item in load(spec).items):
+        if any(type(item).__name__ == "Probe" and item.model for _, item in load(spec).items):
             print(f"gradspec bench: {spec} evaluates the model in its probes; time it with a model: "
                   "python bench/bench_probes.py --specs ...", file=sys.stderr)
             return 2

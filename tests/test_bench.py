@@ -46,6 +46,13 @@ def test_the_cli_refuses_probe_specs_and_empty_layouts(capsys):
     assert main(["bench", "adam", "--tensors", "0"]) == 2
 
 
+def test_periodic_work_without_model_evaluations_is_benched(capsys):
+    # shampoo's `every k { }` refresh evaluates nothing: its ordinary step is timed like any other
+    assert main(["bench", "shampoo", "--params", "2000", "--tensors", "2", "--steps", "1",
+                 "--backends", "eager", "--no-peers"]) == 0
+    assert "gradspec shampoo eager (views)" in capsys.readouterr().out
+
+
 @pytest.mark.compiled  # its child processes compile (conftest.py cannot see them)
 def test_compile_times_are_taken_in_fresh_processes_for_a_first_and_a_second_graph(monkeypatch):
     monkeypatch.setattr(bench, "_optional_package", lambda name: None)  # no peer package installed
