@@ -34,10 +34,15 @@ SPECS = {
     "bulk_dom(adam)": {"k": 2, "R": 5, "lanczos_steps": 8, "a": 0.25},
     "muon(ns_bfloat16 = false)": {}, "adafactor": {}, "agc(adam)": {}, "gc(sgd)": {"lr": 0.05},
     "shampoo": {}, "muon_adamw": {}, "schedule_free_sgd": {"lr": 0.1}, "schedule_free_adamw": {"lr": 1e-2},
-    "prodigy": {},
+    "prodigy": {}, "soap": {},
 }
 NEEDS_INIT_STATE = {"deo(adam)", "sophia_g", "sgd_log_metric"}  # the others test DCP's lr-0 step
 HVP_SPECS = {"sophia", "bulk_sgd", "dom_sgd", "bulk_dom(adam)"}  # refused under FSDP2
+# soap's first basis is eigvecs of a rank-one statistic (g g^T of this model's gradients): its
+# null-space columns follow the last bits of the product, which a row-sharded product rounds
+# otherwise, and the runs part (3.5e-2 after STEPS steps). Under DDP every rank computes what
+# one process does; under FSDP2 soap is not compared here (a known gap, see docs/distributed.md)
+UNDETERMINED_UNDER_FSDP = {"soap"}
 # Under DDP the step runs unchanged on the all-reduced gradient (gradspec/runtime/distributed.py):
 # what differs from one process is the closure driver averaging the gradients it computes
 # itself (the probing specs) and the loss averaged over the batch (the metric specs). Those run
@@ -45,9 +50,9 @@ HVP_SPECS = {"sophia", "bulk_sgd", "dom_sgd", "bulk_dom(adam)"}  # refused under
 # matrix iteration, shape-aware state); every spec runs under FSDP2.
 DDP_SPECS = ["deo(adam)", "sophia", "sophia_g", "bulk_sgd", "dom_sgd", "bulk_dom(adam)", "sgd_metric",
              "sgd_log_metric", "adam", "lamb", "clip_grad_norm(adam)", "muon", "shampoo"]
-# shape-aware specs (axis reductions, matrix algebra, shaped states) need each tensor whole on
-# one process: refused under FSDP2, with a message that says so
-SHAPED_SPECS = {"muon(ns_bfloat16 = false)", "adafactor", "agc(adam)", "gc(sgd)", "shampoo", "muon_adamw"}
+# shape-aware specs (axis reductions, matrix algebra, shaped states): under FSDP2 as the others
+# (compiler/sharded.py; their own checks are in tests/test_distributed_shapes.py)
+SHAPED_SPECS = {"muon(ns_bfloat16 = false)", "adafactor", "agc(adam)", "gc(sgd)", "shampoo", "muon_adamw", "soap"}
 
 
 class Model(torch.nn.Module):
@@ -143,9 +148,11 @@ def check_parity(mode: str, backend: str, specs: list):
     """Every spec for STEPS steps under ``mode`` ("ddp" or "fsdp") against one process."""
     from torch.nn.parallel import DistributedDataParallel
     failures = []
-    refused = (HVP_SPECS | SHAPED_SPECS) if mode == "fsdp" else set()
+    refused = HVP_SPECS if mode == "fsdp" else set()
     expected_by_spec = references([spec for spec in specs if spec not in refused], backend)
     for spec in specs:
+        if mode == "fsdp" and spec in UNDETERMINED_UNDER_FSDP:
+            continue
         hyper = SPECS[spec]
         model = Model().double()
         if mode == "fsdp" and spec in HVP_SPECS:
@@ -155,16 +162,6 @@ def check_parity(mode: str, backend: str, specs: list):
                 assert "FSDP2" in str(error) and "DDP" in str(error), str(error)
                 continue
             failures.append(f"{spec}: an exact-HVP spec was accepted under FSDP2")
-            continue
-        if mode == "fsdp" and spec in SHAPED_SPECS:
-            sharded = shard(model)
-            try:
-                train(sharded, gradspec.Optimizer(sharded.parameters(), spec, backend=backend, seed=3, **hyper),
-                      mine(), 1)
-            except NotImplementedError as error:
-                assert "FSDP" in str(error) and "whole on one process" in str(error), str(error)
-                continue
-            failures.append(f"{spec}: a shape-aware spec was accepted under FSDP2")
             continue
         wrapped = DistributedDataParallel(model) if mode == "ddp" else shard(model)
         opt = gradspec.Optimizer(wrapped.parameters(), spec, backend=backend, seed=3, **hyper)
@@ -240,15 +237,17 @@ def check_nonfinite(backend: str):
         assert torch.equal(full(model), before)
 
 
-def main(rank: int, world: int, rendezvous: str, checks: list, passed_folder: str):
+def main(rank: int, world: int, rendezvous: str, checks: list, passed_folder: str, module: str = __name__):
     """Run ``checks``, (name, check, args) triples, in order in one process group: starting
-    two processes that import torch costs more than most checks. After each check passes on
+    two processes that import torch costs more than most checks. ``check`` names a function of
+    ``module`` (this one, or tests/distributed_shapes_worker.py). After each check passes on
     every rank, rank 0 leaves a file named after it in ``passed_folder``; the first failure
     raises, and spawn reports its traceback."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    namespace = vars(sys.modules[module]) if module != __name__ else globals()
     for name, check, args in checks:
-        globals()[check](*args)
+        namespace[check](*args)
         dist.barrier()
         if rank == 0:
             open(os.path.join(passed_folder, name), "w").close()

@@ -68,6 +68,12 @@ CASES = [
     ("reduce_a_scalar", H + "x = global.sum(lr)\nparam' = param - lr * x * grad\n", "GS056", 3, 16),
     ("init_uses_state", H + "state m = step\nm' = m\n" + U, "GS058", 3, 11),
     ("global_state_per_element", H + "state s: global = 0\ns' = grad\n" + U, "GS061", 4, 1),
+    ("groups_reduction_nested", H + "x = groups.sum(grad / groups.norm(grad))\nparam' = param - lr * x * grad\n",
+     "GS077", 3, 5),
+    ("groups_reduction_in_initial_value", H + "state s = groups.sum(grad)\ns' = s\n" + U, "GS077", 3, 11),
+    ("groups_reduction_in_repeat", H + "x = grad\nrepeat 2 {\n  x' = x / groups.norm(x)\n}\n"
+     "param' = param - lr * x'\n", "GS077", 5, 12),
+    ("groups_unknown_size", H + "param' = param - lr * grad / groups.rows\n", "GS055", 3, 30),
     # constraints and domains
     ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),
     ("empty_interval", "optimizer t\nhyper lr = 0.1 >= 0\nhyper b = 0.5 in [1, 0]\n" + U, "GS070", 3, 1),
@@ -93,6 +99,8 @@ CASES = [
      "GS068", 8, 23),
     ("inverse_root_not_definite", H + "param' = param - lr * inv_root(grad @ transpose(grad), 4) @ grad\n",
      "GS073", 3, 32),
+    ("descending_of_a_matrix", H + "param' = param - lr * grad @ descending(grad)\n", "GS067", 3, 30),
+    ("qr_precision_not_a_switch", H + "param' = param - lr * qr(grad, lr > 0)\n", "GS062", 3, 32),
     ("probe_local_used_outside", H + "hyper k: int = 2 >= 1\nprobe every k {\n  h = hvp(grad)\n}\nparam' = param - lr * h\n", "GS066", 7, 23),
     ("state_inside_probe", H + "probe every 2 {\n  state h = 0\n}\n" + U, "GS018", 4, 3),
     ("probe_period_real", H + "hyper k = 2\nstate h = 0\nprobe every k {\n  h' = hvp(grad)\n}\n" + U, "GS019", 3, 1),
@@ -102,6 +110,18 @@ CASES = [
     ("lanczos_too_short", H + "hyper k: int = 5 >= 1\nstate U: subspace(k) = 0\nprobe every 1 {\n  U' = hessian_eigvecs(k, 3)\n}\nparam' = param - lr * onto(grad, U)\n", "GS064", 6, 8),
     ("subspace_rank_not_a_hyper", H + "state U: subspace(kk) = 0\nU' = U\nparam' = param - lr * onto(grad, U)\n", "GS064", 3, 1),
     ("subspace_scope_without_rank", H + "state U: subspace = 0\nU' = U\n" + U, "GS004", 3, 10),
+    # blocks B { }: what a block may hold, what may cross its edge
+    ("block_size_real", H + "hyper b = 4\nblocks b {\n  x = grad\n}\nparam' = param - lr * x\n", "GS074", 3, 1),
+    ("element_state_in_block", H + "blocks 4 {\n  state m = 0\n  m' = grad\n}\n" + U, "GS074", 4, 3),
+    ("update_in_block", H + "blocks 4 {\n  param' = param - lr * grad\n}\n", "GS074", 4, 3),
+    ("block_in_block", H + "blocks 4 {\n  blocks 2 {\n    x = grad\n  }\n}\n" + U, "GS074", 4, 3),
+    ("row_reduction_in_block", H + "blocks 4 {\n  x = row.sum(grad)\n}\nparam' = param - lr * x\n",
+     "GS074", 4, 7),
+    ("block_matrix_read_outside", H + "blocks 4 {\n  state L: (rows, rows) = 0\n  L' = L + grad @ transpose(grad)\n}\n"
+                                      "param' = param - lr * L' @ grad\n", "GS075", 7, 23),
+    ("matrix_read_inside_block", H + "A = grad @ transpose(grad)\nblocks 4 {\n  d = A @ grad\n}\n"
+                                     "param' = param - lr * d\n", "GS075", 5, 7),
+    ("block_state_set_outside", H + "blocks 4 {\n  state s: tensor = 0\n}\ns' = 1\n" + U, "GS075", 6, 1),
     # refuted and unproven laws
     ("refuted_equals", H + "law equals adam\n" + U, "GS081", 3, 1),
     ("refuted_fixed_point", H + "law fixed_point\nparam' = param - lr * (grad + 1)\n", "GS081", 3, 1),

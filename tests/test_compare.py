@@ -1,8 +1,6 @@
 """gradspec compare: deterministic seeded runs, the learning-rate grid, the summaries and their
 verdicts, the files it writes, comparison files and user tasks, and the built-in tasks."""
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -164,20 +162,20 @@ def test_a_user_task_from_a_python_file(tmp_path):
         tasks.get("digitz")
 
 
-def test_the_cli_compares_and_reports_errors(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gradspec.cli", "compare", "sgd", "adam", "--task", "himmelblau",
-                          "--steps", "40", "--seeds", "1", "--lr", "0.01", "--quiet", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "| `sgd` | 0.01 |" in out.stdout and (tmp_path / "report.md").exists()
+def test_the_cli_compares_and_reports_errors(tmp_path, capsys):
+    """In this process: what a separate process adds (no traceback, exit codes through
+    sys.exit) is tests/test_hardening_inputs.py's subject."""
+    from gradspec.cli import main
+    assert main(["compare", "sgd", "adam", "--task", "himmelblau", "--steps", "40", "--seeds", "1", "--lr", "0.01",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `sgd` | 0.01 |" in out and (tmp_path / "report.md").exists()
     assert (f"wrote runs.csv, evals.csv, loss_vs_step.png, loss_vs_time.png, trajectories.png and report.md "
-            f"under {tmp_path}") in out.stdout
-    missing = subprocess.run([sys.executable, "-m", "gradspec.cli", "compare", "sgd", "--quiet"],
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "--task is required" in missing.stderr
-    bad_spec = subprocess.run([sys.executable, "-m", "gradspec.cli", "compare", "adm", "--task", "beale", "--quiet"],
-                              capture_output=True, text=True)
-    assert bad_spec.returncode == 1 and "unknown spec 'adm'" in bad_spec.stderr
+            f"under {tmp_path}") in out
+    assert main(["compare", "sgd", "--quiet"]) == 2
+    assert "--task is required" in capsys.readouterr().err
+    assert main(["compare", "adm", "--task", "beale", "--quiet"]) == 1
+    assert "unknown spec 'adm'" in capsys.readouterr().err
 
 
 def test_the_results_page_is_generated_from_comparison_files(tmp_path):

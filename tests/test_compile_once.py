@@ -76,3 +76,17 @@ def test_a_spec_with_per_tensor_reductions_keeps_a_compile_per_layout(no_compile
     opt = gradspec.Optimizer(groups, "lamb", backend="compiled")
     _step(opt, params, torch.Generator().manual_seed(4))
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_spec_with_groups_reductions_compiles_its_partial_pass_as_its_step(no_compiles_yet):
+    """Prodigy's groups.* reductions add a partial pass per group (compiler/lower.py), compiled
+    and shared as the step is: six groups of distinct sizes compile five steps and five partial
+    passes, whatever the number of groups beyond the first four layouts."""
+    params, groups = _groups(6)
+    opt = gradspec.Optimizer(groups, "prodigy", backend="compiled")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        _step(opt, params, gen)
+    assert counters["stats"]["unique_graphs"] == 2 * (backends.STATIC_LAYOUTS + 1)
+    d = {float(opt.state[group["params"][0]]["d"]) for group in opt.param_groups}
+    assert len(d) == 1  # one estimate over every group

@@ -55,10 +55,10 @@ EAGER_CHECKS = {
 @pytest.fixture(scope="session")
 def eager_checks(tmp_path_factory, worker_id):
     """The eager checks, run once per test session for the tests below, in one process group.
-    Under pytest-xdist the first worker that needs them runs them and leaves the outcome in the
-    session's shared folder; a worker that comes later waits for it and reads it (the
-    xdist_group mark alone does not keep the tests on one worker: pytest-xdist 3.8 ignores it
-    under pytest 9.2, pytest-dev/pytest-xdist#1386)."""
+    Their xdist_group keeps them on one worker under ``--dist loadgroup`` (the project's
+    default; tests/conftest.py works around pytest-dev/pytest-xdist#1386). Under another
+    distribution the first worker that needs them runs them and leaves the outcome in the
+    session's shared folder, and a worker that comes later waits for it and reads it."""
     if worker_id == "master":  # no xdist
         return _spawn(EAGER_CHECKS)
     outcome = tmp_path_factory.getbasetemp().parent / "distributed-eager-checks.json"

@@ -56,10 +56,11 @@ def test_hundred_steps_equal_torch_optim(name, make):
     assert float(state["step"]) == 100
 
 
-@pytest.mark.parametrize("spec", ["lamb", "sgd_metric", "lion", "clip_grad_norm(adam)", "lookahead(adam)"])
+@pytest.mark.parametrize("spec", ["lamb", "sgd_metric", "lion", "clip_grad_norm(adam)", "lookahead(adam)", "prodigy"])
 def test_equals_the_optimizer(spec):
-    """Per-tensor and global reductions, global states and adaptors: the transform takes the
-    Optimizer's numbers (same programs, read functionally)."""
+    """Per-tensor, global and groups reductions (prodigy: one group, where groups.* is
+    global.*), global states and adaptors: the transform takes the Optimizer's numbers (same
+    programs, read functionally)."""
     params = _params()
     live = [torch.nn.Parameter(p.clone()) for p in params]
     opt = gradspec.Optimizer(live, spec, backend="eager")
@@ -70,6 +71,31 @@ def test_equals_the_optimizer(spec):
     ours, _ = _run_transform(gradspec.transform(spec), params, 30)
     for a, b in zip(ours, live):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec, shaped_states", [
+    ("adafactor", {"R": [(6,), (0,), (3,)], "C": [(4,), (0,), (4,)], "V": [(0,), (4,), (0,)]}),
+    ("shampoo", {"L": [(6, 6), (0,), (3, 3)], "R": [(4, 4), (0,), (4, 4)], "H": [(0,), (4, 4), (0,)]}),
+])
+def test_shape_aware_specs_equal_the_optimizer_over_100_steps(spec, shaped_states):
+    """Axis reductions, states shaped unlike the parameter (per row, per column, matrices) and
+    matrix algebra with a periodic refresh (shampoo's every k): the transform's 100 steps are
+    the Optimizer's, and its state holds each tensor's part in the state's own shape."""
+    params = _params()
+    live = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = gradspec.Optimizer(live, spec, backend="eager")
+    for t in range(100):
+        for p, g in zip(live, _grads(params, t)):
+            p.grad = g
+        opt.step()
+    ours, state = _run_transform(gradspec.transform(spec), params, 100)
+    for a, b, start in zip(ours, live, params):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+        assert not torch.equal(a, start)
+    for name, shapes in shaped_states.items():
+        assert [tuple(x.shape) for x in state[name]] == shapes
+        for ours_state, p in zip(state[name], live):
+            torch.testing.assert_close(ours_state, opt.state[p][name], rtol=1e-12, atol=1e-14)
 
 
 def test_update_is_pure():

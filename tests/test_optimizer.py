@@ -289,6 +289,33 @@ def test_checkpoint_resumes_bit_for_bit(backend, hyper):
         assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("spec", ["adafactor", "shampoo(preconditioning_compute_steps = 3)"])
+def test_a_shape_aware_checkpoint_resumes_bit_for_bit(spec):
+    """States shaped unlike the parameter (per row, per column, matrices; (0,) for the shape
+    class that keeps none) are checked against the shapes they show, and resume exactly."""
+    batches = _batches(12)
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), spec, backend="eager")
+    _train(model, opt, batches[:5])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    _train(model, opt, batches[5:])
+    fresh = _model(seed=1)
+    fresh_opt = gradspec.Optimizer(fresh.parameters(), spec, backend="eager")
+    fresh.load_state_dict(saved["model"])
+    fresh_opt.load_state_dict(saved["opt"])
+    _train(fresh, fresh_opt, batches[5:])
+    for p, q in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+        assert {n: tuple(v.shape) for n, v in fresh_opt.state[p].items()} == \
+            {n: tuple(v.shape) for n, v in opt.state[q].items()}
+    wrong = copy.deepcopy(saved["opt"])
+    first = next(iter(wrong["state"].values()))
+    name = next(n for n, v in first.items() if n != "step" and v.numel() > 0)
+    first[name] = torch.zeros(first[name].numel() + 1, dtype=F64)
+    with pytest.raises(ValueError, match=f"{name} has shape"):
+        fresh_opt.load_state_dict(wrong)
+
+
 def test_loading_a_checkpoint_into_an_optimizer_that_already_stepped():
     batches = _batches(16)
     model = _model()
@@ -937,3 +964,87 @@ def test_a_bfloat16_checkpoint_keeps_the_float32_global_state_exactly():
         fresh.step()
     assert torch.equal(fresh.state[copy_w]["S"].float(), opt.state[w]["S"].float())
     assert torch.equal(copy_w, w)
+
+
+# ---------------------------------------------------------------- groups.*: over every param group
+GROUPS_SPEC = '''"""Over every group: centred by the mean of every gradient, scaled by the largest entry of
+any, weighted by its share of the elements, and a switch that changes what a group adds."""
+optimizer over_groups
+hyper lr = 0.1 >= 0
+hyper eps = 1e-3 > 0
+hyper doubled = false
+if doubled {
+    x = 2 * grad
+} else {
+    x = grad
+}
+share = global.numel / groups.numel
+param' = param - lr * share * (x - groups.mean(x)) / (groups.max(abs(x)) + groups.norm(x) + eps)
+'''
+
+
+def _over_groups_reference(params, grads, groups):
+    """The spec above transcribed: each group's x (doubled where its switch says), reduced over
+    every group."""
+    xs = [[(2 if g.get("doubled") else 1) * grad for grad in group_grads] for g, group_grads in zip(groups, grads)]
+    every = torch.cat([x.reshape(-1) for group_xs in xs for x in group_xs])
+    mean, top, norm = every.mean(), every.abs().max(), every.norm()
+    out = []
+    for g, group_params, group_xs in zip(groups, params, xs):
+        share = sum(p.numel() for p in group_params) / every.numel()
+        lr = g.get("lr", 0.1)
+        out.append([p - lr * share * (x - mean) / (top + norm + 1e-3) for p, x in zip(group_params, group_xs)])
+    return out
+
+
+def test_groups_reductions_run_over_every_param_group():
+    """groups.mean, max, norm and numel over three groups, one of which doubles what it adds
+    (its switch): 100 steps equal the transcription, while global.* would see one group."""
+    spec = gradspec.parse(GROUPS_SPEC)
+    gen = torch.Generator().manual_seed(7)
+    shapes = [[(5, 3), (5,)], [(4, 2)], [(3,), (2, 2)]]
+    params = [[torch.randn(s, generator=gen, dtype=F64) for s in group] for group in shapes]
+    settings = [{}, {"doubled": True, "lr": 0.05}, {"lr": 0.2}]
+    live = [[p.clone().requires_grad_() for p in group] for group in params]
+    opt = gradspec.Optimizer([{"params": group, **s} for group, s in zip(live, settings)], spec, backend="eager")
+    expected = params
+    for _ in range(100):
+        grads = [[torch.randn(p.shape, generator=gen, dtype=F64) for p in group] for group in params]
+        for group, group_grads in zip(live, grads):
+            for p, g in zip(group, group_grads):
+                p.grad = g
+        opt.step()
+        expected = _over_groups_reference(expected, grads, settings)
+    for group, group_expected in zip(live, expected):
+        for p, q in zip(group, group_expected):
+            torch.testing.assert_close(p.detach(), q, **TIGHT)
+    alone = gradspec.Optimizer([p.detach().clone().requires_grad_() for p in params[0]], spec, backend="eager")
+    for p, g in zip(alone.param_groups[0]["params"], grads[0]):
+        p.grad = g
+    alone.step()  # alone, the group reduces over itself only (groups.* is then global.*)
+    moved = alone.param_groups[0]["params"][0].detach()
+    with_all = _over_groups_reference([params[0]], [grads[0]], settings[:1])[0][0]
+    torch.testing.assert_close(moved, with_all, **TIGHT)
+    assert not torch.allclose(moved, _over_groups_reference(params, grads, settings)[0][0])
+
+
+def test_a_nonfinite_gradient_in_one_group_skips_every_group_that_reads_the_totals():
+    """Under "skip", a NaN in one group leaves a groups.* total NaN: every group skips the step
+    (each counts it), and the next finite step trains them all."""
+    groups = [torch.ones(3, dtype=F64, requires_grad=True), torch.ones(2, 2, dtype=F64, requires_grad=True)]
+    opt = gradspec.Optimizer([{"params": [groups[0]]}, {"params": [groups[1]], "weight_decay": 0.0}], "prodigy",
+                             backend="eager", nonfinite="skip", weight_decay=0.1)
+    groups[0].grad, groups[1].grad = torch.full((3,), 0.5, dtype=F64), torch.full((2, 2), float("nan"), dtype=F64)
+    opt.step()
+    assert opt.skipped_steps == 1  # the NaN group, before its states exist; the other steps alone
+    groups[1].grad = torch.full((2, 2), 0.5, dtype=F64)
+    opt.step()
+    before = [p.detach().clone() for p in groups]
+    groups[1].grad = torch.full((2, 2), float("nan"), dtype=F64)
+    opt.step()
+    assert opt.skipped_steps == 3  # both groups skipped
+    for p, b in zip(groups, before):
+        assert torch.equal(p.detach(), b)
+    groups[1].grad = torch.full((2, 2), 0.25, dtype=F64)
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(groups, before))

@@ -311,3 +311,156 @@ def test_show_cost_calls_a_refresh_block_periodic_work_not_a_probe(capsys):
     out = capsys.readouterr().out
     assert "every preconditioning_compute_steps = 1 steps: periodic work, no model evaluation" in out
     assert "probe every" not in out
+
+
+# ---- SOAP: descending(d), qr(M, f32), the identity held by a law, the spec ---------------------
+
+def _steps(spec, shapes, grads, backend="eager", **hyper):
+    """``spec`` stepped once per gradient list of ``grads``; (params, optimizer)."""
+    params = _params(shapes)
+    opt = gradspec.Optimizer(params, spec, backend=backend, **hyper)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_descending_is_the_sorting_permutation_and_products_with_it_are_exact(backend):
+    """``descending(d)`` is the 0/1 matrix P with d @ P sorted descending: M @ P orders M's columns
+    and transpose(P) @ M its rows, bit for bit as indexing does, both where the lowering gathers
+    (a product with descending(...) itself) and where it multiplies (a stored P)."""
+    spec = _spec("state P: (cols, cols) = 0\nstate C: (rows, cols) = 0\nstate R: (rows, cols) = 0\n"
+                 "state B: (rows, cols) = 0\nstate S: (rows, cols) = 0\n"
+                 "P' = descending(col.sum(grad))\nC' = grad @ descending(col.sum(grad))\n"
+                 "R' = transpose(descending(row.max(grad))) @ grad\n"
+                 "B' = C' @ transpose(descending(col.sum(grad)))\nS' = grad @ P\nparam' = param\n")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 7), (5, 7), (9,)]
+    grad = [torch.randn(s, generator=gen, dtype=torch.float64) * 10 ** torch.randint(-3, 3, s, generator=gen)
+            for s in shapes]
+    params, opt = _steps(spec, shapes, [grad, grad], backend)
+    for p, g in zip(params, grad):
+        m = _matrix(g)
+        columns = torch.argsort(m.sum(0), descending=True)
+        rows = torch.argsort(m.amax(1), descending=True)
+        state = {k: opt.state[p][k].reshape(m.shape[-1], -1) if k == "P" else opt.state[p][k].reshape(m.shape)
+                 for k in "PCRBS"}
+        assert torch.equal(state["P"], torch.eye(m.shape[1], dtype=m.dtype)[:, columns])
+        assert torch.equal(state["C"], m[:, columns]) and torch.equal(state["S"], m[:, columns])
+        assert torch.equal(state["R"], m[rows]) and torch.equal(state["B"], m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qr_in_float32_is_a_float32_qr_cast_back(backend):
+    spec = _spec("state Q: (rows, cols) = 0\nstate F: (rows, cols) = 0\nQ' = qr(grad)\nF' = qr(grad, single)\n"
+                 "param' = param\n", "hyper single = true\n")
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    params, opt = _steps(spec, [(6, 4)], [[g]], backend)
+    state = opt.state[params[0]]
+    assert torch.equal(state["F"], torch.linalg.qr(g.float()).Q.double())
+    assert torch.allclose(state["Q"], torch.linalg.qr(g).Q, rtol=0, atol=1e-14)
+    assert (state["F"] - state["Q"]).abs().max() > 1e-9  # the float32 factor really is another one
+
+
+def test_a_law_holds_a_matrix_state_at_the_identity_and_finds_a_free_one():
+    """``given S == eye(n)`` puts the identity in the place of a state; the parts of an ``and``
+    are facts of their own shapes. A law over matrices is sampled on a one-element tensor, so a
+    basis left free is a counterexample (GS081), not an unproven claim."""
+    body = ("state L: (rows, rows) = eye(rows)\nstate R: (cols, cols) = eye(cols)\nL' = L\nR' = R\n"
+            "param' = param - lr * L @ grad @ transpose(R)\n")
+    gradspec.check(_spec(body + "law equals sgd given L == eye(rows) and R == eye(cols)\n"))
+    with pytest.raises(gradspec.SpecError) as info:
+        gradspec.check(_spec(body + "law equals sgd given L == eye(rows)\n"))
+    assert info.value.code == "GS081" and "R = " in info.value.message
+
+
+def test_eye_is_the_unit_of_the_product_in_the_step():
+    """I @ A and transpose(I) are folded when the step is built: no product, the same numbers."""
+    program = build(_spec("param' = param - lr * (eye(rows) @ grad @ transpose(eye(cols)))\n"))
+    assert not any(n.op in ("matmul", "transpose", "eye") for n in program.nodes())
+
+
+def test_soap_matches_the_reference_normalized_and_with_its_own_decay_of_the_statistics():
+    """The default setting is tests/test_matrix_parity.py's case (both backends); this is
+    tests/test_matrix_references.py's second. 1e-4: the float32 QR of each refresh (see there)."""
+    import matrix_references as ref
+    from test_matrix_references import flat, model, relative_error, train
+    kw = dict(precondition_frequency=7, weight_decay=0.0, beta1=0.9, beta2=0.99, normalize_gradient=True,
+              shampoo_beta=0.9)
+    ours, _ = train(lambda p: gradspec.Optimizer(p, "soap", backend="eager", **kw))
+    theirs, _ = train(lambda p: ref.SOAP(p, **kw))
+    assert relative_error(ours, theirs) < 1e-4
+    assert relative_error(flat(model().parameters()), theirs) > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(precondition_1d=True), dict(precondition_1d=True, correct_bias=False, lr=1e-2)],
+                         ids=["corrected", "uncorrected"])
+def test_soap_with_a_basis_for_vectors_matches_the_reference(kw):
+    """precondition_1d on the quadratic task with short vectors, whose statistics reach full rank
+    before the first refresh (on the MLP's 16-vector the refresh QRs an ill-conditioned basis in
+    float32, and the reference and pytorch-optimizer themselves part by 3e-2 over 120 steps)."""
+    import matrix_references as ref
+    shapes = [(5, 5), (4,), (3,), (6, 4)]
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "soap", backend="eager", **kw), shapes)
+    theirs, _, _ = _train(lambda p: ref.SOAP(p, **kw), shapes)
+    assert _relative(ours, theirs) < 1e-12
+    assert _relative(_params(shapes)[0].detach().reshape(-1), theirs[:25]) > 1e-2
+
+
+def test_soap_step_1_builds_only_the_statistics_and_the_bases():
+    """pytorch-optimizer's step 1: GG = (1 - shampoo_beta) G G^T, Q its eigenvectors (largest
+    eigenvalue first); the parameters and the moments do not move. A vector keeps no basis."""
+    shapes = [(4, 3), (5,)]
+    grads = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+             for i, s in enumerate(shapes)]
+    params, opt = _steps("soap", shapes, [grads])
+    for p, before in zip(params, _params(shapes)):
+        assert torch.equal(p.detach(), before)
+    matrix, vector = opt.state[params[0]], opt.state[params[1]]
+    g = grads[0]
+    assert torch.equal(matrix["GG_L"], 0.050000000000000044 * (g @ g.T))
+    assert torch.equal(matrix["Q_L"], torch.linalg.eigh(matrix["GG_L"] + 1e-30 * torch.eye(4, dtype=g.dtype))
+                       .eigenvectors.flip(1))
+    assert matrix["Q_R"].shape == (3, 3) and matrix["m"].abs().max() == 0 and matrix["v"].abs().max() == 0
+    assert vector["Q_L"].shape == (0,) and vector["Q_R"].shape == (0,) and vector["GG_R"].shape == (0,)
+    assert vector["v"].shape == (5,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soap_batches_tensors_of_one_shape(backend):
+    """Three 5 x 5 matrices go through each product and decomposition as one batch; per tensor
+    the numbers are the reference's (square gradients: a well-posed first basis, where a
+    rank-deficient statistic's null space would take its basis from rounding)."""
+    import matrix_references as ref
+    shapes = [(5, 5)] * 3 + [(7,)]
+    ours, _, _ = _train(lambda p: gradspec.Optimizer(p, "soap", backend=backend, precondition_frequency=4), shapes)
+    theirs, _, _ = _train(lambda p: ref.SOAP(p, precondition_frequency=4), shapes)
+    assert _relative(ours, theirs) < 1e-6
+
+
+def test_soap_refresh_graph_grows_with_the_shapes_not_the_tensors():
+    from gradspec.compiler.ir import build_probing
+    program = build_probing(gradspec.load("soap"))
+
+    def nodes(shapes):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        return len(lower_step(program, [BucketShape(numel, len(shapes), torch.float64, tuple(shapes))]).main.graph.nodes)
+    assert nodes([(4, 3)] * 2 + [(5,)] * 2) == nodes([(4, 3)] * 40 + [(5,)] * 40)
+
+
+def test_a_congruence_keeps_a_statistic_definite_only_in_an_orthogonal_basis():
+    """transpose(B) @ L @ B is PD for a PD L and an orthogonal B (eigenvectors, a QR factor, a
+    permutation), only PSD for any other B: its inverse root is then GS073."""
+    hypers = "hyper lr = 0.1 >= 0\nhyper eps = 1e-6 > 0\n"
+    start = "state L: (rows, rows) = eps * eye(rows)\nL' = L + grad @ transpose(grad)\n"
+    for basis in ("eigvecs(L')", "qr(L')", "descending(row.sum(grad))", "eigvecs(L') @ qr(L')"):
+        gradspec.check(_spec(start + f"B = {basis}\nparam' = param - lr * inv_root(transpose(B) @ L' @ B, 2) @ grad\n",
+                             hypers))
+    with pytest.raises(gradspec.SpecError) as info:
+        gradspec.check(_spec(start + "B = L' - eye(rows)\nparam' = param - lr * inv_root(transpose(B) @ (L' @ B), 2) @ grad\n",
+                             hypers))
+    assert info.value.code == "GS073"
+    gradspec.check(_spec(start + "B = L' - eye(rows)\nparam' = param - lr * inv_root(transpose(B) @ (L' @ B), 2, eps) @ grad\n",
+                         hypers))

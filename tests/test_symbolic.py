@@ -112,12 +112,19 @@ def test_diff_explains_where_two_updates_differ():
     assert all(d.equal for d in same)
 
 
-def test_cli_check_json_diff_latex_and_docs(capsys):
+def test_cli_check_json_diff_latex_and_docs(capsys, tmp_path):
     assert main(["check", "adam", "--dtype", "float16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report[0]["ok"] and report[0]["diagnostics"][0]["code"] == "GS090"
-    assert main(["diff", "adamw", "adam"]) == 1
-    assert "equal when weight_decay = 0" in capsys.readouterr().out
+    # the command's output and exit code, on two small specs (adamw against adam, whose
+    # maths is the same walk, is test_diff_explains_where_two_updates_differ's)
+    header = "hyper lr = 0.1 >= 0\nhyper wd = 0.01 >= 0\n"
+    decayed = "param' = param - lr * (grad + wd * param)\n"
+    (tmp_path / "decayed.opt").write_text("optimizer decayed\n" + header + decayed)
+    (tmp_path / "plain.opt").write_text("optimizer plain\n" + header + "param' = param - lr * grad\n")
+    assert main(["diff", str(tmp_path / "decayed.opt"), str(tmp_path / "plain.opt")]) == 1
+    out = capsys.readouterr().out
+    assert "param' differs:" in out and "grad + param*wd" in out and "equal when wd = 0" in out
     assert main(["diff", "adam", "adam(beta2 = 0.99)"]) == 0
     assert main(["show", "adam", "--latex"]) == 0
     latex = capsys.readouterr().out

@@ -84,3 +84,16 @@ def gather_full(flat: torch.Tensor, numels: tuple, ranges: tuple, slots: tuple, 
         out.append(gathered[:, first:first + slot].reshape(-1)[:numel])
         first += slot
     return out
+
+
+def gather_along(part: torch.Tensor, dim: int, size: int, chunk: int, world: int, group_name: str) -> torch.Tensor:
+    """A tensor made whole along ``dim`` from every process's ``part`` of it, cut as
+    :meth:`Sharding.rows` cuts (chunks of ``chunk``, the last ones short or empty): one
+    all-gather of the parts padded to ``chunk``. The short chunks are the last, so the whole
+    tensor is the first ``size`` entries of the gathered ones."""
+    moved = part.movedim(dim, 0)
+    if moved.shape[0] < chunk:
+        moved = torch.cat([moved, moved.new_zeros((chunk - moved.shape[0], *moved.shape[1:]))])
+    functional = torch.ops._c10d_functional
+    gathered = functional.wait_tensor(functional.all_gather_into_tensor(moved.contiguous(), world, group_name))
+    return gathered[:size].movedim(0, dim)

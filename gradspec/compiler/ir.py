@@ -92,17 +92,27 @@ FUNCTIONS = {
 CONSTANTS = {"inf": math.inf}
 """Names for numbers that have no literal in expressions; a spec's own name of the same
 spelling wins."""
-LINEAR = {"transpose": 1, "eye": 1, "trace": 1, "eigvecs": 1, "eigvals": 1, "inv_root": (2, 3), "qr": 1,
-          "svd_left": 2, "svd_right": 2}
+LINEAR = {"transpose": 1, "eye": 1, "trace": 1, "eigvecs": 1, "eigvals": 1, "inv_root": (2, 3), "qr": (1, 2),
+          "svd_left": 2, "svd_right": 2, "descending": 1}
 """Matrix algebra within a tensor: ``transpose(A)``; ``eye(n)`` (n is rows, cols or a whole
 number); ``trace(A)``; for a symmetric A, ``eigvecs(A)`` (columns, eigenvalues descending) and
 ``eigvals(A)`` (a row, descending); ``inv_root(A, p, floor)``, A^(-1/p) from the eigenvalues
-floored at ``floor`` (0 if left out); ``qr(M)``, the orthonormal factor (M's shape, rows >= cols);
-``svd_left(M, r)`` / ``svd_right(M, r)``, the top-r left (rows x r) / right (cols x r) singular
-vectors, zero columns past min(rows, cols). The product is the operator ``@``."""
+floored at ``floor`` (0 if left out); ``qr(M)``, the orthonormal factor (M's shape, rows >= cols),
+``qr(M, f32)`` with a switch f32 computed in float32 when true (pytorch-optimizer's SOAP does so
+for every dtype); ``svd_left(M, r)`` / ``svd_right(M, r)``, the top-r left (rows x r) / right
+(cols x r) singular vectors, zero columns past min(rows, cols); ``descending(d)`` for a row or
+column vector d of n entries, the n x n permutation P with ``d @ P`` sorted descending, so that
+``M @ P`` orders M's columns and ``transpose(P) @ M`` its rows by d (a 0/1 product: exact).
+The product is the operator ``@``."""
 AXES = ("row", "col")
+BLOCK = "block"
+"""The scope of ``tensor.f(x)`` written inside ``blocks B { }``: one value per block."""
 """``row.f(x)`` reduces each row of x (one value per row), ``col.f(x)`` each column."""
-MEASURES = {"tensor": ("numel", "rows", "cols"), "global": ("numel",)}
+MEASURES = {"tensor": ("numel", "rows", "cols"), "global": ("numel",), "groups": ("numel",)}
+GROUPS = "groups"
+"""``groups.f(x)`` reduces over every parameter group of the optimizer (``global.f``: over one
+group); ``groups.numel`` counts their elements. The runtime adds each group's part (see
+compiler/lower.py). ``groups`` stays an ordinary name outside ``groups.f(...)``."""
 SHAPE_CLASSES = ("matrix", "vector")
 """``if matrix { }``: a tensor of two or more dimensions; ``if vector { }``: one of at most one.
 The step is specialised per class, as per switch."""
@@ -153,6 +163,8 @@ class Op(enum.StrEnum):
     MATRIX = "matrix"
     PROBE = "probe"
     ONTO = "onto"
+    TILE = "tile"  # blocks B { }: a value made outside read block by block (attr: Tiling)
+    UNTILE = "untile"  # a block's value read outside, reassembled from the blocks (attr: Tiling)
     ADD = "add"
     SUB = "sub"
     MUL = "mul"
@@ -192,6 +204,7 @@ class Op(enum.StrEnum):
     QR = "qr"
     SVD_LEFT = "svd_left"
     SVD_RIGHT = "svd_right"
+    DESCENDING = "descending"
 
 
 class Kind(enum.StrEnum):
@@ -210,6 +223,16 @@ class Reduction(NamedTuple):
     func: str  # a key of REDUCTIONS
 
 
+class GroupsReduction(NamedTuple):
+    """A ``reduce`` node's attr for ``groups.f(x)``, over every parameter group: where the spec
+    writes it ("file:line:col") is the same in every group's program, so the runtime adds each
+    group's part to the right total (compiler/lower.py)."""
+
+    scope: str  # "groups"
+    func: str  # a key of REDUCTIONS
+    site: str
+
+
 class Measure(NamedTuple):
     """A ``measure`` node's attr: ``tensor.numel`` is Measure("tensor", "numel")."""
 
@@ -221,6 +244,23 @@ class Sized(NamedTuple):
     """The attr of a matrix function with a size: ``eye(rows)``, ``svd_left(M, r)``."""
 
     size: object  # "rows", "cols" or an int
+
+
+class Precision(NamedTuple):
+    """The attr of a decomposition computed in a dtype of its own: ``qr(M, true)`` is
+    Precision("float32"), cast there and back."""
+
+    dtype: str  # "float32"
+
+
+class Tiling(NamedTuple):
+    """The attr of ``tile`` and ``untile``: each tensor's matrix view cut into blocks of at most
+    ``size`` rows and ``size`` columns, row blocks of ``size`` from the top and column blocks from
+    the left, the last of each shorter (Distributed Shampoo's blocking). A ``tile`` node is its
+    argument block by block, a per-block value whose ``rows`` and ``cols`` are the block's; an
+    ``untile`` node is a per-block value put back in its place in the tensor (compiler/blocks.py)."""
+
+    size: int
 
 
 class MatrixCall(NamedTuple):
@@ -290,13 +330,14 @@ class Program:
     state_dims: dict = None  # per-tensor state shaped unlike the parameter -> its shape ((1, 1): ': tensor')
     shape_class: str | None = None  # "matrix" or "vector" where the spec reads the class (if matrix { })
     by_class: dict | None = None  # the class -> its Program, for a spec that reads the class
+    state_blocks: dict = None  # state declared in a blocks B { } -> its Tiling: one per block, shaped per block
 
     @functools.cached_property
     def shaped(self) -> bool:
         """Whether the step needs each tensor's matrix shape (axis reductions, matrix algebra,
-        states shaped unlike the parameter, shape classes): it is then lowered per run of
+        states shaped unlike the parameter, shape classes, blocks): it is then lowered per run of
         equal-shape tensors, as (count, rows, cols) batches."""
-        if self.by_class or self.state_dims:
+        if self.by_class or self.state_dims or any(n.op in _BLOCK_OPS for n in self.nodes()):
             return True
         programs = [self]
         return any(n.scope == Scope.SHAPED or n.op in _SHAPED_OPS or (n.op == "reduce" and n.attr.scope in AXES)
@@ -337,7 +378,9 @@ class Program:
         return order
 
 
-_SHAPED_OPS = {"matmul", "transpose", "eye", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right"}
+_BLOCK_OPS = {"tile", "untile"}  # blocks B { }, lowered by compiler/blocks.py
+_SHAPED_OPS = {"matmul", "transpose", "eye", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right",
+               "descending"}
 
 
 class Builder:
@@ -406,10 +449,15 @@ class Builder:
             raise ShapeMismatch(f"the product of {show_dims(da)} and {show_dims(db)}: {da[1]} columns against "
                                 f"{db[0]} rows", "transpose one side (transpose(A)), or check which side each "
                                                  "factor multiplies")
+        if a.op == "eye":  # the identity is the unit of @: I A is A, exactly, and costs nothing
+            return b
+        if b.op == "eye":
+            return a
         return self.node("matmul", (a, b), None, "real", Scope.SHAPED, (da[0], db[1]))
 
-    def linear(self, func: str, args: list, size=None) -> Node:
-        """A matrix function of LINEAR on nodes (``size``: eye's n, svd's r), shape-checked."""
+    def linear(self, func: str, args: list, size=None, precision=None) -> Node:
+        """A matrix function of LINEAR on nodes (``size``: eye's n, svd's r; ``precision``: a
+        Precision for qr), shape-checked."""
         if func == "eye":
             return self.node("eye", (), Sized(size), "real", Scope.SHAPED, (size, size))
         a = args[0]
@@ -417,11 +465,20 @@ class Builder:
         if da is None:
             raise ShapeMismatch(f"{func} works on a per-tensor matrix, not a scalar", None)
         if func == "transpose":
+            if a.op == "eye":
+                return a
             return self.node("transpose", (a,), None, "real", Scope.SHAPED, (da[1], da[0]))
+        if func == "descending":
+            if 1 not in da or da == (1, 1):
+                raise ShapeMismatch(f"descending orders the entries of a row or column vector, not of "
+                                    f"{show_dims(da)}", "reduce to a vector first, as in col.sum(Q * (A @ Q)) "
+                                                        "for the diagonal of transpose(Q) @ A @ Q")
+            n = da[1] if da[0] == 1 else da[0]
+            return self.node("descending", (a,), None, "real", Scope.SHAPED, (n, n))
         if func in ("svd_left", "svd_right"):
             return self.node(func, (a,), Sized(size), "real", Scope.SHAPED, (da[0] if func == "svd_left" else da[1], size))
         if func == "qr":
-            return self.node("qr", (a,), None, "real", Scope.SHAPED, da)
+            return self.node("qr", (a,), precision, "real", Scope.SHAPED, da)
         if da[0] != da[1]:
             raise ShapeMismatch(f"{func} needs a square matrix, not {show_dims(da)}",
                                 "a Gram matrix such as G @ transpose(G) is square")
@@ -527,7 +584,8 @@ def _by_class(spec, programs: dict) -> Program:
         matrix, state_names=names, hypers_used=tuple(sorted(set(matrix.hypers_used) | set(vector.hypers_used))),
         uses_loss=matrix.uses_loss or vector.uses_loss, next={**vector.next, **matrix.next},
         init={**vector.init, **matrix.init}, state_ranks={**vector.state_ranks, **matrix.state_ranks},
-        state_dims={**vector.state_dims, **matrix.state_dims}, shape_class=None, by_class=programs)
+        state_dims={**vector.state_dims, **matrix.state_dims}, shape_class=None, by_class=programs,
+        state_blocks={**vector.state_blocks, **matrix.state_blocks})
 
 
 @deep
@@ -603,6 +661,10 @@ class _ProgramBuilder:
         self._free_names = False
         self.uses_loss = False
         self.hypers_used: set = set()
+        self.blocks: list = []  # the Tiling of each blocks statement collected, in order
+        self.item_block: dict = {}  # id of a statement inside a blocks statement -> (index of the block, Tiling)
+        self._block = None  # (index, Tiling) of the block whose statement is being built; None outside
+        self._in_law = False  # building a law's expression (extra_expr): it names states as they are kept
 
     # ---- collecting the active statements
     def run(self) -> Program:
@@ -650,13 +712,15 @@ class _ProgramBuilder:
                                   self.nexts[name][1].span, "reduce it with global.sum(...) or similar", src)
         ranks = self._subspaces(nexts, inits)
         shaped = self._shaped_states(nexts, inits)
+        blocked = self._block_states()
         self.errors.raise_if_any()
         element = tuple(n for n, (_, st) in self.states.items() if st.scope != "global")
         global_ = tuple(n for n, (_, st) in self.states.items() if st.scope == "global")
         return Program(self.spec, nexts, inits, element, global_, tuple(sorted(self.hypers_used)),
-                       self.uses_loss, tuple(self.switches), tuple(self.laws), self.origins, self,
+                       self.uses_loss, tuple(self.switches) + tuple(("blocks", t.size) for t in self.blocks),
+                       tuple(self.laws), self.origins, self,
                        tuple(self.active), tuple(self.assumed), tuple(self.probe_periods),
-                       self.probing, ranks, shaped, self.shape_class)
+                       self.probing, ranks, shaped, self.shape_class, state_blocks=blocked)
 
     def _shaped_states(self, nexts, inits) -> dict:
         """Each state shaped unlike the parameter, with its shape; its initial and next values
@@ -734,10 +798,12 @@ class _ProgramBuilder:
         """Build one more expression after :meth:`run`; raise SpecError if it is unsound."""
         self.errors = Collector(self.spec.source)
         self._free_names = free_names
+        self._in_law = True  # a law names states themselves, wherever they are kept: no block crossing
         try:
             node = self._expr(src, expr)
         finally:
             self._free_names = False
+            self._in_law = False
         self.errors.raise_if_any()
         return node
 
@@ -748,6 +814,8 @@ class _ProgramBuilder:
                 self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
             elif isinstance(item, ast.Probe):
                 self._probe(src, item)
+            elif isinstance(item, ast.Blocks):
+                self._blocks(src, item)
             elif isinstance(item, ast.Repeat):
                 self._repeat(src, item)
             elif isinstance(item, ast.State):
@@ -763,6 +831,82 @@ class _ProgramBuilder:
                 if not self._condition(src, item.cond, record=False):
                     self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
                                       item.span, _describe_values(item.cond, self.values), src)
+
+    # ---- blocks B { }: the body once per block of each tensor's matrix view (compiler/blocks.py)
+    def _blocks(self, src, item: ast.Blocks):
+        """A blocks statement: its statements are collected as any others, each marked with its
+        block, so that building one reads the tensor's values block by block (_across)."""
+        size = int(self.values[item.size]) if isinstance(item.size, str) else int(item.size)
+        block = (len(self.blocks), Tiling(max(1, size)))
+        self.blocks.append(block[1])
+        for inner in _nested(item.items):
+            self.item_block[id(inner)] = block
+        self._collect([(src, i) for i in item.items])
+
+    def _across(self, src, expr: ast.Name, node):
+        """``node``, the value of the name ``expr``, as the statement being built sees it: a value
+        made outside a blocks statement and read inside it is read block by block (``tile``); an
+        elementwise value made inside and read outside is put back together (``untile``)."""
+        if node is None or not self.blocks or dims_of(node) is None or self._in_law:
+            return node
+        return self._converted(node, self._home(expr), self._block, expr.span, src)
+
+    def _home(self, expr: ast.Name):
+        """The block (index, Tiling) where the name ``expr`` is made; None for the tensor's own."""
+        name = expr.name
+        loop = self._loop_stack[-1] if self._loop_stack else None
+        if loop is not None and (name in (loop.nexts if expr.primed else {**loop.current, **loop.body})):
+            return self._block  # a loop's own value, made where the loop is
+        if expr.primed and name in self.loops and name not in self.states:
+            located = self.loops[name]
+        elif expr.primed:
+            located = self.nexts.get(name) or self.kept.get(name)
+        else:
+            located = self.locals.get(name) or self.states.get(name)
+        return self.item_block.get(id(located[1])) if located is not None else None
+
+    def _converted(self, node, home, reader, span, src):
+        """``node``, made in block ``home``, as block ``reader`` sees it (None: outside blocks)."""
+        if node is None or home == reader or dims_of(node) is None:
+            return node
+        if home is not None and reader is not None:
+            self.errors.error("GS075", "a value made in one blocks block is read in another", span,
+                              "each blocks block reads the tensor's values and its own; carry the value out as "
+                              "an elementwise value, or compute it in this block", src)
+            return None
+        dims = dims_of(node)
+        if dims[0] not in (ROWS, 1) or dims[1] not in (COLS, 1) or node.type == Kind.SUBSPACE:
+            if reader is not None:
+                self.errors.error("GS075", f"a {show_dims(dims)} value made outside a blocks block cannot be read "
+                                           f"inside it: a block reads the tensor's elementwise values block by "
+                                           f"block", span, "make the value inside the block, from the block's own "
+                                                           "values", src)
+            else:
+                self.errors.error("GS075", f"a {show_dims(dims)} value of a blocks block cannot be read outside "
+                                           f"it: only values per element, per block row, column or block are put "
+                                           f"back in place", span, "compute what you need from it inside the block, "
+                                                                   "as an elementwise value", src)
+            return None
+        if reader is not None:
+            return self.b.node("tile", (node,), reader[1], node.type, scope_of_dims(dims), dims)
+        return self.b.node("untile", (node,), home[1], node.type, Scope.ELEMENT)
+
+    def _block_states(self) -> dict:
+        """Each state declared in a blocks block, with its Tiling; a state's next value is set
+        in the block where the state is declared (GS075)."""
+        out = {}
+        for name, (src, state) in self.states.items():
+            home = self.item_block.get(id(state))
+            located = self.nexts.get(name) or self.kept.get(name)
+            if located is not None and self.item_block.get(id(located[1])) != home:
+                inside = "inside" if home is not None else "outside"
+                self.errors.error("GS075", f"state '{name}' is declared {inside} a blocks block, but its next "
+                                           f"value is set {'outside' if home is not None else 'inside'} it",
+                                  located[1].span, "set a state's next value in the block where it is declared",
+                                  located[0])
+            if home is not None:
+                out[name] = home[1]
+        return out
 
     def _probe(self, src, probe: ast.Probe):
         """A probe block: collected as usual when it runs at this step; otherwise its states
@@ -815,18 +959,24 @@ class _ProgramBuilder:
                                   src)
                 self._memo[key] = None
                 return None
-            current[var] = self._definition(("local", var), self.locals[var])
+            start = self._definition(("local", var), self.locals[var])
+            current[var] = self._converted(start, self.item_block.get(id(self.locals[var][1])),
+                                           self.item_block.get(id(item)), define.span, src)
         before = len(self.errors.diagnostics)
-        for _ in range(count):
-            if any(v is None for v in current.values()) or len(self.errors.diagnostics) > before:
-                self._memo[key] = None
-                return None
-            loop = _Loop(src, current, body, nexts)
-            self._loop_stack.append(loop)
-            try:
-                current = {var: self._loop_value(loop, var, primed=True) for var in nexts}
-            finally:
-                self._loop_stack.pop()
+        block, self._block = self._block, self.item_block.get(id(item))  # the body runs where the loop is
+        try:
+            for _ in range(count):
+                if any(v is None for v in current.values()) or len(self.errors.diagnostics) > before:
+                    self._memo[key] = None
+                    return None
+                loop = _Loop(src, current, body, nexts)
+                self._loop_stack.append(loop)
+                try:
+                    current = {var: self._loop_value(loop, var, primed=True) for var in nexts}
+                finally:
+                    self._loop_stack.pop()
+        finally:
+            self._block = block
         self._memo[key] = current
         return current
 
@@ -892,7 +1042,9 @@ class _ProgramBuilder:
 
     def _init(self, name):
         src, state = self.states[name]
+        block, self._block = self._block, self.item_block.get(id(state))
         node = self._expr(src, state.init, in_init=True)
+        self._block = block
         return node
 
     def _definition(self, key, located, in_init=False):
@@ -909,7 +1061,9 @@ class _ProgramBuilder:
         self._building.append(key)
         outer, self._in_probe = self._in_probe, id(define) in self.probe_items
         loops, self._loop_stack = self._loop_stack, []  # a definition outside a loop sees no loop variable
+        block, self._block = self._block, self.item_block.get(id(define))  # built where it is written
         node = self._expr(src, define.expr, in_init=in_init)
+        self._block = block
         self._loop_stack = loops
         self._in_probe = outer
         self._building.pop()
@@ -937,7 +1091,7 @@ class _ProgramBuilder:
         if isinstance(expr, ast.Bool):
             return b.const(expr.value)
         if isinstance(expr, ast.Name):
-            return self._name(src, expr, static, in_init)
+            return self._across(src, expr, self._name(src, expr, static, in_init))
         if isinstance(expr, ast.UnOp):
             arg = recurse(expr.operand)
             if arg is None:
@@ -983,7 +1137,9 @@ class _ProgramBuilder:
             self.errors.error("GS055", f"unknown size '{expr.scope}.{expr.what}'", expr.span,
                               f"sizes: {', '.join(f'{expr.scope}.{w}' for w in MEASURES[expr.scope])}", src)
             return None
-        scope = Scope.GLOBAL if expr.scope == "global" else Scope.TENSOR
+        if expr.scope == GROUPS and (self._loop_stack or self._in_init):
+            return self._groups_misplaced(src, expr, None)
+        scope = Scope.GLOBAL if expr.scope in ("global", GROUPS) else Scope.TENSOR
         return self.b.node("measure", (), Measure(expr.scope, expr.what), "real", scope)
 
     def _linear(self, src, expr, recurse):
@@ -1004,11 +1160,20 @@ class _ProgramBuilder:
         args = [recurse(a) for i, a in enumerate(expr.args) if i != sized]
         if any(a is None for a in args):
             return None
+        precision = None
+        if expr.func == "qr" and len(args) == 2:  # qr(M, f32): a switch, as tensor.orthogonalize's bf16
+            f32 = args.pop()
+            if f32.type != "bool" or not f32.is_const:
+                self.errors.error("GS062", "qr's second argument must be true or false, fixed when the step is "
+                                           "compiled (true: the QR in float32)", expr.args[1].span,
+                                  "use a switch: hyper qr_float32 = true", src)
+                return None
+            precision = Precision("float32") if f32.attr else None
         for a, text in zip(args, [a for i, a in enumerate(expr.args) if i != sized]):
             if a.type != "real":
                 self.errors.error("GS050", f"{expr.func} needs numbers", text.span, None, src)
                 return None
-        return self.b.linear(expr.func, args, size)
+        return self.b.linear(expr.func, args, size, precision)
 
     def _call(self, src, expr, recurse):
         if expr.func in LINEAR:
@@ -1054,6 +1219,11 @@ class _ProgramBuilder:
         for a, text in zip(args, expr.args):
             if a.type != "real":
                 self.errors.error("GS050", f"{func} needs numbers", text.span, None, src)
+                return None
+            if _groups_values(a):
+                self.errors.error("GS077", f"{func}'s argument reads a groups.* value, which is known only after "
+                                           "each group has reduced its part, after the probes ran", text.span,
+                                  "evaluate at a point that reads global.* or a state instead", src)
                 return None
         return self.b.node("probe", tuple(args), ProbeCall(func, id(expr)), "real", Scope.ELEMENT)
 
@@ -1111,10 +1281,16 @@ class _ProgramBuilder:
             return None
         if expr.func in MATRIX and expr.scope == "tensor":
             return self._matrix(src, expr, recurse)
-        if expr.scope not in ("tensor", "global", *AXES):
+        if self._block is not None and expr.scope != "tensor":
+            self.errors.error("GS074", f"inside a blocks block, reductions are tensor.f, over the block; "
+                                       f"'{expr.scope}.{expr.func}' is not one", expr.span,
+                              "reduce outside 'blocks' and read the result inside", src)
+            return None
+        if expr.scope not in ("tensor", "global", GROUPS, *AXES):
             self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
-                              "reductions are tensor.f, global.f (one value per tensor or group), row.f and col.f "
-                              "(one per row or column of each tensor's matrix view)", src)
+                              "reductions are tensor.f, global.f (one value per tensor or group), groups.f (one "
+                              "over every group), row.f and col.f (one per row or column of each tensor's matrix "
+                              "view)", src)
             return None
         if expr.func not in REDUCTIONS:
             self.errors.error("GS055", f"unknown reduction '{expr.scope}.{expr.func}'", expr.span,
@@ -1134,12 +1310,39 @@ class _ProgramBuilder:
                 return None
         dims = broadcast_dims([dims_of(a) for a in args])  # dot's two sides meet elementwise
         attr = Reduction(expr.scope, expr.func)
+        if expr.scope == GROUPS:
+            inner = next((n for a in args for n in _groups_values(a)), None)
+            if inner is not None or self._loop_stack or self._in_init:
+                return self._groups_misplaced(src, expr, inner)
+            site = f"{src.filename if src is not None else ''}:{expr.span.line}:{expr.span.column}" \
+                if expr.span is not None else f"at{id(expr)}"
+            return self.b.node("reduce", tuple(args), GroupsReduction(GROUPS, expr.func, site), "real", Scope.GLOBAL)
         if expr.scope == "global":
             return self.b.node("reduce", tuple(args), attr, "real", Scope.GLOBAL)
         if expr.scope == "tensor":
+            if self._block is not None:  # over the block: a scope of its own, never taken for the tensor's
+                attr = Reduction(BLOCK, expr.func)
             return self.b.node("reduce", tuple(args), attr, "real", Scope.TENSOR)
         reduced = (dims[0], 1) if expr.scope == "row" else (1, dims[1])
         return self.b.node("reduce", tuple(args), attr, "real", Scope.SHAPED, reduced)
+
+    def _groups_misplaced(self, src, expr, inner):
+        """GS077: a value over every group is known only once every group has reduced its part,
+        so it cannot feed another groups.* reduction, start a state, or vary within a loop."""
+        what = f"{expr.scope}.{getattr(expr, 'func', None) or expr.what}"
+        if inner is not None:
+            reason = "reduces a value that reads another groups.* value"
+            hint = "keep the inner total in a global state and reduce with its old value: state s: global = 0, " \
+                   "s' = groups.sum(...), then read s"
+        elif self._loop_stack:
+            reason = "is inside a repeat block"
+            hint = "reduce before the loop, or after it from the loop variable's last value X'"
+        else:
+            reason = "is in an initial value"
+            hint = "start the state at a number and set it in its next value"
+        self.errors.error("GS077", f"{what} {reason}: a value over every parameter group is known only after "
+                                   "each group has reduced its part", expr.span, hint, src)
+        return None
 
     def _matrix(self, src, expr, recurse):
         args = self._arguments(src, expr, f"tensor.{expr.func}", MATRIX[expr.func], recurse)
@@ -1162,6 +1365,8 @@ class _ProgramBuilder:
 
     def _name(self, src, expr: ast.Name, static, in_init):
         name = expr.name
+        if expr.qualifier == GROUPS and not expr.primed:  # groups.numel; GS055 for another size
+            return self._measure(src, ast.Measure(GROUPS, name, expr.span), static)
         if expr.qualifier is not None:
             self.errors.error("GS057", f"'{expr}' reads a base spec, but this is not an adaptor", expr.span,
                               None, src)
@@ -1246,6 +1451,30 @@ class _ProgramBuilder:
             return self.b.node("state", (), name, "real", scope_of_dims(dims), dims)
         scope = Scope.GLOBAL if state.scope == "global" else Scope.ELEMENT
         return self.b.node("state", (), name, "real", scope)
+
+
+def _groups_values(node: Node) -> list:
+    """The groups.* values (reductions over every group, groups.numel) that ``node`` reads."""
+    found, seen, stack = [], set(), [node]
+    while stack:  # no recursion: a value may be thousands of nodes deep
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.attr is not None and getattr(n.attr, "scope", None) == GROUPS and n.op in ("reduce", "measure"):
+            found.append(n)
+        stack.extend(n.args)
+    return found
+
+
+def _nested(items):
+    """Every statement in ``items`` and, at any depth, inside their ``if``, probe and loop bodies."""
+    for item in items:
+        yield item
+        if isinstance(item, ast.If):
+            yield from _nested(item.then + item.otherwise)
+        elif isinstance(item, (ast.Probe, ast.Repeat)):
+            yield from _nested(item.items)
 
 
 def _defines(src, items, builder):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .ir import Program, Scope
+from .ir import GROUPS, Program, Scope
 from .lowerer import BucketShape, _ident, _Lowerer, global_input, state_input
 from ..recursion import deep
 @dataclass
@@ -84,10 +84,13 @@ def lower_step(program: Program, buckets: list[BucketShape], nonfinite: str = "p
     return StepGraphs(scalar, main)
 
 
-def main_inputs(program: Program, n_buckets: int, n_scalars: int, nonfinite: str = "propagate") -> list:
-    """The main phase's input names, in the order the runtime passes them."""
+def main_inputs(program: Program, n_buckets: int, n_scalars: int, nonfinite: str = "propagate",
+                totals: bool = True) -> list:
+    """The main phase's input names, in the order the runtime passes them; without ``totals``,
+    those of the partial pass (lower_partials), which runs before the groups.* totals exist."""
     names = [f"scalar_{i}" for i in range(n_scalars)] + (["skipped"] if nonfinite == "skip" else [])
     names += [global_input(s) for s in program.global_states]
+    names += [groups_input(j) for j in range(len(groups_values(program)))] if totals else []
     for i in range(n_buckets):
         names += [f"b{i}_step", f"b{i}_param", f"b{i}_grad"]
         names += [state_input(i, s) for s in program.state_names]
@@ -101,7 +104,8 @@ def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -
     ((args of bucket 0), (args of bucket 1), ...). Probes after ``index`` are not read."""
     roots = _scalar_roots(program, len(buckets))
     graph = fx.Graph()
-    placeholders = {n: graph.placeholder(n) for n in main_inputs(program, len(buckets), len(roots))}
+    # probes run before the groups.* totals exist, and never read them (GS077)
+    placeholders = {n: graph.placeholder(n) for n in main_inputs(program, len(buckets), len(roots), totals=False)}
     lowerer = _Lowerer(graph, placeholders, buckets, program)
     for i, (node, b) in enumerate(roots):
         lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
@@ -113,11 +117,94 @@ def lower_probe_args(program: Program, buckets: list[BucketShape], index: int) -
 
 def _lowerer(graph, placeholders, buckets, program):
     """The lowerer for ``program``: per run of equal-shape tensors where the step needs their
-    shapes (compiler/shaped.py), else over flat buckets."""
+    shapes (compiler/shaped.py; compiler/sharded.py for FSDP2's shards), else over flat buckets."""
     if program.shaped:
+        if any(b.sharding is not None for b in buckets):
+            from .sharded import ShardedLowerer
+            return ShardedLowerer(graph, placeholders, buckets, program)
         from .shaped import ShapedLowerer
         return ShapedLowerer(graph, placeholders, buckets, program)
     return _Lowerer(graph, placeholders, buckets, program)
+
+
+# ---- values over every parameter group (groups.*)
+#
+# A groups.* value needs every group's part before any group can step. The runtime therefore
+# runs, per group, a *partial pass* (lower_partials): a small graph of the main phase's inputs
+# whose outputs are the group's part of each groups.* reduction, reduced over its buckets and,
+# under FSDP2, all-reduced over the shard group (where a global.* reduction is). It adds the
+# parts of every group (finish_groups) and passes the totals to each group's main phase as
+# inputs. The builder refuses a groups.* value that feeds another one (GS077), so one partial
+# pass suffices.
+
+def groups_key(node) -> str:
+    """What identifies a groups.* value across the groups' programs: where the spec writes the
+    reduction (each group's own argument, as its switches build it), or "numel"."""
+    return node.attr.site if node.op == "reduce" else "numel"
+
+
+def groups_values(program: Program) -> list:
+    """The program's groups.* values (reductions and groups.numel), each once, by key."""
+    found = {}
+    for each in program.classes:
+        for node in each.nodes():
+            if node.op in ("reduce", "measure") and node.attr.scope == GROUPS:
+                found.setdefault(groups_key(node), node)
+    return [found[key] for key in sorted(found)]
+
+
+def groups_input(index: int) -> str:
+    return f"groups_total_{index}"
+
+
+def _read_totals(lowerer, program: Program, placeholders: dict, n_buckets: int) -> None:
+    """Make every groups.* value of ``program`` read its input (the total over the groups)."""
+    for j, node in enumerate(groups_values(program)):
+        for b in (None, *range(n_buckets)):
+            lowerer.memo[(id(node), b)] = placeholders[groups_input(j)]
+
+
+@dataclass
+class PartialGraphs:
+    """The partial pass of a step (see the comment above): its graph, the groups.* reductions
+    whose parts it returns (in order) and, for a mean, how many elements each part covers."""
+
+    graph: fx.GraphModule  # (main_inputs without totals) -> tuple of parts
+    reductions: tuple  # the reduce nodes
+    counts: tuple  # elements per part, as floats
+
+
+@deep
+def lower_partials(program: Program, buckets: list[BucketShape]) -> PartialGraphs | None:
+    """The group's parts of the program's groups.* reductions, or None if it has none."""
+    reductions = tuple(n for n in groups_values(program) if n.op == "reduce")
+    if not reductions:
+        return None
+    roots = _scalar_roots(program, len(buckets))
+    graph = fx.Graph()
+    placeholders = {n: graph.placeholder(n) for n in main_inputs(program, len(buckets), len(roots), totals=False)}
+    lowerer = _lowerer(graph, placeholders, buckets, program)
+    for i, (node, b) in enumerate(roots):
+        lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
+    parts = [lowerer.groups_partial(node) for node in reductions]
+    graph.output(tuple(parts))
+    counts = tuple(lowerer.groups_count(node) for node in reductions)
+    module = fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_partials")
+    return PartialGraphs(module, reductions, counts)
+
+
+def finish_groups(func: str, parts: list, count: float):
+    """A groups.* reduction from every group's part: their sum (max, min), then the root of a
+    norm or the mean of a mean."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = torch.maximum(total, part) if func == "max" else torch.minimum(total, part) if func == "min" \
+            else total + part
+    if func == "norm":
+        return torch.sqrt(total)
+    if func == "mean":
+        return total / count
+    return total
 
 
 def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> fx.GraphModule:
@@ -126,8 +213,12 @@ def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> 
     lowerer = _lowerer(graph, placeholders, buckets, program)
     for i, (node, b) in enumerate(roots):
         lowerer.memo[(id(node), b)] = placeholders[f"scalar_{i}"]
+    _read_totals(lowerer, program, placeholders, len(buckets))
     if nonfinite == "skip":
         lowerer.ok = lowerer.all_finite()
+        for j in range(len(groups_values(program))):  # a group that skips can leave a total NaN: skip too
+            finite = lowerer.call(torch.all, lowerer.call(torch.isfinite, placeholders[groups_input(j)]))
+            lowerer.ok = lowerer.call(torch.logical_and, lowerer.ok, finite)
     writes = []
     for i in range(len(buckets)):
         for name in ("param",) + program.state_names:

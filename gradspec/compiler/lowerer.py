@@ -263,6 +263,8 @@ class _Lowerer:
     def _reduce(self, node: Node, bucket: int):
         scope, func = node.attr.scope, node.attr.func
         combine = {"max": "max", "min": "min"}.get(func, "sum")
+        if scope == "groups":  # pragma: no cover - the step reads the total as an input (lower._read_totals)
+            raise RuntimeError("internal: a groups.* reduction lowered without its total")
         if scope == "global":
             partials = [self._reduce_part(func, node, i, per_tensor=False) for i in range(len(self.buckets))]
             total = partials[0]
@@ -282,6 +284,20 @@ class _Lowerer:
                               dtype=compute_dtype(self.buckets[bucket].dtype), device=self.graph_device(result))
             result = self.call(operator.truediv, result, sizes)
         return result
+
+    def groups_partial(self, node: Node):
+        """This group's part of a groups.* reduction: its sum (of squares, for norm; of products,
+        for dot; also for mean), max or min over every bucket, whole over the shard group."""
+        func = node.attr.func
+        parts = [self._reduce_part(func, node, i, per_tensor=False) for i in range(len(self.buckets))]
+        total = parts[0]
+        for part in parts[1:]:
+            total = self.call({"max": torch.maximum, "min": torch.minimum}.get(func, operator.add), total, part)
+        return self.collective(total, {"max": "max", "min": "min"}.get(func, "sum"))
+
+    def groups_count(self, node: Node) -> float:
+        """How many elements this group's part of a groups.* value covers (a mean's divisor)."""
+        return float(sum(sum(b.full_numels()) for b in self.buckets))
 
     def _reduce_part(self, func, node, bucket, per_tensor):
         """sum (also of a mean), sum of squares (norm), dot, max or min over a bucket, whole or
@@ -329,6 +345,8 @@ class _Lowerer:
 
     def _measure(self, node: Node, bucket: int):
         """tensor.numel (and rows, cols) per tensor, global.numel: sizes baked into the graph."""
+        if node.attr.scope == "groups":  # pragma: no cover - an input, as a groups.* reduction
+            raise RuntimeError("internal: groups.numel lowered without its total")
         if node.attr.scope == "global":
             return float(sum(sum(b.full_numels()) for b in self.buckets))
         shape = self.buckets[bucket]

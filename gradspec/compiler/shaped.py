@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .ir import COLS, ROWS, Node, Program, dims_of
+from .ir import BLOCK, COLS, ROWS, Node, Program, dims_of
 from .lowerer import BucketShape, _is_python, _Lowerer, accumulated_sum, compute_dtype, state_input
 from .newton_schulz import newton_schulz
+from .blocks import BlockLowering, TileSegment, state_shape
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class Segment:
     rows: int
     cols: int
     shape_class: str  # "matrix" or "vector"
+    # FSDP2 (compiler/sharded.py): which size is cut over the shard group (rows for a matrix, cols
+    # for a vector, None when not sharded), and this process's part of it (start, length)
+    cut: str | None = None
+    start: int = 0
+    local: int = 0
 
     def size(self, dim) -> int:
         return self.rows if dim == ROWS else self.cols if dim == COLS else int(dim)
@@ -55,6 +61,10 @@ class StateLayout:
 
     shapes: tuple  # per tensor
     offsets: tuple  # per tensor, and the end
+    # FSDP2 (compiler/sharded.py): per tensor, the state's whole shape and whether its first
+    # dimension is cut over the shard group as the parameter's is (else every process keeps it whole)
+    global_shapes: tuple = ()
+    cut: tuple = ()
 
     @property
     def numel(self) -> int:
@@ -63,20 +73,19 @@ class StateLayout:
 
 def segments(shape: BucketShape) -> list[Segment]:
     """The bucket's segments, in order (see the module docstring)."""
-    if shape.sharding:
-        raise NotImplementedError("a shape-aware spec (axis reductions, matrix algebra, shaped states) does not "
-                                  "run on sharded parameters (FSDP) yet: each tensor's matrix must be whole on "
-                                  "one process")
     out, offset = [], 0
     full = shape.full_shapes or [(shape.numel // max(shape.ntensors, 1),)] * shape.ntensors
     for i, ((rows, cols), tensor_shape) in enumerate(zip(shape.matrix_shapes(), full)):
         cls = "matrix" if len(tensor_shape) >= 2 else "vector"
+        cut, (start, local) = None, (0, 0)
+        if shape.sharding is not None and tensor_shape:  # FSDP2 cuts dim 0: a matrix's rows, a vector's cols
+            cut, (start, local) = ROWS if cls == "matrix" else COLS, shape.sharding.rows(i)
         last = out[-1] if out else None
         if last and (last.rows, last.cols, last.shape_class) == (rows, cols, cls):
-            out[-1] = Segment(last.first, last.count + 1, last.offset, rows, cols, cls)
+            out[-1] = Segment(last.first, last.count + 1, last.offset, rows, cols, cls, cut, start, local)
         else:
-            out.append(Segment(i, 1, offset, rows, cols, cls))
-        offset += rows * cols
+            out.append(Segment(i, 1, offset, rows, cols, cls, cut, start, local))
+        offset += int(torch.Size(shape.shapes[i]).numel()) if shape.sharding is not None else rows * cols
     return out
 
 
@@ -94,16 +103,21 @@ def state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout
         if name not in (program.state_dims or {}) and all(name in p.state_names for p in classes):
             continue
         shapes = []
+        block = (program.state_blocks or {}).get(name)  # a state per block (compiler/blocks.py)
         for seg in segments(shape):
             own = class_program(program, seg.shape_class)
             dims = (own.state_dims or {}).get(name)
             for i in range(seg.first, seg.first + seg.count):
                 shapes.append((0,) if name not in own.state_names else
-                              tuple(tensor_shapes[i]) if dims is None else _shown(seg, dims))
+                              tuple(tensor_shapes[i]) if dims is None else
+                              state_shape(seg, block.size, dims)[0] if block is not None else _shown(seg, dims))
         offsets = [0]
         for s in shapes:
             offsets.append(offsets[-1] + int(torch.Size(s).numel()))
         out[name] = StateLayout(tuple(shapes), tuple(offsets))
+    if shape.sharding is not None:  # each process keeps its part (compiler/sharded.py)
+        from .sharded import local_layouts
+        return local_layouts(program, shape, out)
     return out
 
 
@@ -120,7 +134,7 @@ def _shown(seg: Segment, dims) -> tuple:
     return (a, b)
 
 
-class ShapedLowerer(_Lowerer):
+class ShapedLowerer(BlockLowering, _Lowerer):
     """Emits FX nodes per (node, bucket, segment) for per-tensor values, and as the plain
     lowerer does for values per step or group."""
 
@@ -141,7 +155,7 @@ class ShapedLowerer(_Lowerer):
             return self.memo[key]
         if segment is None:
             raise ValueError("a per-tensor value is lowered per segment")  # pragma: no cover - internal
-        key = (id(node), bucket, segment.first)
+        key = (id(node), bucket, segment)  # a run of tensors, or of blocks (a TileSegment)
         if key not in self.memo:
             self.memo[key] = self._emit_segment(node, bucket, segment)
         return self.memo[key]
@@ -164,6 +178,12 @@ class ShapedLowerer(_Lowerer):
 
     def _emit_segment(self, node: Node, bucket: int, seg: Segment):
         op = node.op
+        if op == "tile":
+            return self.tile_value(node, bucket, seg)
+        if op == "untile":
+            return self.untile_value(node, bucket, seg)
+        if op == "state" and node.attr in self.block_states:
+            return self.block_state_value(node, bucket, seg)
         if op == "input":
             return self._view(self.load(self.ph[f"b{bucket}_{node.attr}"], bucket), seg, dims_of(node), seg.offset)
         if op == "state":
@@ -182,9 +202,18 @@ class ShapedLowerer(_Lowerer):
             like = self.ph[f"b{bucket}_param"]
             return self.call(torch.eye, n, dtype=compute_dtype(self.buckets[bucket].dtype),
                              device=self.graph_device(like))
-        args = [self.value(a, bucket, segment=seg) for a in node.args]
         if op == "matmul":
-            return self.call(torch.matmul, *args)
+            reordered = self._reordered(node, bucket, seg)
+            if reordered is not None:
+                return reordered
+        if op in _ALIGNED_OPERANDS:
+            args = [self._matrix_operand(a, bucket, seg) for a in node.args]
+        else:
+            args = [self.value(a, bucket, segment=seg) for a in node.args]
+        if op == "matmul":
+            return self.call(torch.matmul, *args) if seg.count > 1 else self.call(single_product, *args)
+        if op == "descending":
+            return self.call(descending_permutation, self._full(args[0], seg, dims_of(node.args[0])))
         if op == "transpose":
             return self.call(torch.transpose, args[0], -2, -1)
         if op == "trace":
@@ -193,13 +222,44 @@ class ShapedLowerer(_Lowerer):
         if op in ("eigvecs", "eigvals", "inv_root"):
             return self._eigen(op, args)
         if op == "qr":
-            return self.call(operator.getitem, self.call(torch.linalg.qr, args[0]), 0)
+            return self.call(orthonormal_factor, args[0], node.attr is not None)
         if op in ("svd_left", "svd_right"):
             return self.call(singular_vectors, args[0], seg.size(node.attr.size), op == "svd_left")
         return self._elementwise(node, args)
 
     def _elementwise(self, node: Node, args: list):
         return self.apply(node.op, args)
+
+    def _matrix_operand(self, node: Node, bucket: int, seg: Segment):
+        """An operand of a product or a decomposition: a gradient, parameter or state (or its
+        transpose) as a tensor of its own where its view of the bucket's buffer is not 64-byte
+        aligned. MKL rounds a product differently at such an address, and the eigenvectors
+        of a rank-deficient statistic (SOAP's first basis) turn those last bits into
+        different bases; a copy makes the numbers those of the same product on p.grad."""
+        leaf = node.args[0] if node.op == "transpose" else node
+        if leaf.op not in ("input", "state"):
+            return self.value(node, bucket, segment=seg)
+        key = ("standalone", id(leaf), bucket, seg)
+        if key not in self.memo:
+            self.memo[key] = self.call(standalone, self.value(leaf, bucket, segment=seg))
+        own = self.memo[key]
+        return self.call(torch.transpose, own, -2, -1) if node.op == "transpose" else own
+
+    def _reordered(self, node: Node, bucket: int, seg: Segment):
+        """A product with a permutation ``descending(d)`` (or its transpose) as the gather it is:
+        the same numbers as the 0/1 product, without its n^3 multiplications; None for any
+        other product."""
+        for side, other in ((1, 0), (0, 1)):
+            found = _permutation(node.args[side])
+            if found is None:
+                continue
+            d, transposed = found
+            x = self._full(self.value(node.args[other], bucket, segment=seg), seg, dims_of(node.args[other]))
+            order = self._full(self.value(d, bucket, segment=seg), seg, dims_of(d))
+            # X @ P picks X's columns in the order, P^T @ X its rows; P^T and P undo them
+            inverse = transposed if side == 1 else not transposed
+            return self.call(reorder, x, order, -1 if side == 1 else -2, inverse)
+        return None
 
     def _eigen(self, op, args):
         pair = self.call(torch.linalg.eigh, args[0])  # ascending; the language's order is descending
@@ -217,6 +277,8 @@ class ShapedLowerer(_Lowerer):
 
     def _matrix_segment(self, node: Node, bucket: int, seg: Segment):
         shape = self.buckets[bucket]
+        if node.attr.func == "aspect" and isinstance(seg, TileSegment):  # a block's own rows / cols
+            return seg.rows / seg.cols if seg.shape_class == "matrix" and seg.cols else 1.0
         if node.attr.func == "aspect":
             full = (shape.full_shapes or [()] * shape.ntensors)[seg.first]
             return full[-2] / full[-1] if len(full) >= 2 and full[-1] else 1.0
@@ -240,7 +302,7 @@ class ShapedLowerer(_Lowerer):
     def _segment_reduce(self, node: Node, bucket: int, seg: Segment):
         func, scope = node.attr.func, node.attr.scope
         x = self._full(self._reduced(func, node, bucket, seg), seg, _arg_dims(node))
-        axes = {"tensor": (-2, -1), "row": (-1,), "col": (-2,)}[scope]
+        axes = {"tensor": (-2, -1), BLOCK: (-2, -1), "row": (-1,), "col": (-2,)}[scope]
         dtype = compute_dtype(self.buckets[bucket].dtype)
         extreme = {"max": torch.amax, "min": torch.amin}.get(func)
         if extreme:
@@ -250,20 +312,32 @@ class ShapedLowerer(_Lowerer):
             return self.call(torch.sqrt, total)
         if func == "mean":
             _, a, b = seg.batch(_arg_dims(node))
-            return self.call(operator.truediv, total, float({"tensor": a * b, "row": b, "col": a}[scope]))
+            return self.call(operator.truediv, total, float({"tensor": a * b, BLOCK: a * b, "row": b, "col": a}[scope]))
         return total
 
-    def _global_reduce(self, node: Node):
+    def groups_partial(self, node: Node):
+        return self._global_partial(node)
+
+    def groups_count(self, node: Node) -> float:
+        return float(sum(seg.count * seg.batch(_arg_dims(node))[1] * seg.batch(_arg_dims(node))[2]
+                         for segs in self.segments for seg in segs))
+
+    def _global_partial(self, node: Node):
+        """The group's sum (of squares, products), max or min of a reduction's argument."""
         func = node.attr.func
         combine = {"max": torch.maximum, "min": torch.minimum}.get(func, operator.add)
-        total, count = None, 0
+        total = None
         for i in range(len(self.buckets)):
             for seg in self.segments[i]:
                 x = self._full(self._reduced(func, node, i, seg), seg, _arg_dims(node))
                 part = self.call({"max": torch.amax, "min": torch.amin}[func], x) if func in ("max", "min") else \
                     self.call(accumulated_sum, x, (), compute_dtype(self.buckets[i].dtype))
                 total = part if total is None else self.call(combine, total, part)
-                count += seg.count * seg.batch(_arg_dims(node))[1] * seg.batch(_arg_dims(node))[2]
+        return total
+
+    def _global_reduce(self, node: Node):
+        func = node.attr.func
+        total, count = self._global_partial(node), self.groups_count(node)
         if func == "norm":
             total = self.call(torch.sqrt, total)
         if func == "mean":
@@ -280,6 +354,8 @@ class ShapedLowerer(_Lowerer):
     def next_flat(self, name: str, bucket: int, old):
         """A state's (or, for "param", the parameter's) next value over the bucket, flat; None
         where every class keeps it as it is."""
+        if name in self.block_states:
+            return self.block_next_flat(name, bucket, old, lambda seg: class_program(self.program, seg.shape_class))
         programs = [class_program(self.program, seg.shape_class) for seg in self.segments[bucket]]
         if all(name not in p.next or (p.next[name].op == "state" and p.next[name].attr == name) for p in programs):
             return None
@@ -305,6 +381,8 @@ class ShapedLowerer(_Lowerer):
 
     def initial_flat(self, name: str):
         """A state's initial value over bucket 0 (the init graph's one bucket), flat."""
+        if name in self.block_states:
+            return self.block_initial_flat(name, lambda seg: class_program(self.program, seg.shape_class))
         pieces = []
         for seg in self.segments[0]:
             program = class_program(self.program, seg.shape_class)
@@ -334,6 +412,63 @@ def accumulated_keepdim(x: torch.Tensor, dims: tuple, dtype: torch.dtype) -> tor
     """A sum over ``dims`` kept as size-1 axes, accumulated as :func:`accumulated_sum` does."""
     accumulate = torch.float32 if x.device.type == "mps" else torch.float64
     return torch.sum(x, dims, keepdim=True, dtype=accumulate).to(dtype)
+
+
+_ALIGNED_OPERANDS = {"matmul", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right"}
+
+
+def standalone(x: torch.Tensor) -> torch.Tensor:
+    """``x`` at a 64-byte aligned address, as a freshly allocated tensor is (see
+    ShapedLowerer._matrix_operand): a copy where it is not, and always while compiling, where
+    the address is not known (the copy then fuses into the kernel that produces the operand)."""
+    if torch.compiler.is_compiling() or x.data_ptr() % 64:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def single_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product of a batch of one matrix on each side, as a 2-D product (MKL's batched
+    kernel rounds some shapes differently from its 2-D one, which p.grad @ p.grad.mT uses)."""
+    return torch.matmul(a.squeeze(0), b.squeeze(0)).unsqueeze(0)
+
+
+def _permutation(node: Node):
+    """(d, transposed) when ``node`` is descending(d) or its transpose, else None."""
+    if node.op == "descending":
+        return node.args[0], False
+    if node.op == "transpose" and node.args[0].op == "descending":
+        return node.args[0].args[0], True
+    return None
+
+
+def _descending_order(d: torch.Tensor) -> torch.Tensor:
+    """The indices that sort each vector of a (count, 1, n) or (count, n, 1) batch descending."""
+    return torch.argsort(d.flatten(-2), dim=-1, descending=True)
+
+
+def descending_permutation(d: torch.Tensor) -> torch.Tensor:
+    """The (count, n, n) permutations P with P[i, j] = 1 where i is the j-th largest entry of d:
+    d @ P is d sorted descending."""
+    order = _descending_order(d)
+    return torch.nn.functional.one_hot(order, order.shape[-1]).mT.to(d.dtype)
+
+
+def reorder(x: torch.Tensor, d: torch.Tensor, axis: int, inverse: bool) -> torch.Tensor:
+    """x @ descending(d) (axis -1), transpose(descending(d)) @ x (axis -2), or, with
+    ``inverse``, the products with the other factor (which undo them), by indexing."""
+    order = _descending_order(d)
+    if inverse:
+        order = torch.argsort(order, dim=-1)
+    index = order.unsqueeze(-2) if axis == -1 else order.unsqueeze(-1)
+    return torch.gather(x, axis, index.expand(x.shape))
+
+
+def orthonormal_factor(m: torch.Tensor, float32: bool) -> torch.Tensor:
+    """The Q of each matrix's reduced QR; with ``float32``, computed in float32 and cast back
+    (pytorch-optimizer's SOAP refresh does so whatever the parameters' dtype)."""
+    if float32 and m.dtype != torch.float32:
+        return torch.linalg.qr(m.to(torch.float32)).Q.to(m.dtype)
+    return torch.linalg.qr(m).Q
 
 
 def singular_vectors(m: torch.Tensor, r: int, left: bool) -> torch.Tensor:

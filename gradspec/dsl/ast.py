@@ -282,13 +282,29 @@ class Repeat:
 
 
 @dataclass(frozen=True)
+class Blocks(Repeat):
+    """``blocks B { ... }``: the body once per block of each tensor's matrix view, blocks of at
+    most B rows and B columns (the last row and column of blocks shorter), as Distributed
+    Shampoo cuts a large matrix. Inside, ``rows`` and ``cols`` are the block's, ``tensor.f``
+    reduces over the block and a shaped state is one per block; a value made outside is read
+    block by block, and an elementwise value made inside is read outside reassembled. A
+    Repeat whose copies run side by side over the blocks rather than one after another, so
+    every walker that descends into a repeat's body descends into this one; ``count`` holds
+    B (an int hyperparameter's name or a number), also named ``size``."""
+
+    @property
+    def size(self) -> str | int:
+        return self.count
+
+
+@dataclass(frozen=True)
 class Import:
     path: str
     alias: str
     span: Span | None = field(default=None, compare=False)
 
 
-Item = Union[Hyper, State, Define, Override, Require, Law, If, Probe, Repeat, Import]
+Item = Union[Hyper, State, Define, Override, Require, Law, If, Probe, Repeat, Blocks, Import]
 
 # ---- specs and spec expressions -----------------------------------------------------------
 

@@ -401,6 +401,11 @@ class _ToAst(Transformer):
             count = str(count)
         return ast.Repeat(count, tuple(body), _span(meta))
 
+    def blocks_block(self, meta, children):
+        _, size, *body = children  # the BLOCKS keyword, the block size, the body
+        repeat = self.repeat_block(meta, [None, size, *body])
+        return ast.Blocks(repeat.count, repeat.items, repeat.span)
+
     def define(self, meta, children):
         return ast.Define(str(children[0]), children[1], False, _span(meta))
 

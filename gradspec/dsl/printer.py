@@ -59,7 +59,8 @@ def item(i, indent: str = "") -> list[str]:
                 lines += item(inner, indent + "    ")
         return lines + [f"{indent}}}"]
     if isinstance(i, (ast.Probe, ast.Repeat)):
-        opening = (f"repeat {i.count}" if isinstance(i, ast.Repeat) else
+        opening = (f"blocks {i.size}" if isinstance(i, ast.Blocks) else
+                   f"repeat {i.count}" if isinstance(i, ast.Repeat) else
                    f"probe every {i.every}" if i.model else f"every {i.every}")
         lines = [f"{indent}{opening} {{"]
         for inner in i.items:

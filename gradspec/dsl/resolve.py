@@ -298,8 +298,11 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
             _check_default(item, errors)
         elif not isinstance(item, ast.Import):
             items.append((tree.source, item))
+    _check_blocks(tree.items, hypers, errors)
     for item in tree.walk():
-        if isinstance(item, ast.If):
+        if isinstance(item, ast.Blocks):
+            pass  # checked above: a blocks body may declare states, unlike a probe's or a loop's
+        elif isinstance(item, ast.If):
             for inner in item.then + item.otherwise:
                 if isinstance(inner, (ast.Hyper, ast.Law, ast.Probe)):
                     what = {ast.Hyper: "hyperparameters are", ast.Law: "laws are"}.get(type(inner), "probes are")
@@ -333,30 +336,78 @@ def tree_items(items):
             yield from tree_items(item.then + item.otherwise)
 
 
+def _check_blocks(items, hypers: dict, errors: Collector, around: str | None = None) -> None:
+    """``blocks B { ... }`` (see ast.Blocks): B an int hyperparameter >= 1 or a whole number, the
+    block at the top level or in an ``if`` (not inside another block, a probe or a loop), and
+    its body made of what exists per block: definitions, next values, states with a shape of
+    their own (``: (rows, rows)``, ``: rows``, ``: tensor``), ``if`` and ``every``. GS074."""
+    for item in items:
+        if isinstance(item, ast.Blocks):
+            if around is not None:
+                errors.error("GS074", f"a blocks block cannot be inside {around}", item.span,
+                             "put 'blocks B { }' at the top level (or in an 'if'); an 'every' or 'repeat' "
+                             "may be inside it")
+            _check_every(item, hypers, errors)
+            for inner in tree_items(item.items):
+                _check_block_item(inner, errors)
+            _check_blocks(item.items, hypers, errors, "another blocks block")
+        elif isinstance(item, ast.If):
+            _check_blocks(item.then + item.otherwise, hypers, errors, around)
+        elif isinstance(item, (ast.Probe, ast.Repeat)):
+            _check_blocks(item.items, hypers, errors, _block_word(item))
+
+
+def _check_block_item(inner, errors: Collector) -> None:
+    if isinstance(inner, (ast.Hyper, ast.Law)):
+        what = "hyperparameter" if isinstance(inner, ast.Hyper) else "law"
+        errors.error("GS074", f"a {what} is declared at the top level, not inside a blocks block", inner.span,
+                     "move the declaration above 'blocks'")
+    elif isinstance(inner, ast.Probe) and inner.model:
+        errors.error("GS074", "a model probe cannot be inside a blocks block", inner.span,
+                     "evaluate the model outside 'blocks' and read the result inside; 'every k { }' may be inside")
+    elif isinstance(inner, ast.State) and inner.scope not in ("tensor", "shaped"):
+        kind = {"element": "a per-element", "global": "a per-group", "subspace": "a subspace"}[inner.scope]
+        errors.error("GS074", f"{kind} state cannot be declared inside a blocks block: a block keeps states "
+                              f"shaped per block", inner.span,
+                     f"declare {inner.name} outside 'blocks' (inside, it is read block by block), or give it a "
+                     f"block's shape: ': (rows, rows)', ': rows', ': tensor'")
+    elif isinstance(inner, ast.Define) and inner.primed and inner.name == "param":
+        errors.error("GS074", "the update param' cannot be inside a blocks block", inner.span,
+                     "compute the direction inside, and write param' = ... outside: a block's elementwise "
+                     "value is read outside reassembled")
+
+
 def _block_word(item) -> str:
     """How an error names a block: "a probe", "an every block", "a repeat block"."""
+    if isinstance(item, ast.Blocks):
+        return "a blocks block"
     if isinstance(item, ast.Repeat):
         return "a repeat block"
     return "a probe" if item.model else "an every block"
 
 
 def _check_every(probe: ast.Probe | ast.Repeat, hypers: dict, errors: Collector) -> None:
-    """A block's period (probe, every) or count (repeat) is a positive int: a literal, or an int
-    hyperparameter that is >= 1."""
+    """A block's period (probe, every), count (repeat) or size (blocks) is a positive int: a
+    literal, or an int hyperparameter that is >= 1. GS019, or GS074 for a block size."""
     every = probe.count if isinstance(probe, ast.Repeat) else probe.every
-    what = "a repeat block runs k times" if isinstance(probe, ast.Repeat) else f"{_block_word(probe)} runs every k steps"
-    count = "repeat count" if isinstance(probe, ast.Repeat) else "probe period"
+    if isinstance(probe, ast.Blocks):
+        code, what, count, example = "GS074", "a blocks block cuts blocks of at most k rows and columns", \
+            "block size", 1024
+    elif isinstance(probe, ast.Repeat):
+        code, what, count, example = "GS019", "a repeat block runs k times", "repeat count", 10
+    else:
+        code, what, count, example = "GS019", f"{_block_word(probe)} runs every k steps", "probe period", 10
     if isinstance(every, str):
         hyper = hypers.get(every)
         if hyper is None:
-            errors.error("GS019", f"{what}, k an int hyperparameter; '{every}' is not one",
-                         probe.span, did_you_mean(every, hypers) or f"declare hyper {every}: int = 10 >= 1")
+            errors.error(code, f"{what}, k an int hyperparameter; '{every}' is not one",
+                         probe.span, did_you_mean(every, hypers) or f"declare hyper {every}: int = {example} >= 1")
         elif hyper.kind != "int" or hyper.check(1) or not _at_least_one(hyper):
-            errors.error("GS019", f"the {count} '{every}' must be an int hyperparameter constrained >= 1",
+            errors.error(code, f"the {count} '{every}' must be an int hyperparameter constrained >= 1",
                          hyper.span, f"hyper {every}: int = {max(1, round(float(hyper.default)))} >= 1")
     elif not isinstance(every, int) or every < 1:
-        errors.error("GS019", f"a {count} must be a whole number >= 1, not {every}", probe.span,
-                     "write a whole number, or an int hyperparameter: hyper k: int = 10 >= 1")
+        errors.error(code, f"a {count} must be a whole number >= 1, not {every}", probe.span,
+                     f"write a whole number, or an int hyperparameter: hyper k: int = {example} >= 1")
 
 
 def _at_least_one(hyper: ast.Hyper) -> bool:
@@ -436,6 +487,8 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
     visible = own | set(INPUTS) | set(adaptor.hypers) | set(base.hypers) | set(BUILTIN_NAMES)
 
     def rename_adaptor(node: ast.Name) -> ast.Name:
+        if node.qualifier == "groups" and tree.base_param != "groups" and not node.primed:
+            return node  # groups.numel, a size over every parameter group
         if node.qualifier is not None:
             if node.qualifier != tree.base_param:
                 errors.error("GS026", f"'{node.qualifier}' is not this adaptor's base", node.span,

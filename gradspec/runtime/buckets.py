@@ -168,7 +168,11 @@ class Bucket:
             entry = state.setdefault(p, {})
             entry["step"] = self.step.view(())
             for name in self.states:
-                entry[name] = state_view(views[name][i], p, 1 if name in self.ranks else 0)
+                layout = self.layouts.get(name)
+                if layout is not None and layout.global_shapes:  # shaped unlike the parameter, sharded
+                    entry[name] = state_view(views[name][i], p, 0, layout.global_shapes[i], layout.cut[i])
+                else:
+                    entry[name] = state_view(views[name][i], p, 1 if name in self.ranks else 0)
 
     def params_moved(self) -> bool:
         """Whether a parameter no longer lives where the bucket left it (``model.to(...)``,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compiler.lowerer import BucketShape
+from ..compiler.shaped import state_layouts
 from ..dsl.errors import SpecError
 from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem
 
@@ -235,11 +237,22 @@ def _check_entry(entry: dict, param, program, where: str) -> None:
         if name in program.global_states:
             shape_ok, wanted = value.numel() == 1, "one value"
         else:
-            wanted = ((ranks[name],) if name in ranks else ()) + tuple(param.shape)
+            wanted = ((ranks[name],) if name in ranks else ()) + _state_shape(program, name, param)
             shape_ok = tuple(value.shape) == wanted
         if not shape_ok:
             raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {wanted}: "
                              "a state dict of another model?")
+
+
+def _state_shape(program, name: str, param) -> tuple:
+    """The (whole) shape of a parameter's state: the parameter's, or for a state shaped unlike
+    it the shape its layout shows ((rows,) for a per-row state, (0,) where the parameter's
+    shape class keeps none; compiler/shaped.py)."""
+    if not program.shaped:
+        return tuple(param.shape)
+    tensor = BucketShape(param.numel(), 1, param.dtype, (tuple(param.shape),))
+    layout = state_layouts(program, tensor).get(name)
+    return tuple(param.shape) if layout is None else tuple(layout.shapes[0])
 
 
 def _check_generator(saved, device: torch.device) -> None:

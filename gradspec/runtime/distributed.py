@@ -11,7 +11,8 @@ gradspec runs inside torch.distributed rather than beside it:
   ``global.*``, ``onto``'s coefficients, the non-finite check) is all-reduced over the shard
   group inside the compiled graph with functional collectives, so it is still one graph
   per bucket with no graph break. Muon's Newton-Schulz all-gathers each full matrix, runs
-  it on every rank, and keeps the local rows.
+  it on every rank, and keeps the local rows; so do the matrix products and decompositions
+  of shape-aware specs (compiler/sharded.py), whose row reductions stay local.
 
 Random draws (``randn()``, Lanczos starts, sampled labels) are made at the full size on
 every process from the same seeded generator and sliced, so a sharded run draws the numbers
@@ -25,9 +26,9 @@ import torch.distributed as dist
 from ..compiler.collectives import Sharding
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Shard = None
+    DTensor = Replicate = Shard = None
 
 
 def is_sharded(tensor) -> bool:
@@ -61,13 +62,21 @@ def sharding_of(params: list) -> Sharding | None:
     return Sharding(group.group_name, mesh.get_local_rank(dim), mesh.size(dim), tuple(tuple(p.shape) for p in params))
 
 
-def state_view(view: torch.Tensor, param, extra_leading: int = 0):
+def state_view(view: torch.Tensor, param, extra_leading: int = 0, shape: tuple | None = None,
+               cut: bool = True):
     """A state's local view as the DTensor torch.distributed.checkpoint expects (same mesh and
-    placements as the parameter; a subspace state's (k, *shape) is sharded one dim later)."""
+    placements as the parameter; a subspace state's (k, *shape) is sharded one dim later). A
+    state shaped unlike the parameter gives its whole ``shape``: ``cut`` along its first
+    dimension as the parameter is (Adafactor's per-row R), else kept whole by every process
+    (its per-column C: Replicate)."""
     if not is_sharded(param):
         return view
+    if not cut:
+        placements = tuple(Replicate() for _ in param.placements)
+        return DTensor.from_local(view, param.device_mesh, placements, run_check=False, shape=view.shape,
+                                  stride=view.stride())
     placements = tuple(Shard(p.dim + extra_leading) if isinstance(p, Shard) else p for p in param.placements)
-    shape = tuple(view.shape[:extra_leading]) + tuple(param.shape)
+    shape = tuple(view.shape[:extra_leading]) + tuple(param.shape if shape is None else shape)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(view, param.device_mesh, placements, run_check=False, shape=shape, stride=stride)
 

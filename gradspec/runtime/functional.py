@@ -16,8 +16,11 @@ them. Nothing is mutated, so an update can be
 
 Parameters are a list (or tuple) or a dict of tensors; gradients and state mirror them. The
 state is a plain dict of tensors, a pytree every torch.func transform understands: ``step``
-(a 0-d count), one entry per per-element state holding a container like the parameters, and
-one 0-d tensor per ``state s: global``.
+(a 0-d count), one entry per per-tensor state holding a container like the parameters (each
+tensor in the state's own shape where it is shaped unlike the parameter: Adafactor's (rows,)
+R, Shampoo's (rows, rows) L, (0,) for a shape class that keeps none, as
+``optimizer.state[p]`` shows them), and one 0-d tensor per ``state s: global``. The
+parameters are one group: ``groups.f(x)`` is ``global.f(x)`` here.
 
 Specs with curvature probes (``probe every k { }``) evaluate the model again; :meth:`update`
 then takes ``loss_fn``, a function of the parameters (same container) returning the loss, and
@@ -32,9 +35,11 @@ import torch
 
 from ..check import safety_checked
 from ..compiler import backends
-from ..compiler.ir import Program, build
-from ..compiler.lower import lower_init, lower_probe_args, lower_step
+from ..compiler.ir import Program, build, evaluate_scalar
+from ..compiler.lower import finish_groups, groups_key, groups_values, lower_init, lower_partials, lower_probe_args, \
+    lower_step
 from ..compiler.lowerer import BucketShape, bucket_normal, compute_dtype, global_input, state_input
+from ..compiler.shaped import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl.resolve import Spec, load
 from ..symbolic.simplify import simplified
@@ -116,6 +121,8 @@ class _Compiled:
     scalar: object
     main: object
     probe_args: tuple = ()
+    partials: object = None  # PartialGraphs of the groups.* reductions, or None
+    partial: object = None  # its callable
 
 
 @dataclass(frozen=True)
@@ -147,13 +154,23 @@ class Transform:
             if generator is None:
                 generator = torch.Generator(device=layout.devices[b]).manual_seed(0)
             values = lower_init(program, shape)(*hypers, flat, torch.zeros_like(flat), generator)
+            shaped = state_layouts(program, shape) if program.shaped else {}
             for name, value in zip(program.state_names, values):
                 value = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
+                if name in shaped:  # laid out tensor by tensor in the state's own shapes
+                    like = [None] * len(tensors)
+                    for i, state_shape in zip(layout.members[b], shaped[name].shapes):
+                        like[i] = torch.empty(state_shape, dtype=flat.dtype, device=flat.device)
+                    layout.split(value.expand(shaped[name].numel) if value.dim() == 0 else value, b, like,
+                                 per_element[name])
+                    continue
                 layout.split(value.expand_as(flat) if value.dim() == 0 else value, b, tensors,
                              per_element[name])
         state.update({name: layout.rebuild(values) for name, values in per_element.items()})
-        for name in program.global_states:
-            state[name] = torch.tensor(float(program.init[name].attr), dtype=compute_dtype(layout.buckets[0].dtype),
+        for name in program.global_states:  # a number, or a value of the hyperparameters (state d: global = d0)
+            start = evaluate_scalar(program.init[name], {h: float(v) for h, v in self.hyper.items()
+                                                         if not isinstance(v, bool)})
+            state[name] = torch.tensor(float(start), dtype=compute_dtype(layout.buckets[0].dtype),
                                        device=layout.devices[0])
         return state
 
@@ -190,6 +207,7 @@ class Transform:
                                *(layout.flat(list(c), b) for c in state_containers)])
         if program.probes:
             self._run_probes(compiled, layout, tensors, params, inputs, per_bucket, loss_fn, generator)
+        inputs += self._groups_totals(compiled, layout, inputs, per_bucket)
         for bucket_inputs in per_bucket:
             inputs += bucket_inputs
         written = compiled.main(*inputs)
@@ -212,10 +230,7 @@ class Transform:
         key = (switches, layout.buckets, probing)
         found = self._compiled.get(key)
         if found is None:
-            program = simplified(build(self.spec, _checked(self.spec, values), probing=probing))
-            if program.shaped:  # its states are laid out per shape (compiler/shaped.py): not here yet
-                raise ValueError(f"{self.spec.name}: the functional update does not run shape-aware specs (axis "
-                                 f"reductions, matrix states, 'if matrix') yet; use gradspec.Optimizer")
+            program = rewritten(build(self.spec, _checked(self.spec, values), probing=probing))
             unsupported = sorted({n.attr.func for n in program.probes} - set(FUNCTIONAL_PROBES))
             if unsupported:
                 raise ValueError(f"{self.spec.name}: the functional update evaluates grad_at, hvp and randn "
@@ -224,8 +239,22 @@ class Transform:
             main = backends.make(graphs.main, self.backend, layout.devices[0])
             probe_args = tuple(lower_probe_args(program, list(layout.buckets), j) if node.args else None
                                for j, node in enumerate(program.probes))
-            found = self._compiled[key] = _Compiled(program, graphs.scalar, main, probe_args)
+            partials = lower_partials(program, list(layout.buckets))
+            partial = backends.make(partials.graph, self.backend, layout.devices[0]) if partials else None
+            found = self._compiled[key] = _Compiled(program, graphs.scalar, main, probe_args, partials, partial)
         return found
+
+    def _groups_totals(self, compiled: _Compiled, layout: _Layout, inputs: list, per_bucket: list) -> list:
+        """The groups.* values the main graph reads: with one group, each total is the group's
+        own part finished (groups.f is global.f), computed by the partial pass."""
+        totals = {"numel": float(sum(sum(shape.full_numels()) for shape in layout.buckets))}
+        if compiled.partials is not None:
+            parts = compiled.partial(*inputs, *(x for bucket_inputs in per_bucket for x in bucket_inputs))
+            for node, part, count in zip(compiled.partials.reductions, parts, compiled.partials.counts):
+                totals[groups_key(node)] = finish_groups(node.attr.func, [part], count)
+        dtype, device = compute_dtype(layout.buckets[0].dtype), layout.devices[0]
+        return [torch.as_tensor(totals[groups_key(node)], dtype=dtype, device=device)
+                for node in groups_values(compiled.program)]
 
     def _probe_sets(self, program: Program):
         count = len(program.probe_periods)
@@ -298,6 +327,13 @@ class Transform:
             return value.to(device=device, dtype=scalar_dtype(device)) if value.dtype != scalar_dtype(device) \
                 or value.device != device else value
         return torch.tensor(float(value), dtype=scalar_dtype(device), device=device)
+
+
+def rewritten(program: Program) -> Program:
+    """The program SymPy's rewrite makes smaller, where it does (symbolic/simplify.py). A
+    program with groups.* values is kept as written: the rewrite would lose where each
+    reduction is written, which pairs the groups' parts (compiler/lower.py)."""
+    return program if groups_values(program) else simplified(program)
 
 
 def _gradient_at(loss_fn, layout: _Layout, displaced: list) -> list:

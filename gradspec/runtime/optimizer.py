@@ -18,7 +18,8 @@ import torch
 from ..check import safety_checked
 from ..compiler import backends
 from ..compiler.ir import Program, Scope, build, evaluate_scalar
-from ..compiler.lower import lower_init, lower_probe_args, lower_step
+from ..compiler.lower import (StepGraphs, finish_groups, groups_key, groups_values, lower_init, lower_partials,
+                              lower_probe_args, lower_step)
 from ..compiler.lowerer import bucket_normal, compute_dtype
 from ..compiler.shaped import state_layouts
 from ..compiler.switches import static_hypers
@@ -26,10 +27,10 @@ from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
 from ..dsl.resolve import Spec, load
 from ..symbolic.domains import underflow
-from ..symbolic.simplify import simplified
 from . import checkpoints, distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
 from .checkpoints import EVALUATIONS, GENERATOR, SPEC
+from .functional import rewritten
 from .probes import ClosureDriver, Evaluations
 from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem, parameter_problem
 
@@ -319,9 +320,33 @@ class Optimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":  # check every group before any group changes
             for plan, _ in plans:
                 plan.raise_if_nonfinite()
-        for plan, group in plans:  # due ``every k { }`` blocks run without a closure
-            plan.run(group, loss, self._due(group) if plan.program.probe_periods else frozenset())
+        # due ``every k { }`` blocks run without a closure
+        plans = [(plan, group, self._due(group) if plan.program.probe_periods else frozenset())
+                 for plan, group in plans]
+        totals = self._groups_totals(plans, loss)
+        for plan, group, probing in plans:
+            plan.run(group, loss, probing, totals)
         return returned
+
+    def _groups_totals(self, plans: list, loss) -> dict:
+        """The groups.* values of this step (see compiler/lower.py): every group's parts, from
+        its partial pass, added up; {} for a spec without them. ``plans``: (plan, group, due
+        probe blocks) of the groups that step."""
+        if not any(plan.variant(probing).groups for plan, _, probing in plans):
+            return {}
+        device = plans[0][0].device
+        parts, counts, funcs = {}, {}, {}
+        for plan, group, probing in plans:
+            variant = plan.variant(probing)
+            for node, part, count in zip(variant.partials.reductions if variant.partials else (),
+                                         plan.partials(group, loss, probing), variant.partials_counts()):
+                key = groups_key(node)
+                parts.setdefault(key, []).append(part.to(device))
+                counts[key] = counts.get(key, 0.0) + count
+                funcs[key] = node.attr.func
+        totals = {key: finish_groups(funcs[key], values, counts[key]) for key, values in parts.items()}
+        totals["numel"] = float(sum(plan.numel for plan, _, _ in plans))
+        return totals
 
     def _undo_new_plans(self) -> None:
         """Drop the plans this step built and give their parameters back the states they had
@@ -372,8 +397,9 @@ class Optimizer(torch.optim.Optimizer):
             plans = [entry for entry in plans if entry[0] is not None]
             for plan, group, probing in plans:
                 plan.probe(group, probing, driver, loss)
+            totals = self._groups_totals(plans, loss)
             for plan, group, probing in plans:
-                plan.run(group, loss, probing)
+                plan.run(group, loss, probing, totals)
         except BaseException:
             for p, grad in zip(params, grads_before):
                 p.grad = grad
@@ -528,7 +554,7 @@ class Optimizer(torch.optim.Optimizer):
         if key not in self._programs:
             # SymPy runs here once per setting of the switches, never in step()
             values = {n: group[n] for n in self.spec.hypers}
-            self._programs[key] = simplified(build(self.spec, values, probing=probing))
+            self._programs[key] = rewritten(build(self.spec, values, probing=probing))
         return self._programs[key]
 
     def _plan(self, index: int, group: dict, checked: bool | None = False):
@@ -561,7 +587,8 @@ class Optimizer(torch.optim.Optimizer):
 
 
 class _Variant:
-    """The compiled step for one set of due probes (the empty set: an ordinary step)."""
+    """The compiled step for one set of due probes (the empty set: an ordinary step), with its
+    partial pass where the spec has groups.* reductions."""
 
     def __init__(self, program: Program, shapes: list, optimizer: Optimizer, device: torch.device):
         self.program = program
@@ -569,9 +596,20 @@ class _Variant:
         self.scalar_fn, self.main_fn = backends.cached(
             graphs, shapes, optimizer.backend, device,
             relower=lambda other: lower_step(program, other, optimizer.nonfinite))
+        self.groups = [groups_key(node) for node in groups_values(program)]  # the totals main_fn reads
+        self.partials = lower_partials(program, shapes)
+        if self.partials is not None:
+            # compiled as the step is (one kernel of reductions per bucket), and shared alike
+            self.partial_fn = backends.cached(
+                StepGraphs(graphs.scalar, self.partials.graph), shapes, optimizer.backend, device,
+                relower=lambda other: StepGraphs(lower_step(program, other, optimizer.nonfinite).scalar,
+                                                 lower_partials(program, other).graph))[1]
         # probes run every few steps, after model evaluations that cost far more: eagerly
         self.probe_args = [lower_probe_args(program, shapes, j) if node.args else None
                            for j, node in enumerate(program.probes)]
+
+    def partials_counts(self) -> tuple:
+        return self.partials.counts if self.partials is not None else ()
 
 
 class _Plan:
@@ -597,6 +635,7 @@ class _Plan:
                                optimizer.state_dtype, optimizer._capture, layouts)
                         for (_, _, step), ps in groups.items()]
         self.shapes = [b.shape for b in self.buckets]
+        self.numel = sum(sum(shape.full_numels()) for shape in self.shapes)  # over the shards: groups.numel
         self.device = self.buckets[0].device
         dtype = scalar_dtype(self.device)
         numeric = [n for n, h in optimizer.spec.hypers.items() if h.kind != "bool"]
@@ -607,6 +646,7 @@ class _Plan:
         self._variants: dict = {}
         self._group = group
         self._probed = None  # (probing, scalars, probe values per bucket) of this step
+        self._prepared = None  # (probing, scalars) computed by this step's partial pass
         self.variant(frozenset())
         self.refresh_hypers(group)
         for bucket in self.buckets:
@@ -668,12 +708,17 @@ class _Plan:
         scalar_args += [bucket.step for bucket in self.buckets]
         return list(variant.scalar_fn(*scalar_args))
 
-    def _inputs(self, variant: _Variant, scalars: list, probe_values, with_skipped: bool) -> list:
-        """The main phase's arguments (see lower.main_inputs for the order)."""
+    def _inputs(self, variant: _Variant, scalars: list, probe_values, with_skipped: bool,
+                totals: dict | None = None) -> list:
+        """The main phase's arguments (see lower.main_inputs for the order); without ``totals``,
+        those of the partial pass and the probes' arguments."""
         args = list(scalars)
         if with_skipped and self.skipped is not None:
             args.append(self.skipped)
         args += self.global_states.values()
+        if totals is not None:
+            dtype = compute_dtype(self.buckets[0].dtype)
+            args += [torch.as_tensor(totals[key], dtype=dtype, device=self.device) for key in variant.groups]
         for i, bucket in enumerate(self.buckets):
             args += [bucket.step, bucket.param, bucket.grad, *bucket.states.values()]
             args += probe_values[i] if probe_values else []
@@ -725,11 +770,13 @@ class _Plan:
                     for b, a, z in zip(buckets, starts, starts[1:])]
         return [torch.cat([r.reshape(-1) for r in result[a:z]]).to(b.dtype) for b, a, z in zip(buckets, starts, starts[1:])]
 
-    def run(self, group: dict, loss, probing: frozenset = frozenset()) -> None:
+    def partials(self, group: dict, loss, probing: frozenset) -> list:
+        """This group's parts of the step's groups.* reductions (its partial pass), before any
+        group steps; the scalars it computes are kept for :meth:`run`."""
         variant = self.variant(probing)
-        probed, self._probed = self._probed, None
-        if probing and variant.program.probes and (probed is None or probed[0] != probing):
-            raise RuntimeError("internal: a probing step without its probes")  # pragma: no cover
+        if variant.partials is None:
+            return []
+        probed = self._probed
         self.refresh_hypers(group)
         negate = self.optimizer._maximizes(group)
         for bucket in self.buckets:
@@ -739,7 +786,33 @@ class _Plan:
             if not probed:
                 for bucket in self.buckets:
                     bucket.gather_params()
-            variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True))
+            parts = variant.partial_fn(*self._inputs(variant, scalars, probed[2] if probed else None, False))
+        if not probed:
+            self._prepared = (probing, scalars)
+        return list(parts)
+
+    def run(self, group: dict, loss, probing: frozenset = frozenset(), totals: dict | None = None) -> None:
+        variant = self.variant(probing)
+        probed, self._probed = self._probed, None
+        prepared, self._prepared = self._prepared, None
+        if probing and variant.program.probes and (probed is None or probed[0] != probing):
+            raise RuntimeError("internal: a probing step without its probes")  # pragma: no cover
+        self.refresh_hypers(group)
+        negate = self.optimizer._maximizes(group)
+        for bucket in self.buckets:
+            bucket.gather_grads()
+        with _negated_grads(self.buckets, negate):
+            if probed:
+                scalars = probed[1]
+            elif prepared is not None and prepared[0] == probing:
+                scalars = prepared[1]
+            else:
+                scalars = self._scalars(variant, loss, negate)
+            if not probed:
+                for bucket in self.buckets:
+                    bucket.gather_params()
+            variant.main_fn(*self._inputs(variant, scalars, probed[2] if probed else None, True,
+                                          totals if variant.groups else None))
         for bucket in self.buckets:
             bucket.scatter_params()
 

@@ -55,6 +55,8 @@ def _is_zero(e) -> bool:
     the symbolic proof the laws use."""
     if e == 0:
         return True
+    if e.has(sympy.zoo, sympy.nan):  # undefined (beta1 = 1 in 1 / (1 - beta1^t)): not 0, and simplify takes seconds
+        return False
     if search((e,), {}, lambda value: abs(value[0]) / (1 + abs(value[0]))) is not None:
         return False
     return is_zero(e)

@@ -12,6 +12,7 @@ quantities never print as one symbol. Only calls with no short notation of their
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -235,10 +236,42 @@ def _statements(items, notation: Notation, note: str) -> list[str]:
             what = rf"\text{{(probe, every }} {every} \text{{ steps)}}" if item.model else \
                 rf"\text{{(every }} {every} \text{{ steps)}}"
             lines += _statements(item.items, notation, f"{note} \\quad {what}")
+        elif isinstance(item, ast.Blocks):
+            size = _every(item.size, notation)
+            lines += _statements(_per_block(item.items), notation,
+                                 rf"{note} \quad \text{{(per block of at most }} {size} \times {size} \text{{)}}")
         elif isinstance(item, ast.Repeat):
             count = _every(item.count, notation)
             lines += _statements(item.items, notation, rf"{note} \quad \text{{(repeated }} {count} \text{{ times)}}")
     return lines
+
+
+def _per_block(items) -> tuple:
+    """A blocks body with its ``tensor.f`` reductions shown as what they are there, one value
+    per block (the subscript "block")."""
+    def expr(e):
+        if isinstance(e, ast.Reduce):
+            scope = "block" if e.scope == "tensor" else e.scope
+            return dataclasses.replace(e, scope=scope, args=tuple(expr(a) for a in e.args))
+        if isinstance(e, ast.BinOp):
+            return dataclasses.replace(e, left=expr(e.left), right=expr(e.right))
+        if isinstance(e, ast.UnOp):
+            return dataclasses.replace(e, operand=expr(e.operand))
+        if isinstance(e, ast.Call):
+            return dataclasses.replace(e, args=tuple(expr(a) for a in e.args))
+        return e
+
+    def item(i):
+        if isinstance(i, ast.State):
+            return dataclasses.replace(i, init=expr(i.init))
+        if isinstance(i, ast.Define):
+            return dataclasses.replace(i, expr=expr(i.expr))
+        if isinstance(i, ast.If):
+            return dataclasses.replace(i, then=tuple(map(item, i.then)), otherwise=tuple(map(item, i.otherwise)))
+        if isinstance(i, (ast.Probe, ast.Repeat)):
+            return dataclasses.replace(i, items=tuple(map(item, i.items)))
+        return i
+    return tuple(map(item, items))
 
 
 def _left(item: ast.Define, notation: Notation) -> str:

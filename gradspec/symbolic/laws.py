@@ -16,24 +16,29 @@ value keeps (S at xi = 0) is replaced by that constant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 
 import sympy
 from sympy.core.relational import Relational
+from sympy.printing.pycode import PythonCodePrinter
 
 from ..compiler.ir import NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, Program, build
 from ..dsl import ast
 from ..dsl.errors import Diagnostic, SpecError
+from .matrices import one_element
 from .ranges import Analysis, Range, constraint_range
-from .translate import STEP, ElementSymbol, Translator, _Reduction, change_of_variables, number, outputs
+from .translate import (STEP, ElementSymbol, Translator, _Reduction, change_of_variables, number, outputs, replaced,
+                        substitute)
 
 SAMPLES = 48
 
 
-# Substitutions use xreplace, never subs(simultaneous=True): the latter passes through plain
-# Dummy symbols, and a reduction rebuilt around a Dummy takes it for a constant and pulls it
-# out of the sum (norm(k * g) became |k * g| * norm(1)), which once proved a false law.
+# Substitutions use xreplace (as translate.substitute, which visits a shared subexpression
+# once), never subs(simultaneous=True): the latter passes through plain Dummy symbols, and a
+# reduction rebuilt around a Dummy takes it for a constant and pulls it out of the sum
+# (norm(k * g) became |k * g| * norm(1)), which once proved a false law.
 
 
 class _Refuted(Exception):
@@ -93,7 +98,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
     mine_outputs = outputs(program, translate)
     # a fixed point puts every state at its initial value anyway
     constants = _constant_states(program, translate, mine_outputs) if law.kind != "fixed_point" else {}
-    mine = {k: v.xreplace(constants) for k, v in mine_outputs.items()}
+    mine = {k: substitute(v, constants) for k, v in mine_outputs.items()}
 
     def equal(a, b, what):
         _equal(given(a), given(b), what, law, bounds, given.facts)
@@ -114,7 +119,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         theirs_constants = _constant_states(theirs_program, theirs_t, theirs_outputs)
         for name, value in mine.items():
             if name in theirs_outputs:
-                equal(value, theirs_outputs[name].xreplace(theirs_constants), f"{name} differs from {other.name}'s")
+                equal(value, substitute(theirs_outputs[name], theirs_constants), f"{name} differs from {other.name}'s")
         for name, node in program.init.items():
             theirs_init = theirs_program.init.get(name)
             if node is not None and theirs_init is not None:
@@ -128,8 +133,8 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                    for name, expr in law.mappings if name not in inactive}
         for name, value in mine.items():
             x = _symbol_of(program, name[:-1], translate, source, law)
-            moved = value.xreplace(mapping)
-            expected = mapping[x].xreplace({x: value}) if x in mapping else value
+            moved = substitute(value, mapping)
+            expected = substitute(mapping[x], {x: value}) if x in mapping else value
             equal(moved, expected, f"{name} does not transform as the substitution says")
         return
     if law.kind == "fixed_point":
@@ -140,10 +145,10 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
         # an adaptor's law: at a fixed point of its base, the adaptor is at one. The base
         # sees what it sees at its own fixed point (a zero gradient) ...
         zero = {ElementSymbol("grad", real=True): sympy.Integer(0)}
-        zero.update({translate.state(n): translate(node).xreplace(zero) for n, node in program.init.items()})
+        zero.update({translate.state(n): substitute(translate(node), zero) for n, node in program.init.items()})
         for name, expected in _what_the_base_sees(spec, source, base):
-            seen = translate(program.law_expr(source, ast.Name(name))).xreplace(zero)
-            expected = translate(program.law_expr(source, expected)).xreplace(zero)
+            seen = substitute(translate(program.law_expr(source, ast.Name(name))), zero)
+            expected = substitute(translate(program.law_expr(source, expected)), zero)
             equal(seen, expected, f"at zero gradient the base sees {name.split('.', 1)[1]} = {seen}, "
                                   f"not {expected} as at its own fixed point")
         # ... so its update and states stay put, and then so must the adaptor's
@@ -157,7 +162,7 @@ def _prove(program: Program, source, law: ast.Law, pinned: dict) -> None:
                                    law.target.span, "compare it, as in abs(direction) == 1"))
     if not law.bindings and not law.given and _bounded(node, analysis):
         return
-    _holds(given(translate(node).xreplace(constants)), law, bounds, given.facts)
+    _holds(given(substitute(translate(node), constants)), law, bounds, given.facts)
 
 
 def _fixed_point(program, translate, mine, equal, source, law) -> None:
@@ -165,11 +170,11 @@ def _fixed_point(program, translate, mine, equal, source, law) -> None:
     grad = ElementSymbol("grad", real=True)
     rest = {grad: sympy.Integer(0)}
     for name in program.init:
-        rest[translate.state(name)] = translate(program.init[name]).xreplace({grad: sympy.Integer(0)})
+        rest[translate.state(name)] = substitute(translate(program.init[name]), {grad: sympy.Integer(0)})
     for name, value in mine.items():
         x = _symbol_of(program, name[:-1], translate, source, law)
         expected = rest.get(x, x) if name != "param'" else ElementSymbol("param", real=True)
-        equal(value.xreplace(rest), expected, f"{name} moves at zero gradient")
+        equal(substitute(value, rest), expected, f"{name} moves at zero gradient")
 
 
 # ---- an adaptor's laws, relative to its base ------------------------------------------------
@@ -280,20 +285,27 @@ def _symbol_of(program, name, translate, source, law):
 class _Given:
     """A law's ``given``, applied to an expression. A ``where`` whose condition it decides
     takes that branch; ``X > c`` (>=, <, !=) becomes a change of variables after which
-    ``X - c`` is a fresh symbol with that property; the facts it could not encode so are
-    kept, and the counterexample search only samples points where they hold."""
+    ``X - c`` is a fresh symbol with that property; ``S == e`` for a state or input S puts e
+    in its place (``Q_L == eye(rows)`` holds a basis at the identity); the facts it could not
+    encode so are kept, and the counterexample search only samples points where they hold.
+    The parts of ``a and b`` are built one by one: a fact on a rows x rows matrix and one on
+    a cols x cols matrix are two facts, not an elementwise conjunction of unequal shapes."""
 
     def __init__(self, program, source, law, translate):
         self.decided, self.replacements, self.facts = {}, {}, []
         if law.given is None:
             return
-        fact = translate(program.law_expr(source, law.given, True))
-        for f in (list(fact.args) if isinstance(fact, sympy.And) else [fact]):
+        parts = [translate(program.law_expr(source, part, True)) for part in _conjuncts(law.given)]
+        for f in [f for fact in parts for f in (fact.args if isinstance(fact, sympy.And) else [fact])]:
             if not isinstance(f, Relational):
                 self.facts.append(f)
                 continue
             self.decided[f.canonical] = sympy.true
             self.decided[f.negated.canonical] = sympy.false
+            held = _held(f, program, translate)
+            if held is not None and held[0] not in self.replacements:
+                self.replacements[held[0]] = held[1]
+                continue
             kind = {sympy.StrictGreaterThan: "positive", sympy.GreaterThan: "nonnegative",
                     sympy.StrictLessThan: "negative", sympy.Unequality: "nonzero"}.get(type(f))
             change = change_of_variables(f.lhs - f.rhs, kind) if kind else {}
@@ -303,9 +315,29 @@ class _Given:
                 self.facts.append(f)
 
     def __call__(self, e):
-        e = e.replace(lambda x: isinstance(x, Relational) and x.canonical in self.decided,
-                      lambda x: self.decided[x.canonical])
-        return e.xreplace(self.replacements) if self.replacements else e
+        e = replaced(e, lambda x: isinstance(x, Relational) and x.canonical in self.decided,
+                     lambda x: self.decided[x.canonical])
+        return substitute(e, self.replacements) if self.replacements else e
+
+
+def _conjuncts(expr) -> list:
+    """The parts of ``a and b and ...`` as written."""
+    if isinstance(expr, ast.BinOp) and expr.op == "and":
+        return _conjuncts(expr.left) + _conjuncts(expr.right)
+    return [expr]
+
+
+def _held(fact, program, translate):
+    """(symbol, value) for ``S == value`` (either way round) where S is a state or an input of
+    the spec and the value does not read S; else None."""
+    if not isinstance(fact, sympy.Eq):
+        return None
+    leaves = {translate.state(n) for n in program.init} | {STEP, ElementSymbol("grad", real=True),
+                                                           ElementSymbol("param", real=True)}
+    for symbol, value in ((fact.lhs, fact.rhs), (fact.rhs, fact.lhs)):
+        if symbol in leaves and symbol not in value.free_symbols:
+            return symbol, value
+    return None
 
 
 def _constant_states(program, translate, outs: dict) -> dict:
@@ -316,7 +348,7 @@ def _constant_states(program, translate, outs: dict) -> dict:
         if node is not None and node.is_const:
             constants[translate.state(name)] = number(node.attr)
     def stays(s, c):
-        change = outs[f"{s.name}'"].xreplace(constants) - c
+        change = substitute(outs[f"{s.name}'"], constants) - c
         if change == 0:
             return True
         # a random point where it moves settles most states in microseconds; simplify
@@ -370,7 +402,7 @@ def _positive_factors_out(e):
         if factor == 1:
             return f
         return factor * f.func(*[sympy.cancel(a / factor) for a in f.args])
-    return e.replace(lambda x: isinstance(x, (sympy.Max, sympy.Min)), out)
+    return replaced(e, lambda x: isinstance(x, (sympy.Max, sympy.Min)), out)
 
 
 def _normal_conditions(e):
@@ -395,7 +427,7 @@ def _normal_conditions(e):
             rel_type = {sympy.StrictGreaterThan: sympy.StrictLessThan, sympy.StrictLessThan: sympy.StrictGreaterThan,
                         sympy.GreaterThan: sympy.LessThan, sympy.LessThan: sympy.GreaterThan}.get(rel_type, rel_type)
         return rel_type(sympy.Mul(*kept), 0)
-    return e.replace(lambda x: isinstance(x, Relational), normal)
+    return replaced(e, lambda x: isinstance(x, Relational), normal)
 
 
 def split_roots(e):
@@ -406,8 +438,8 @@ def split_roots(e):
     def split(root):
         numerator, denominator = sympy.fraction(sympy.together(root.base))
         return sympy.Pow(numerator, root.exp) / sympy.Pow(denominator, root.exp)
-    return e.replace(lambda x: x.is_Pow and x.exp in (sympy.S.Half, -sympy.S.Half)
-                     and sympy.fraction(sympy.together(x.base))[1] != 1, split)
+    return replaced(e, lambda x: x.is_Pow and x.exp in (sympy.S.Half, -sympy.S.Half)
+                    and sympy.fraction(sympy.together(x.base))[1] != 1, split)
 
 
 def _holds(claim, law, bounds, facts=()):
@@ -432,14 +464,12 @@ def _hint(law):
 def search(exprs, bounds, gap, facts=()):
     """A random point, where every fact holds, at which ``gap`` of the expressions' values
     is above 1e-9; or None."""
-    exprs = [e.replace(lambda x: isinstance(x, _Reduction), _one_element) for e in exprs]
-    facts = [f.replace(lambda x: isinstance(x, _Reduction), _one_element) for f in facts]
+    exprs = [one_element(replaced(e, lambda x: isinstance(x, _Reduction), _one_element)) for e in exprs]
+    facts = [one_element(replaced(f, lambda x: isinstance(x, _Reduction), _one_element)) for f in facts]
     symbols = sorted(set().union(*(e.free_symbols for e in exprs + facts)), key=lambda s: s.name)
-    # dummify: a symbol named like a function (a hyperparameter called exp) must not shadow
-    # it, and two symbols of one name (different assumptions) must stay two arguments
     try:
-        function = sympy.lambdify(symbols, exprs, modules=[_MATH, "math"], dummify=True)
-        holds = sympy.lambdify(symbols, facts, modules=[_MATH, "math"], dummify=True) if facts else None
+        function = _numeric(tuple(symbols), tuple(exprs))
+        holds = _numeric(tuple(symbols), tuple(facts)) if facts else None
     except (AttributeError, TypeError, NotImplementedError):
         # matrix algebra (a MatMul) has no scalar function to sample: no counterexample is
         # sought, and the caller's symbolic proof alone decides
@@ -464,6 +494,35 @@ def search(exprs, bounds, gap, facts=()):
         if size > 1e-9:
             return values, result
     return None
+
+
+@functools.lru_cache(maxsize=512)  # a state's change is searched again in each round of _constant_states
+def _numeric(symbols: tuple, exprs: tuple):
+    """``exprs`` as a Python function of ``symbols`` (floats), by lambdify.
+
+    The arguments are named by position (``_x0``, ``_x1``, ...) in the printed code: a symbol
+    named like a function (a hyperparameter called exp) must not shadow it, and two symbols
+    of one name (different assumptions) must stay two arguments. lambdify's own ``dummify``
+    does that by substituting a Dummy for each symbol in turn, rebuilding the expression
+    once per symbol; rebuilding runs SymPy's Max and Min simplification again each time
+    (37 s of checking deo(prodigy)). Printing the names costs nothing."""
+    names = {s: f"_x{i}" for i, s in enumerate(symbols)}
+    arguments = [sympy.Symbol(name) for name in names.values()]
+    return sympy.lambdify(arguments, list(exprs), modules=[_MATH, "math"], printer=_PositionalPrinter(names))
+
+
+class _PositionalPrinter(PythonCodePrinter):
+    """lambdify's printer for ``modules=[_MATH, "math"]``, printing each argument symbol as
+    the name of its position."""
+
+    def __init__(self, names: dict):
+        super().__init__({"fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
+                          "user_functions": {name: name for name in _MATH}})
+        self._names = names
+
+    def _print_Symbol(self, symbol, **kwargs):
+        name = self._names.get(symbol)
+        return name if name is not None else super()._print_Symbol(symbol, **kwargs)
 
 
 def _boundaries(exprs) -> dict:

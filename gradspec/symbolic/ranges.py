@@ -9,6 +9,7 @@ root, logarithm, fractional power and remainder is then safe if its operand's ra
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -102,6 +103,7 @@ def _mul(x, y):
     return 0.0 if x == 0 or y == 0 else x * y
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked for the same pair of ranges over and over
 def _mul_range(a: Range, b: Range) -> Range:
     # a closed 0 times anything is attained: 0 * (0, inf) = 0 for any element of the other side
     zero = lambda x, xc, y, yc: (x == 0 and xc) or (y == 0 and yc)  # noqa: E731
@@ -166,6 +168,7 @@ class Analysis:
         self._collect = False
         self._facts = ()
         self._memo: dict = {}
+        self._translators: dict = {}  # one per set of state signs: translating is the cost of _signed
         self._fixpoint()
         self._collect = True
         self._memo = {}
@@ -219,7 +222,9 @@ class Analysis:
         from .translate import Translator, change_of_variables  # translate needs no ranges
         signs = {n: "positive" if sr.positive else "nonnegative" for n, sr in self.state_ranges.items()
                  if sr.nonnegative}
-        translate = Translator(self.program, None, signs)
+        translate = self._translators.get(tuple(signs.items()))
+        if translate is None:
+            translate = self._translators[tuple(signs.items())] = Translator(self.program, None, signs)
         x, y, kind, cases = difference
         expr = translate(node)
         for sign_node, value in cases:
@@ -445,6 +450,12 @@ class Analysis:
     def _measure(self, node):
         return Range(1, INF, True, False, True)
 
+    def _tile(self, node, x):  # blocks B { }: the same values, seen block by block and back
+        return x
+
+    def _untile(self, node, y):
+        return y
+
     # ---- matrix algebra: ranges of entries, with the definiteness facts of matrices.py
     def _matmul(self, node, a, b):
         return ANY
@@ -480,6 +491,9 @@ class Analysis:
 
     _svd_right = _svd_left
 
+    def _descending(self, node, a):
+        return Range(0, 1, True, True, True)  # a permutation matrix: zeros and ones
+
     def definiteness(self, node):
         return definiteness(node, self.program, lambda n: self.range(n, self._facts))
 
@@ -490,7 +504,7 @@ class Analysis:
         return ANY
 
     def _reduce(self, node, *args):
-        scope, func = node.attr
+        func = node.attr.func
         a = args[0]
         if func in ("max", "min", "mean"):
             return replace(a, integer=False)
@@ -539,7 +553,7 @@ _MIXING = {  # operations that combine many elements, and the widest scope a fac
     "reduce": lambda node: Scope.TENSOR if node.attr.scope in ("row", "col") else node.scope,
     "onto": lambda node: Scope.GLOBAL, "matrix": lambda node: Scope.TENSOR,
     **{op: (lambda node: Scope.TENSOR) for op in ("matmul", "transpose", "trace", "eigvecs", "eigvals", "inv_root",
-                                                   "qr", "svd_left", "svd_right")},
+                                                   "qr", "svd_left", "svd_right", "descending")},
 }
 _NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt", "eq": "ne", "ne": "eq"}
 _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq", "ne": "ne"}

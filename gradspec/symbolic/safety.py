@@ -31,7 +31,7 @@ def assumed_facts(program: Program) -> tuple[dict, tuple] | None:
     """What the ``if`` conditions the program took say: the hyperparameters' ranges
     narrowed, and facts on the other expressions they bound; None if no value is left."""
     ranges = {name: constraint_range(h) for name, h in program.spec.hypers.items()}
-    probe = Analysis(program)
+    probe = Analysis(program) if program.assumed else None  # the loop below is its only reader
     facts = []
     for _, condition, taken in program.assumed:
         yes, no = branch_facts(condition, probe, ())

@@ -22,6 +22,8 @@ import json
 
 import sympy
 from sympy.core.relational import Relational
+from sympy.functions.elementary.piecewise import ExprCondPair
+from sympy.logic.boolalg import BooleanAtom
 
 from ..cache import trusted_file, write_private
 from ..compiler.ir import Builder, MatrixCall, Node, Op, ProbeCall, Program, Reduction, Scope
@@ -58,9 +60,16 @@ def simplified(program: Program) -> Program:
 
 def _decide(program: Program) -> dict:
     """The rewrite's verdict: ``{"kept": true}``, or the rewritten next values as JSON."""
+    if any(n.op == "reduce" and n.attr.scope == "groups" for n in program.nodes()):
+        return {"kept": True}  # a rebuilt groups.f would lose the site that sums it across groups
     try:
         translate = Translator(program)
-        if sum(sympy.count_ops(e) for e in outputs(program, translate).values()) > WORK_BUDGET:
+        exprs = outputs(program, translate)
+        # first the cheap refusal: count_ops walks the expressions as trees, which a matrix
+        # iteration makes exponentially large (muon_adamw: 670,000 operations, 200 nodes)
+        if not _has_ir_form(exprs.values(), _leaf_symbols(program, translate)):
+            return {"kept": True}
+        if sum(sympy.count_ops(e) for e in exprs.values()) > WORK_BUDGET:
             return {"kept": True}
         candidate = rewritten(program)
     except RecursionError:  # a very deep program: compiled as written
@@ -128,6 +137,8 @@ def rewritten(program: Program) -> Program | None:
     """The SymPy-simplified program, whatever its size; None if a value has no IR form."""
     translate = Translator(program)
     exprs = outputs(program, translate)
+    if not _has_ir_form(exprs.values(), _leaf_symbols(program, translate)):
+        return None  # decided before sympy.cse, which on a matrix iteration ran for minutes
     names = list(exprs)
     # the shared subexpressions are named by element symbols, so that a reduction never
     # mistakes one for a constant factor and pulls it out of the sum
@@ -145,6 +156,37 @@ def rewritten(program: Program) -> Program | None:
 
 class _NoIRForm(Exception):
     pass
+
+
+_REBUILT_TYPES = (sympy.Add, sympy.Mul, sympy.Pow, _Reduction, sympy.Piecewise, ExprCondPair, sympy.Max,
+                  sympy.Min, Relational, sympy.And, sympy.Or, sympy.Not, sympy.Abs, sympy.sign, sympy.exp,
+                  sympy.log, sympy.Mod, sympy.Rational, sympy.Float, BooleanAtom)
+"""What _Rebuild turns back into IR, given suitable arguments."""
+
+
+def _leaf_symbols(program: Program, translate: Translator) -> set:
+    """The SymPy symbols that _Rebuild maps back to IR leaves."""
+    return {translate(n) for n in program.nodes() if n.op in ("hyper", "state", "input", "free")} | {STEP}
+
+
+def _has_ir_form(exprs, leaves: set) -> bool:
+    """False if a subexpression is of a kind _Rebuild never turns into IR (a matrix product,
+    an opaque probe value, infinity). ``sympy.cse`` keeps every such subexpression (it only
+    names repeated ones), so the rewrite would fail after it: this answers the same before
+    it, visiting each distinct subexpression once rather than walking the tree."""
+    seen: set = set()
+    stack = list(exprs)
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e in leaves:
+            continue
+        if not isinstance(e, _REBUILT_TYPES):
+            return False
+        stack.extend(e.args)
+    return True
 
 
 class _Rebuild:

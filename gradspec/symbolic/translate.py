@@ -7,6 +7,7 @@ functions that know they are linear in factors that do not vary over a tensor's 
 """
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -22,7 +23,99 @@ class ElementSymbol(sympy.Symbol):
 
 
 def varies_per_element(expr) -> bool:
-    return any(isinstance(s, ElementSymbol) for s in expr.free_symbols)
+    """Whether an element symbol is among ``expr``'s free symbols.
+
+    SymPy's ``free_symbols`` walks the expression as a tree, each shared subexpression once
+    per path to it. The IR is a DAG, and a DAG translated to SymPy shares its subexpressions
+    (a repeated ``X @ transpose(X)`` is one object): five Newton-Schulz steps are about 200
+    distinct nodes but 670,000 as a tree, and ``free_symbols`` took 33 s of ``gradspec check
+    muon``. This walk visits each distinct node once and answers the same."""
+    return _varies(expr, {})
+
+
+def _varies(expr, seen: dict) -> bool:
+    found = seen.get(id(expr))
+    if found is None:
+        if _unions_its_arguments(type(expr)):
+            found = any(_varies(a, seen) for a in expr.args)
+        else:  # a symbol, or a class with its own idea of free symbols (bound variables)
+            found = any(isinstance(s, ElementSymbol) for s in expr.free_symbols)
+        seen[id(expr)] = found
+    return found
+
+
+_UNIONS: dict = {}
+
+
+def _unions_its_arguments(cls) -> bool:
+    """Whether ``cls``'s free symbols are those of its arguments (Basic's definition)."""
+    answer = _UNIONS.get(cls)
+    if answer is None:
+        owner = next(k for k in cls.__mro__ if "free_symbols" in k.__dict__)
+        answer = _UNIONS[cls] = owner is sympy.Basic
+    return answer
+
+
+def substitute(expr, rule: dict):
+    """``expr.xreplace(rule)``, visiting each distinct subexpression once: SymPy's xreplace
+    walks the tree, which for a translated DAG (a Newton-Schulz iteration) is exponentially
+    larger (see varies_per_element). The result is the same expression."""
+    if not rule:
+        return expr
+    done: dict = {}
+
+    def walk(e):
+        found = done.get(id(e))
+        if found is None:
+            found = done[id(e)] = _replaced(e)
+        return found
+
+    def _replaced(e):
+        if e in rule:
+            return rule[e], True
+        if not isinstance(e, sympy.Basic) or type(e)._xreplace is not sympy.Basic._xreplace:
+            return e._xreplace(rule) if isinstance(e, sympy.Basic) else (e, False)
+        args, changed = [], False
+        for a in e.args:
+            value, moved = walk(a) if isinstance(a, sympy.Basic) else (a, False)
+            args.append(value)
+            changed |= moved
+        return (e.func(*args), True) if changed else (e, False)
+
+    return walk(expr)[0]
+
+
+def replaced(expr, query, value):
+    """``expr.replace(query, value)`` for a predicate ``query`` and a function ``value``,
+    visiting each distinct subexpression once (SymPy's replace walks the tree: see
+    varies_per_element). The same walk as SymPy's: arguments first, then the node rebuilt
+    from them; a rebuilt node that equals an argument which changed is not replaced again."""
+    done: dict = {}
+
+    def walk(e):
+        found = done.get(id(e))
+        if found is None:
+            found = done[id(e)] = _replaced_node(e)
+        return found
+
+    def _replaced_node(e):
+        args = getattr(e, "args", None)
+        if args is None:
+            return e
+        if args:
+            new = tuple(walk(a) for a in args)
+            if args != new:
+                e = e.func(*new)
+                if any(e == a and a != n for a, n in zip(args, new)):
+                    return e
+        result = query(e)
+        if result or result == {}:
+            v = value(e)
+            if v is not None and v != e:
+                e = v
+        return e
+
+    return walk(expr)
 
 
 class _Reduction(sympy.Function):
@@ -131,6 +224,9 @@ class MatMul(sympy.Function):
     def _latex(self, printer):
         return " ".join(printer.parenthesize(a, 50) for a in self.args)
 
+    def _sympystr(self, printer):  # SymPy's printer would take it for its own MatMul
+        return " @ ".join(printer.parenthesize(a, 50) for a in self.args)
+
 
 class Identity(ElementSymbol):
     """``eye(n)``: the unit of ``@``."""
@@ -160,8 +256,34 @@ class MatrixFunction(sympy.Function):
         return r"\operatorname{%s}\left(%s\right)" % (self.name.replace("_", r"\_"), inner)
 
 
+class Tiled(sympy.Function):
+    """``tile(x)`` / ``untile(y)`` of ``blocks B { }``: the same elements seen block by block and
+    back. Opaque (a block's reductions and products are not the tensor's, and simplify's rebuild
+    refuses them), but the two undo each other, zero stays zero and factors that do not vary per
+    element come out; numerically (a one-element tensor is one block) each is its argument."""
+
+    is_real = True
+    inverse = ""
+    _imp_ = staticmethod(lambda x: x)
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sympy.Integer(0)
+        if isinstance(x, Tiled) and type(x).__name__ == cls.inverse:
+            return x.args[0]
+        const, rest = _split_constant(x)
+        return const * cls(rest) if const != 1 and rest != 1 else None
+
+    def _latex(self, printer):
+        return printer._print(self.args[0])
+
+
+_TILED = {"tile": type("tile", (Tiled,), {"inverse": "untile"}), "untile": type("untile", (Tiled,), {"inverse": "tile"})}
+
 _MATRIX_FUNCTIONS = {name: type(name, (MatrixFunction,), {"name": name})
-                     for name in ("transpose", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right")}
+                     for name in ("transpose", "trace", "eigvecs", "eigvals", "inv_root", "qr", "svd_left", "svd_right",
+                                  "descending")}
 
 
 class GradAt(sympy.Function):
@@ -298,9 +420,9 @@ class Translator:
         if op == "matrix":
             return ASPECT if attr.func == "aspect" else Orthogonalize(*args)
         if op == "reduce":
-            return reduction(attr.scope, attr.func)(*args)
+            return _built(reduction(attr.scope, attr.func), tuple(args))
         if op == "measure":
-            return sympy.Symbol(f"{attr.scope}_{attr.what}", positive=True, integer=True) if attr.scope == "global" \
+            return sympy.Symbol(f"{attr.scope}_{attr.what}", positive=True, integer=True) if attr.scope in ("global", "groups") \
                 else ElementSymbol(f"{attr.what}", positive=True, integer=True)  # varies between tensors
         if op == "eye":
             return Identity(f"I_{attr.size}", real=True)
@@ -308,7 +430,9 @@ class Translator:
             return MatMul(*args)
         if op in _MATRIX_FUNCTIONS:
             return _MATRIX_FUNCTIONS[op](*args)
-        return OPS[op](*args)
+        if op in _TILED:  # blocks B { } (shampoo helper)
+            return _TILED[op](*args)
+        return _built(OPS[op], tuple(args))
 
 
     def _probe(self, func: str, args):
@@ -321,6 +445,15 @@ class Translator:
             return HessianVector(*args)
         facts = {"nonnegative": True} if func == "gauss_newton" else {}
         return ElementSymbol(f"{func}_{self._probes}", real=True, **facts)
+
+
+@functools.lru_cache(maxsize=8192)
+def _built(make, args: tuple):
+    """``make(*args)``, remembered: the checker translates the same program many times (under
+    each switch setting, each branch, each set of state signs the range analysis tries), and
+    SymPy's Max, Min and Piecewise search their arguments on every construction. A SymPy
+    expression is immutable and compares by structure, so an equal result is the same one."""
+    return make(*args)
 
 
 def _where(cond, a, b):
@@ -357,6 +490,11 @@ def change_of_variables(expr, kind: str, sure: bool = False) -> dict:
     With ``sure``, the symbol solved for has a coefficient SymPy knows is never 0: a proof
     after the change says nothing where it would be (a law's ``given`` relies on the
     counterexample search there)."""
+    return dict(_change_of_variables(expr, kind, sure))  # a copy: the remembered one stays as it is
+
+
+@functools.lru_cache(maxsize=2048)  # the range analysis asks for the same change many times
+def _change_of_variables(expr, kind: str, sure: bool) -> dict:
     cls = ElementSymbol if varies_per_element(expr) else sympy.Symbol
     fresh = cls(expr.name if expr.is_Symbol else f"({expr})", real=True, **{kind: True})
     if expr.is_Symbol:
@@ -364,8 +502,10 @@ def change_of_variables(expr, kind: str, sure: bool = False) -> dict:
     candidates = sorted(expr.free_symbols, key=lambda s: (not isinstance(s, ElementSymbol), s.name))
     for var in candidates:
         coeff = sympy.diff(expr, var)
+        if coeff.is_zero or (sure and not coeff.is_nonzero) or var in coeff.free_symbols:
+            continue  # decided before expanding the rest, which can take seconds
         rest = sympy.expand(expr - coeff * var)
-        if coeff.is_zero or (sure and not coeff.is_nonzero) or var in coeff.free_symbols or var in rest.free_symbols:
+        if var in rest.free_symbols:
             continue
         return {var: (fresh - rest) / coeff}
     return {}
