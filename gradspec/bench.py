@@ -47,8 +47,8 @@ class Peer:
 
     package: str  # an optional import: its rows are left out where it is not installed
     cls: str
-    options: tuple = ()  # (name, value) pairs
-    matrix_flag: str | None = None  # a group key the class needs to treat matrices as matrices
+    options: tuple = ()  # (name, value) pairs given to the constructor
+    group: tuple = ()  # (name, value) pairs the class reads from the parameter group only
 
 
 # pytorch-optimizer's names where it has the method, HeavyBall's (issue 15's speed peers)
@@ -57,12 +57,15 @@ PEERS = {
     "lion": [Peer("pytorch_optimizer", "Lion")],
     "dualadam": [Peer("pytorch_optimizer", "DualAdam")],
     "adam": [Peer("heavyball", "AdamW", (("weight_decay", 0.0),))],
-    "muon": [Peer("pytorch_optimizer", "Muon", matrix_flag="use_muon"), Peer("heavyball", "Muon")],
+    "muon": [Peer("pytorch_optimizer", "Muon", group=(("use_muon", True),)), Peer("heavyball", "Muon")],
     "muon_adamw": [Peer("heavyball", "MuonAdamW")],
     "adafactor": [Peer("pytorch_optimizer", "AdaFactor")],
     "shampoo": [Peer("pytorch_optimizer", "Shampoo")],
     "soap": [Peer("pytorch_optimizer", "SOAP"), Peer("heavyball", "SOAP")],
     "prodigy": [Peer("pytorch_optimizer", "Prodigy")],
+    # galore(adam)'s defaults: rank 128, a refresh every 200 steps, scale 0.25, the SVD's side by the shape
+    "galore(adam)": [Peer("pytorch_optimizer", "GaLore", group=(("rank", 128), ("update_proj_gap", 200),
+                                                                 ("scale", 0.25), ("projection_type", "std")))],
     "schedule_free_sgd": [Peer("pytorch_optimizer", "ScheduleFreeSGD")],
     "schedule_free_adamw": [Peer("pytorch_optimizer", "ScheduleFreeAdamW"), Peer("heavyball", "SFAdamW")],
 }
@@ -202,7 +205,7 @@ def run(specs: list[str], params: float = 10e6, tensors: int = 50, device: str =
             if package is None:
                 continue
             ps, gs = make_params(n, tensors, device, spec in MATRIX_SPECS)
-            groups = [{"params": ps, peer.matrix_flag: True}] if peer.matrix_flag else ps
+            groups = [{"params": ps, **dict(peer.group)}] if peer.group else ps
             opt = getattr(package, peer.cls)(groups, lr=1e-3, **dict(peer.options))
             measure(f"{peer.package}.{peer.cls}", "peer", stepper(opt, ps, gs, device, True), moved)
         for count in compile_tensors:

@@ -5,19 +5,18 @@ each ``check_*`` run on every rank of a 2-process gloo group (CPU, float64).
 The model, data and training loop are tests/distributed_worker.py's: the batch is split in rank
 order, so one process stepping on the whole batch is the reference, and FSDP2 cuts the model
 unevenly (a 7-row matrix as 4 + 3 rows, a 3-row one as 2 + 1, a vector of 7 as 4 + 3, a
-(1,)-parameter whose part on rank 1 is empty).
+(1,)-parameter whose part on rank 1 is empty). tests/distributed_worker.py's ``main`` runs
+these checks ("distributed_shapes_worker.check_parity"), in the process group of its own.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.distributed as dist
 
 import gradspec
-import distributed_worker
-from distributed_worker import Model, check_checkpoint, close, full, mine, shard, train  # noqa: F401 (a check)
-
-STEPS = 20
+from distributed_worker import STEPS, Model, close, full, mine, shard, shared, train
 
 # every shape-aware stdlib spec, with what each exercises under FSDP2
 SHAPED = {
@@ -57,15 +56,16 @@ def check_parity(mode: str, backend: str, specs: dict):
     """Each spec for STEPS steps under ``mode`` ("ddp" or "fsdp") against one process."""
     from torch.nn.parallel import DistributedDataParallel
     failures = []
+    expected_by_spec = shared({("shaped", spec, backend): functools.partial(_reference, spec, hyper, backend)
+                               for spec, hyper in specs.items()})
     for spec, hyper in specs.items():
-        expected = _reference(spec, hyper, backend)
         model = Model().double()
         wrapped = DistributedDataParallel(model) if mode == "ddp" else shard(model)
         opt = _optimizer(wrapped, spec, backend, hyper)
         train(wrapped, opt, mine(), STEPS)
         got = full(model)
         try:
-            close(got, expected, f"{spec} under {mode} ({backend})")
+            close(got, expected_by_spec["shaped", spec, backend], f"{spec} under {mode} ({backend})")
             assert not torch.equal(got, full(Model().double())), f"{spec} did not train"
         except AssertionError as error:
             failures.append(str(error))
@@ -88,9 +88,3 @@ def check_sharded_state(backend: str):
         assert tuple(state.shape) == tuple(reference.state[reference_weight][name].shape), name
         assert state.to_local().shape[0] == local_rows, (name, state.to_local().shape)
         close(state.full_tensor(), reference.state[reference_weight][name], f"state {name}")
-
-
-def main(rank: int, world: int, rendezvous: str, checks: list, passed_folder: str):
-    """Run ``checks``, (name, check, args) triples naming this module's checks, in one process
-    group, as tests/distributed_worker.py runs its own."""
-    distributed_worker.main(rank, world, rendezvous, checks, passed_folder, module=__name__)

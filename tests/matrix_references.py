@@ -393,9 +393,10 @@ class GaLoreAdam(torch.optim.Optimizer):
     """Adam with GaLore's low-rank gradient projection (Zhao et al. 2024, Algorithm 2), for
     2-D parameters; every other parameter takes the same Adam update unprojected.
 
-    At t = 1 and whenever t % update_proj_gap == 0, the basis is recomputed from the SVD of
-    the current gradient: rows >= cols keeps P = Vh[:rank] (rank x cols) and projects
-    R = G P^T; otherwise P = U[:, :rank] and R = P^T G. Adam runs on R (moments of R's shape,
+    At t = 1 and whenever t % update_proj_gap == 0 (``refresh="pytorch-optimizer"``; the
+    authors' code, ``refresh="authors"``, at t = 1, T + 1, 2T + 1, ...: 0-based steps 0, T, 2T),
+    the basis is recomputed from the SVD of the current gradient: rows >= cols keeps
+    P = Vh[:rank] (rank x cols) and projects R = G P^T; otherwise P = U[:, :rank] and R = P^T G. Adam runs on R (moments of R's shape,
     never reset or rotated when the basis changes): m <- lerp(m, R, 1 - beta1),
     v <- beta2 v + (1 - beta2) R^2, N = m / (sqrt(v) + eps), back-projected (N P or P N) and
     times scale; p -= lr sqrt(1 - beta2^t) / (1 - beta1^t) N, then p *= 1 - lr wd.
@@ -406,10 +407,13 @@ class GaLoreAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, rank=128,
-                 update_proj_gap=50, scale=1.0, svd_dtype=torch.float32, eps_on_corrected=False):
+                 update_proj_gap=50, scale=1.0, svd_dtype=torch.float32, eps_on_corrected=False,
+                 refresh="pytorch-optimizer"):
+        if refresh not in ("authors", "pytorch-optimizer"):
+            raise ValueError(f"refresh is 'authors' or 'pytorch-optimizer', not {refresh!r}")
         super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                       rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                                      svd_dtype=svd_dtype, eps_on_corrected=eps_on_corrected))
+                                      svd_dtype=svd_dtype, eps_on_corrected=eps_on_corrected, refresh=refresh))
 
     @staticmethod
     def basis(g, rank, svd_dtype):
@@ -430,7 +434,8 @@ class GaLoreAdam(torch.optim.Optimizer):
                 projected = p.dim() == 2
                 wide = projected and p.shape[0] < p.shape[1]
                 if projected:
-                    if "P" not in state or t % group["update_proj_gap"] == 0:
+                    phase = t - 1 if group["refresh"] == "authors" else t
+                    if "P" not in state or phase % group["update_proj_gap"] == 0:
                         state["P"] = self.basis(g, group["rank"], group["svd_dtype"])
                     g = state["P"].mT @ g if wide else g @ state["P"].mT
                 if "m" not in state:

@@ -122,6 +122,12 @@ CASES = [
     ("matrix_read_inside_block", H + "A = grad @ transpose(grad)\nblocks 4 {\n  d = A @ grad\n}\n"
                                      "param' = param - lr * d\n", "GS075", 5, 7),
     ("block_state_set_outside", H + "blocks 4 {\n  state s: tensor = 0\n}\ns' = 1\n" + U, "GS075", 6, 1),
+    # shape conditions, and a base in a projected space
+    ("size_in_require", H + "require rows >= 2\n" + U, "GS047", 3, 9),
+    ("size_condition_in_block", H + "blocks 4 {\n  if rows >= cols {\n    x = grad\n  } else {\n"
+                                    "    x = 2 * grad\n  }\n}\nparam' = param - lr * x\n", "GS074", 4, 6),
+    ("projected_base_starts_at_param", 'import "projected_partner.opt" as b\noptimizer x = galore(b)\n',
+     "GS076", 3, 11),
     # refuted and unproven laws
     ("refuted_equals", H + "law equals adam\n" + U, "GS081", 3, 1),
     ("refuted_fixed_point", H + "law fixed_point\nparam' = param - lr * (grad + 1)\n", "GS081", 3, 1),
@@ -129,10 +135,11 @@ CASES = [
     ("refuted_invariance", H + "law invariant grad -> k * grad given k > 0\n" + U, "GS081", 3, 1),
 ]
 
-OTHER_FILES = {"import_cycle": {"cycle_partner.opt": 'import "import_cycle.opt" as a\noptimizer b = a\n'}}
+OTHER_FILES = {"import_cycle": {"cycle_partner.opt": 'import "import_cycle.opt" as a\noptimizer b = a\n'},
+               "projected_base_starts_at_param": {"projected_partner.opt": H + "state z = param\nz' = z\n" + U}}
 """Files a case reads besides its own."""
 
-REPORTED_IN = {"import_cycle": "cycle_partner.opt"}
+REPORTED_IN = {"import_cycle": "cycle_partner.opt", "projected_base_starts_at_param": "projected_partner.opt"}
 """Cases whose error is in another file: the cycle is found where it closes."""
 
 

@@ -1,105 +1,51 @@
-"""gradspec under torch.distributed: 2 CPU processes (gloo), float64. The eager checks share
-one pair of processes (started once, by a module fixture); the compiled check and the
-torchrun example start their own.
+"""gradspec under torch.distributed: 2 CPU processes (gloo), float64. The eager checks of this
+module and of tests/test_distributed_shapes.py share one pair of processes, started once per
+session (tests/distributed_checks.py), and the compiled checks another pair; the torchrun
+example starts its own.
 
-Every stdlib spec trains 20 steps under FSDP2 (``fully_shard``, shards of uneven and empty
+Every stdlib spec trains STEPS steps under FSDP2 (``fully_shard``, shards of uneven and empty
 size), and the specs whose step differs under DDP (DDP_SPECS) under DDP, and must match one
 process stepping on the full batch to 1e-10;
 exact-HVP specs are refused under FSDP2 with a clear error. A checkpoint saved through
 torch.distributed.checkpoint under FSDP2 resumes bit for bit, and a non-finite gradient in
 one rank's shard is seen by every rank. The checks themselves are in distributed_worker.py.
 """
-import json
-import os
 import socket
-import tempfile
 
-import filelock
 import pytest
-import torch.multiprocessing as mp
 
-import distributed_worker
+from distributed_checks import assert_passed
 from distributed_worker import DDP_SPECS, HVP_SPECS, SHAPED_SPECS, SPECS
 
 pytestmark = pytest.mark.skipif(not __import__("torch").distributed.is_available(),
                                 reason="torch built without torch.distributed")
 
-COMPILED = ["lamb", "muon", "sgd_metric", "clip_grad_norm(adam)", "deo(adam)", "adam"]
-CHECKPOINTED = ["lamb", "deo(adam)", "sophia_g", "muon", "sgd_log_metric"]
-
-
-def _spawn(checks: dict) -> tuple[set, Exception | None]:
-    """Run ``checks`` ({name: (check, args)}) in one pair of processes; the names of those that
-    passed on both ranks, and the error that stopped the rest (None if all passed)."""
-    with tempfile.TemporaryDirectory() as folder:
-        rendezvous = "file://" + os.path.join(folder, "rendezvous")  # a file: no port to race for
-        passed_folder = os.path.join(folder, "passed")
-        os.mkdir(passed_folder)
-        triples = [(name, check, args) for name, (check, args) in checks.items()]
-        try:
-            mp.spawn(distributed_worker.main, args=(2, rendezvous, triples, passed_folder), nprocs=2, join=True)
-            error = None
-        except Exception as raised:  # spawn's ProcessRaisedException carries the rank's traceback
-            error = raised
-        return set(os.listdir(passed_folder)), error
-
-
-EAGER_CHECKS = {
-    "parity-ddp": ("check_parity", ("ddp", "eager", DDP_SPECS)),
-    "parity-fsdp": ("check_parity", ("fsdp", "eager", list(SPECS))),
-    "checkpoint": ("check_checkpoint", ("eager", CHECKPOINTED)),
-    "nonfinite": ("check_nonfinite", ("eager",)),
-}
-
-
-@pytest.fixture(scope="session")
-def eager_checks(tmp_path_factory, worker_id):
-    """The eager checks, run once per test session for the tests below, in one process group.
-    Their xdist_group keeps them on one worker under ``--dist loadgroup`` (the project's
-    default; tests/conftest.py works around pytest-dev/pytest-xdist#1386). Under another
-    distribution the first worker that needs them runs them and leaves the outcome in the
-    session's shared folder, and a worker that comes later waits for it and reads it."""
-    if worker_id == "master":  # no xdist
-        return _spawn(EAGER_CHECKS)
-    outcome = tmp_path_factory.getbasetemp().parent / "distributed-eager-checks.json"
-    with filelock.FileLock(f"{outcome}.lock"):
-        if not outcome.is_file():
-            passed, error = _spawn(EAGER_CHECKS)
-            outcome.write_text(json.dumps({"passed": sorted(passed), "error": None if error is None else str(error)}))
-        saved = json.loads(outcome.read_text())
-    return set(saved["passed"]), saved["error"]
-
-
-def _assert_passed(outcome, name):
-    passed, error = outcome
-    assert name in passed, f"{name} failed or did not run:\n{error}"
-
-
-# one xdist worker runs them all where pytest-xdist can (see eager_checks)
+# one xdist worker runs every test that reads the eager checks (see tests/distributed_checks.py)
 together = pytest.mark.xdist_group("distributed")
 
 
 @together
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_every_stdlib_spec_matches_one_process(mode, eager_checks):
-    _assert_passed(eager_checks, f"parity-{mode}")
+def test_every_stdlib_spec_matches_one_process(mode, distributed_eager_checks):
+    assert_passed(distributed_eager_checks, f"parity-{mode}")
 
 
 @pytest.mark.compiled
-def test_compiled_sharded_steps_match_one_process():
+@pytest.mark.xdist_group("distributed_compiled")
+def test_compiled_sharded_steps_match_one_process(distributed_compiled_checks):
     """The collectives are inside the compiled graph (reductions, Muon's gather). Under DDP
     the compiled step is the single-process one, which test_stdlib_parity covers."""
-    _assert_passed(_spawn({"compiled": ("check_parity", ("fsdp", "compiled", COMPILED))}), "compiled")
+    assert_passed(distributed_compiled_checks, "compiled")
 
 
 @together
-def test_fsdp_checkpoint_resumes_bit_for_bit(eager_checks):
-    _assert_passed(eager_checks, "checkpoint")
+def test_fsdp_checkpoint_resumes_bit_for_bit(distributed_eager_checks):
+    assert_passed(distributed_eager_checks, "checkpoint")
 
 
 @together
-def test_a_nonfinite_shard_is_seen_by_every_rank(eager_checks):
-    _assert_passed(eager_checks, "nonfinite")
+def test_a_nonfinite_shard_is_seen_by_every_rank(distributed_eager_checks):
+    assert_passed(distributed_eager_checks, "nonfinite")
 
 
 def test_the_spec_lists_cover_the_stdlib():

@@ -153,7 +153,11 @@ ADAPTORS = [n for n in stdlib.names() if gradspec.load(n).kind == "adaptor"]
 # agc's per-tensor norms feed shampoo's blocks. Each is also checked alone in test_symbolic.py.
 COSTLY_BASES = {"prodigy": "clip_grad_norm", "shampoo": "agc"}
 BASES = [n for n in stdlib.names() if n not in ADAPTORS and n not in COSTLY_BASES]
-COMPOSITION_ERRORS = {"GS025", "GS033", "GS058", "GS069"}
+COMPOSITION_ERRORS = {"GS025", "GS033", "GS045", "GS058", "GS069", "GS076"}
+# An adaptor that runs its base in a projected space of its own (galore) refuses, with GS076, every
+# base that reads the tensor's shape, the parameter or the model: the bases it runs are listed.
+PROJECTING = {"galore": ["adagrad", "adam", "adamw", "dualadam", "eadam", "esgd", "invadam", "lion", "rmsprop",
+                         "sgd"]}
 
 
 @pytest.mark.parametrize("adaptor", ADAPTORS)
@@ -162,7 +166,9 @@ def test_every_adaptor_checks_on_every_stdlib_optimizer(adaptor):
     now says that at a fixed point of the base the adaptor is at one too. A pair that cannot
     be composed at all (both declare alpha: GS025; bulk_sgd already is bulk_dom(sgd): GS033;
     a base that branches on the shape class under an adaptor whose probes or global reductions
-    read a class-dependent value: GS069; a base whose state starts from the gradient, as soap's
+    read a class-dependent value: GS069; a base that cannot run in the projected space an adaptor
+    gives it (galore): GS076, or GS045 where a hyperparameter of the adaptor is a definition of the base;
+    a base whose state starts from the gradient, as soap's
     bases start at eigvecs(g g^T), under an adaptor whose gradient is made from the step's own
     next values, as deo's and bulk_dom's: GS058) is a composition error, not a law's. Every base but
     COSTLY_BASES, which the next test checks."""
@@ -174,6 +180,9 @@ def test_every_adaptor_checks_on_every_stdlib_optimizer(adaptor):
             codes = {d.code for d in error.diagnostics}
             assert codes <= COMPOSITION_ERRORS, f"{adaptor}({base}): {error}"
             clashes.append(base)
+    if adaptor in PROJECTING:
+        assert [b for b in BASES if b not in clashes] == PROJECTING[adaptor]
+        return
     assert len(clashes) < len(BASES) / 2, clashes
 
 

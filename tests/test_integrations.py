@@ -21,12 +21,16 @@ from gradspec.runtime.probes import Evaluations
 class _OnFirstUse:
     """A module imported when a test first reads from it. transformers' Trainer and lightning
     take about 6 s of CPU to import; with the file in one xdist group below, one worker pays
-    that, instead of every worker at collection."""
+    that, instead of every worker at collection. Collection looks at every name of this file
+    (pytest asks each object for ``_mock_name`` and ``__wrapped__``): a private name is not
+    the module's to answer, so it does not import the module."""
 
     def __init__(self, name: str):
         self._name = name
 
     def __getattr__(self, attribute: str):
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
         return getattr(importlib.import_module(self._name), attribute)
 
 

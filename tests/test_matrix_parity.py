@@ -6,8 +6,7 @@ tests/test_matrix_references.py (a tall 16x6 and a wide 3x16 matrix, two bias ve
   one;
 * the shape-aware specs (adafactor, agc, gc, shampoo, soap, galore(adam), muon_adamw) against
   the transcriptions of tests/matrix_references.py, themselves held equal to pytorch-optimizer
-  by tests/test_matrix_references.py. While a spec's file is not yet in gradspec/stdlib
-  (galore), or a case needs what the spec does not compute yet (``missing``), the case is a
+  by tests/test_matrix_references.py. While a spec's file is not yet in gradspec/stdlib, or a case needs what the spec does not compute yet (``missing``), the case is a
   strict xfail: it fails the suite the day it passes, so the mark is taken off.
 
 The hyperparameter names a shape-aware spec is expected to use are in SPEC_NAMES below: a
@@ -240,7 +239,9 @@ MATRIX_CASES = [
     # the float32 QR of every basis refresh (see tests/test_matrix_references.py); measured 2.4e-5
     # (eager and compiled), the reference against pytorch-optimizer 1.1e-5
     MatrixCase("soap", ref.SOAP, dict(precondition_frequency=10), rtol=1e-4),
-    MatrixCase("galore(adam)", lambda p, **kw: ref.GaLoreAdam(p, eps=1e-8, svd_dtype=None, eps_on_corrected=True, **kw),
+    # the authors' refresh phase (steps 1, T + 1, ...: galore's every T { }), the SVD in float64
+    MatrixCase("galore(adam)", lambda p, **kw: ref.GaLoreAdam(p, eps=1e-8, svd_dtype=None, eps_on_corrected=True,
+                                                             refresh="authors", **kw),
                dict(lr=1e-2, rank=2, update_proj_gap=10, scale=0.25)),
     MatrixCase("muon_adamw", lambda p, **kw: ref.MuonAdamW(p, ns_dtype=torch.float64, **kw),
                dict(lr=0.02, weight_decay=0.01, adamw_lr=3e-3, adamw_wd=0.01)),

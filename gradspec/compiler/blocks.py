@@ -68,7 +68,7 @@ class TileSegment:
     block: int
     rows: int
     cols: int
-    shape_class: str
+    shape_class: tuple  # the segment's (Segment.shape_class)
     pieces: tuple  # Piece, in bucket order
     starts: tuple  # where each piece's blocks begin in the batch, and the end
 

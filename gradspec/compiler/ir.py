@@ -116,6 +116,11 @@ compiler/lower.py). ``groups`` stays an ordinary name outside ``groups.f(...)``.
 SHAPE_CLASSES = ("matrix", "vector")
 """``if matrix { }``: a tensor of two or more dimensions; ``if vector { }``: one of at most one.
 The step is specialised per class, as per switch."""
+SIZES = (ROWS, COLS)
+"""In an ``if`` condition, ``rows`` and ``cols`` are the sizes of each tensor's matrix view: a
+condition that reads them (``if matrix and rows >= cols { }``) is a *shape condition*, decided per
+tensor when the step is compiled. A tensor's class is the tuple of its answers, ``matrix`` or
+``vector`` first (see :func:`build`)."""
 REDUCTIONS = {"sum": 1, "mean": 1, "norm": 1, "dot": 2, "max": 1, "min": 1}
 MATRIX = {"orthogonalize": 2, "aspect": 1}
 """Per-tensor functions of a tensor's shape: ``tensor.orthogonalize(x, bf16)`` runs Muon's
@@ -165,6 +170,7 @@ class Op(enum.StrEnum):
     ONTO = "onto"
     TILE = "tile"  # blocks B { }: a value made outside read block by block (attr: Tiling)
     UNTILE = "untile"  # a block's value read outside, reassembled from the blocks (attr: Tiling)
+    SIZE = "size"  # rows or cols in a shape condition, decided per tensor at compile time (attr: the name)
     ADD = "add"
     SUB = "sub"
     MUL = "mul"
@@ -328,9 +334,22 @@ class Program:
     probing: frozenset = frozenset()  # the indices of the probe blocks that run in this program
     state_ranks: dict = None  # subspace state -> its number of directions k
     state_dims: dict = None  # per-tensor state shaped unlike the parameter -> its shape ((1, 1): ': tensor')
-    shape_class: str | None = None  # "matrix" or "vector" where the spec reads the class (if matrix { })
+    shape_class: tuple | None = None  # the class this program is for: ("matrix" | "vector", answers...)
     by_class: dict | None = None  # the class -> its Program, for a spec that reads the class
     state_blocks: dict = None  # state declared in a blocks B { } -> its Tiling: one per block, shaped per block
+    size_tests: tuple = ()  # (condition node over rows and cols, answer) of each shape condition this class took
+
+    def class_of(self, matrix: bool, rows: int, cols: int) -> tuple:
+        """The class of a tensor whose matrix view is rows x cols: ``("matrix",)`` or ``("vector",)``
+        followed by its answer to each shape condition (None where its path never asks), the key of
+        ``by_class``; a spec that reads no class gives every tensor ``(kind,)``."""
+        kind = "matrix" if matrix else "vector"
+        if not self.by_class:
+            return (kind,)
+        for key, program in self.by_class.items():
+            if key[0] == kind and all(size_answer(node, rows, cols) == taken for node, taken in program.size_tests):
+                return key
+        raise ValueError(f"no class of {self.spec.name} for a {rows} x {cols} {kind}")  # pragma: no cover
 
     @functools.cached_property
     def shaped(self) -> bool:
@@ -508,6 +527,23 @@ def evaluate_scalar(node: Node, values: dict) -> float:
     return folded
 
 
+def size_answer(node: Node, rows: int, cols: int) -> bool:
+    """A shape condition's answer for a tensor whose matrix view is rows x cols."""
+    def value(n):
+        if n.op == "const":
+            return n.attr
+        if n.op == "size":
+            return rows if n.attr == ROWS else cols
+        return _fold(n.op, [value(a) for a in n.args])
+    return bool(value(node))
+
+
+def _sized(node: Node) -> bool:
+    """Whether a condition's node reads only numbers and sizes: a shape condition."""
+    return all(n.op in ("const", "size") or n.op in _FOLD or n.op in ("div", "pow") for n in _subtree(node)) \
+        and any(n.op == "size" for n in _subtree(node))
+
+
 def _fold(op, values):
     try:
         if op in _FOLD:
@@ -528,14 +564,14 @@ def _fold(op, values):
 
 @deep
 def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = None,
-          probing=frozenset(), shape_class: str | None = None) -> Program:
+          probing=frozenset()) -> Program:
     """Specialise ``spec`` to ``hyper_values`` (defaults where missing) and build its IR.
 
     ``probing`` holds the indices of the probe blocks that run at this step (a spec with
     probes has one program per set of probes due at a step); the others keep their states.
 
     A spec that reads the shape class (``if matrix { }``) gets one program per class, joined in
-    ``by_class``; ``shape_class`` asks for one of them alone.
+    ``by_class``, keyed by each class's answers (see :data:`SIZES`).
 
     ``forced`` maps the index of an ``if`` condition (in the order they are met) to the branch
     to take whatever the values say: the symbolic checker uses it to check the branches of a
@@ -547,45 +583,97 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
     if spec.kind == "adaptor":
         raise SpecError(_adaptor_alone(spec))
     values = {**spec.hyper_defaults, **(hyper_values or {})}
-    if shape_class is not None:
-        return _ProgramBuilder(spec, values, forced or {}, frozenset(probing), shape_class).run()
-    first = _ProgramBuilder(spec, values, forced or {}, frozenset(probing), "matrix")
-    matrix = first.run()
+    forced, probing = forced or {}, frozenset(probing)
+    first = _ProgramBuilder(spec, values, forced, probing, "matrix")
+    primary = first.run()
     if not first.reads_class:
-        matrix.shape_class = None
-        return matrix
-    vector = _ProgramBuilder(spec, values, forced or {}, frozenset(probing), "vector", first.b).run()
-    return _by_class(spec, {"matrix": matrix, "vector": vector})
+        primary.shape_class = None
+        return primary
+    # Every path through the shape conditions, depth first: a condition not fixed yet takes the
+    # answer of a 1 x 1 matrix (the tensor laws are sampled on), then its other answer is explored.
+    # The first program is that 1 x 1 matrix's class.
+    found = []
+    pending = [("matrix", {}), ("vector", {})]
+    while pending:
+        kind, fixed = pending.pop(0)
+        builder = first if kind == "matrix" and not fixed else \
+            _ProgramBuilder(spec, values, forced, probing, kind, first.b, fixed)
+        program = primary if builder is first else builder.run()
+        found.append((kind, builder.asked, program))
+        prefix = dict(fixed)
+        for question, (_, taken, free) in builder.asked.items():
+            if free:
+                pending.append((kind, {**prefix, question: not taken}))
+            prefix[question] = taken
+    asked = sorted({question for _, answers, _ in found for question in answers})
+    programs = {}
+    for kind, answers, program in found:
+        key = (kind, *(answers[q][1] if q in answers else None for q in asked))
+        program.shape_class = key
+        program.size_tests = tuple((node, taken) for node, taken, _ in answers.values())
+        programs[key] = program
+    return _by_class(spec, programs)
 
 
 def _by_class(spec, programs: dict) -> Program:
-    """One Program for a step that treats matrices and vectors differently: the union of the
-    classes' states and hyperparameters, each class's own program in ``by_class``. Values per
-    group (global reductions and states) must not differ between the classes (GS069): they are
-    one value over every tensor of the group."""
-    matrix, vector = programs["matrix"], programs["vector"]
+    """One Program for a step that treats classes of tensors differently (matrices and vectors,
+    tall and wide matrices): the union of the classes' states and hyperparameters, each class's own
+    program in ``by_class``, the first class's values where they differ (the 1 x 1 matrix's, which
+    the checker samples laws on). Values per group (global reductions and states) must not differ
+    between the classes (GS069): they are one value over every tensor of the group."""
+    classes = list(programs.values())
+    primary = classes[0]
     errors = Collector(spec.source)
-    for name in set(matrix.global_states) | set(vector.global_states):
-        if matrix.next.get(name) is not vector.next.get(name):
-            errors.error("GS069", f"global state '{name}' is computed differently for matrices and vectors",
-                         None, "a per-group value is one value over every tensor: compute it outside "
-                               "'if matrix { }'")
-    reductions = [{id(n) for n in p.nodes() if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto")}
-                  for p in (matrix, vector)]
-    if reductions[0] != reductions[1]:
-        errors.error("GS069", "a global reduction reads a value that differs between matrices and vectors",
-                     None, "reduce over the group outside 'if matrix { }', from values both classes share")
-    if matrix.probes or vector.probes:
+    for other in classes[1:]:
+        for name in set(primary.global_states) | set(other.global_states):
+            if primary.next.get(name) is not other.next.get(name):
+                errors.error("GS069", f"global state '{name}' is computed differently for {_class_words(primary)} "
+                                      f"and {_class_words(other)}", None,
+                             "a per-group value is one value over every tensor: compute it outside "
+                             "'if matrix { }' and shape conditions")
+        reductions = [{id(n) for n in p.nodes() if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto")}
+                      for p in (primary, other)]
+        if reductions[0] != reductions[1]:
+            located = [place for p in (primary, other) for n in p.nodes()
+                       if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto") and id(n) not in
+                       reductions[1 if p is primary else 0] for place in (p.origins or {}).get(id(n), [])[:1]]
+            src, span = located[0] if located else (None, None)
+            errors.error("GS069", f"a global reduction reads a value that differs between {_class_words(primary)} "
+                                  f"and {_class_words(other)}", span,
+                         "reduce over the group outside 'if matrix { }' and shape conditions, from values every "
+                         "class shares", src)
+    if any(p.probes for p in classes):
         errors.error("GS069", "a spec with model probes cannot also branch on the shape class", None,
                      "move the probe's work out of the branches, or split the parameters into two groups")
+    _dedupe(errors)
     errors.raise_if_any()
-    names = tuple(dict.fromkeys(matrix.state_names + vector.state_names))
+    ordered = classes[::-1]  # the first class's values win
+    merged = lambda field: {k: v for p in ordered for k, v in (getattr(p, field) or {}).items()}  # noqa: E731
     return dataclasses.replace(
-        matrix, state_names=names, hypers_used=tuple(sorted(set(matrix.hypers_used) | set(vector.hypers_used))),
-        uses_loss=matrix.uses_loss or vector.uses_loss, next={**vector.next, **matrix.next},
-        init={**vector.init, **matrix.init}, state_ranks={**vector.state_ranks, **matrix.state_ranks},
-        state_dims={**vector.state_dims, **matrix.state_dims}, shape_class=None, by_class=programs,
-        state_blocks={**vector.state_blocks, **matrix.state_blocks})
+        primary, state_names=tuple(dict.fromkeys(n for p in classes for n in p.state_names)),
+        hypers_used=tuple(sorted({h for p in classes for h in p.hypers_used})),
+        uses_loss=any(p.uses_loss for p in classes), next=merged("next"), init=merged("init"),
+        state_ranks=merged("state_ranks"), state_dims=merged("state_dims"), shape_class=None, by_class=programs,
+        state_blocks=merged("state_blocks"), size_tests=())
+
+
+def _class_words(program: Program) -> str:
+    """How a message names a class: "matrices", "vectors", "matrices (second shape condition false)"."""
+    kind, *answers = program.shape_class
+    words = "matrices" if kind == "matrix" else "vectors"
+    told = [f"shape condition {i + 1} {'true' if a else 'false'}" for i, a in enumerate(answers) if a is not None]
+    return f"{words} ({', '.join(told)})" if told else words
+
+
+def _dedupe(errors: Collector) -> None:
+    """One diagnostic per problem when several pairs of classes show it."""
+    seen, kept = set(), []
+    for d in errors.diagnostics:
+        key = (d.code, d.span, d.message.split(" between ")[0])
+        if key not in seen:
+            seen.add(key)
+            kept.append(d)
+    errors.diagnostics[:] = kept
 
 
 @deep
@@ -631,9 +719,11 @@ class _Loop:
 
 class _ProgramBuilder:
     def __init__(self, spec: Spec, values: dict, forced: dict | None = None, probing=frozenset(),
-                 shape_class: str = "matrix", builder: Builder | None = None):
+                 shape_class: str = "matrix", builder: Builder | None = None, answers: dict | None = None):
         self.shape_class = shape_class
         self.reads_class = False
+        self.answers = answers or {}  # a shape condition (its node's text) -> the answer to take
+        self.asked: dict = {}  # condition text -> (node, answer taken, free: not fixed by ``answers``), in order
         self.loops: dict = {}  # loop variable -> (source, Repeat)
         self.loop_locals: set = set()  # definitions made inside repeat blocks
         self._loop_stack: list = []
@@ -669,6 +759,8 @@ class _ProgramBuilder:
     # ---- collecting the active statements
     def run(self) -> Program:
         self._collect(self.spec.items)
+        self._check_projected()
+        self.errors.raise_if_any()  # a base that cannot run projected: nothing more to say about it
         for name, (src, state) in self.states.items():
             if name not in self.nexts and name not in self.kept:
                 self.errors.error("GS040", f"state '{name}' has no next value", state.span,
@@ -750,13 +842,71 @@ class _ProgramBuilder:
 
     def _state_dims(self, name) -> tuple | None:
         """A state's declared per-tensor shape with sizes resolved: ': tensor' is (1, 1), an int
-        hyperparameter is its value; None for per-element, global and subspace states."""
+        hyperparameter is its value; None for per-element, global and subspace states. A base's
+        per-element state in an adaptor's space (``State.space``) has the shape of the gradient
+        the adaptor gives the base, where that is not the parameter's."""
         src, state = self.states[name]
         if state.scope == "tensor":
             return (1, 1)
+        if state.scope == "element" and state.space is not None:
+            dims = self._space_dims(state.space)
+            return None if dims in (None, ELEMENT_DIMS) else dims
         if state.scope != "shaped":
             return None
         return tuple(self._size(src, d, state.span) for d in state.dims)
+
+    def _space_dims(self, space: str) -> tuple | None:
+        """The per-tensor shape of the gradient an adaptor gives its base (the definition
+        ``space``) in this class; None when the class does not define it or it is being built."""
+        if space not in self.locals or ("local", space) in self._building:
+            return None
+        node = self._definition(("local", space), self.locals[space])
+        return dims_of(node) if node is not None else None
+
+    def _projected(self) -> str | None:
+        """The definition that replaces the gradient when this class runs the base in a space
+        whose shape is not the parameter's (GaLore's projection), else None."""
+        spaces = {st.space for _, st in self.states.values() if st.scope == "element" and st.space is not None}
+        # a base without per-element states: 'base.grad = ' and 'base.param = ' (dsl/resolve.py)
+        spaces |= {name for name in self.locals if name.endswith(".grad") and name[:-4] + "param" in self.locals}
+        return next((sp for sp in sorted(spaces) if self._space_dims(sp) not in (None, ELEMENT_DIMS)), None)
+
+    def _check_projected(self) -> None:
+        """GS076, before anything is built: what a base does that cannot run in a projected space,
+        each at its place. A state starting at the parameter, or a reduction of it (the base's
+        parameter there is the adaptor's, zero for GaLore); a model probe (it evaluates the model
+        at points shaped like the parameter); a statement that reads the tensor's shape (rows and
+        cols are the parameter's, not the projected gradient's)."""
+        space = self._projected()
+        if space is None:
+            return
+        prefix = space.rsplit(".", 1)[0] + "."
+        adaptor = prefix[:-1]
+        hint = f"run {adaptor} over an elementwise optimizer such as adam, or this base without {adaptor}"
+        parameter = {"param", prefix + "param"}
+        for src, top in self.spec.items:
+            for item in _nested([top]):
+                if isinstance(item, ast.Probe) and item.model:
+                    self.errors.error("GS076", f"a model probe in a base that {adaptor} runs in a projected space: "
+                                               f"it evaluates the model at points shaped like the parameter",
+                                      item.span, hint, src)
+                    break
+        for src, item in self.active:
+            if (item.name.startswith(prefix) and item.name != prefix + "base_update") or \
+                    (isinstance(item, ast.Define) and item.name == "param"):
+                continue  # the adaptor's own
+            if isinstance(item, ast.State) and item.space is not None and \
+                    parameter & {n.name for n in ast.names_in(item.init)}:
+                self.errors.error("GS076", f"state '{item.name}' starts at the parameter, but {adaptor} runs the "
+                                           f"base in a projected space, where the parameter is its own",
+                                  item.init.span, hint, src)
+                continue
+            found = _shape_aware(item, parameter)
+            if found is not None:
+                what, span = found
+                self.errors.error("GS076", f"{what}, but {adaptor} runs the base in a projected space, whose shape "
+                                           f"is not the parameter's and where the parameter is its own", span,
+                                  hint, src)
 
     def _size(self, src, size, span):
         """``rows``, ``cols``, a whole number or an int hyperparameter's value, as a size; GS068
@@ -810,7 +960,9 @@ class _ProgramBuilder:
     def _collect(self, items):
         for src, item in items:
             if isinstance(item, ast.If):
+                block, self._block = self._block, self.item_block.get(id(item))  # where the condition is
                 taken = self._condition(src, item.cond)
+                self._block = block
                 self._collect([(src, i) for i in (item.then if taken else item.otherwise)])
             elif isinstance(item, ast.Probe):
                 self._probe(src, item)
@@ -1020,6 +1172,14 @@ class _ProgramBuilder:
             self.errors.error("GS046", "a condition must be true or false", expr.span,
                               "compare it, as in momentum > 0", src)
             return False
+        if not node.is_const and _sized(node):
+            if not record:
+                self.errors.error("GS047", "a 'require' condition may use only hyperparameters, not a tensor's "
+                                           "sizes", expr.span, "choose statements per shape with 'if' instead", src)
+                return False
+            taken = self._size_answer(src, expr, node)
+            self.switches.append(taken)
+            return taken
         if not node.is_const:
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
                               expr.span, "use where(cond, a, b) for a condition on tensors or the step", src)
@@ -1033,6 +1193,34 @@ class _ProgramBuilder:
             if numeric:  # the same condition over hyperparameter nodes: a fact inside the branch
                 self.assumed.append((len(self.switches) - 1, self._expr(src, expr), taken))
         return taken
+
+    def _size_answer(self, src, expr, node) -> bool:
+        """The answer this class takes to a shape condition (an ``if`` reading rows or cols): the
+        one it was built for, else a 1 x 1 matrix's (and :func:`build` explores the other)."""
+        if self._block is not None:
+            self.errors.error("GS074", "a shape condition inside a blocks block: rows and cols there are a "
+                                       "block's, which differ from block to block", expr.span,
+                              "decide on the tensor's shape outside 'blocks'", src)
+            return True
+        index = repr(node)  # one question however many 'if's ask it, the same in every build
+        self.reads_class = True
+        if index in self.asked:
+            return self.asked[index][1]
+        free = index not in self.answers
+        taken = size_answer(node, 1, 1) if free else self.answers[index]
+        self.asked[index] = (node, taken, free)
+        return taken
+
+    def branch_taken(self, src, cond) -> bool:
+        """Which branch an ``if`` inside a block that does not run now takes, without recording
+        it as a switch: its hyperparameter condition's value, or this class's answer to a shape
+        condition (the same as when the block runs)."""
+        node = self._expr(src, cond, static=True)
+        if node is None:
+            return True
+        if node.is_const:
+            return bool(node.attr)
+        return self._size_answer(src, cond, node) if _sized(node) else True
 
     # ---- building expressions
     def _next(self, name):
@@ -1309,6 +1497,13 @@ class _ProgramBuilder:
                                   text.span, "reduce an elementwise expression such as grad or m'", src)
                 return None
         dims = broadcast_dims([dims_of(a) for a in args])  # dot's two sides meet elementwise
+        if expr.scope in ("global", GROUPS) and dims != ELEMENT_DIMS and self._projected() is not None:
+            self.errors.error("GS076", f"{expr.scope}.{expr.func} of a value in a projected space: a value per "
+                                       f"group sums the parameters' own values, and this one has shape "
+                                       f"{show_dims(dims)}", expr.span,
+                              "reduce a value shaped like the parameter, or run the adaptor over a base without "
+                              "global reductions", src)
+            return None
         attr = Reduction(expr.scope, expr.func)
         if expr.scope == GROUPS:
             inner = next((n for a in args for n in _groups_values(a)), None)
@@ -1397,6 +1592,8 @@ class _ProgramBuilder:
             return self.b.const(self.shape_class == name)
         if name in CONSTANTS and not known and not expr.primed:
             return self.b.const(CONSTANTS[name])
+        if name in SIZES and static and not known and not expr.primed:  # a shape condition's size
+            return self.b.node("size", (), name, "real", Scope.SCALAR)
         if static and (name in INPUTS or name in self.states or name in self.locals or expr.primed):
             self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
                               expr.span, f"'{name}' changes during training; use where(...) instead", src)
@@ -1446,11 +1643,44 @@ class _ProgramBuilder:
         state = self.states[name][1]
         if state.scope == "subspace":
             return self.b.node("state", (), name, "subspace", Scope.ELEMENT)
-        if state.scope in ("tensor", "shaped"):
-            dims = self._state_dims(name)
+        dims = self._state_dims(name) if state.scope in ("tensor", "shaped", "element") else None
+        if dims is not None:
             return self.b.node("state", (), name, "real", scope_of_dims(dims), dims)
         scope = Scope.GLOBAL if state.scope == "global" else Scope.ELEMENT
         return self.b.node("state", (), name, "real", scope)
+
+
+_SHAPE_FUNCTIONS = set(LINEAR)
+
+
+def _shape_aware(item, parameter: set) -> tuple | None:
+    """(what it does, span) of the first part of a statement that cannot run in a projected space:
+    a state shaped unlike its parameter, an axis reduction, matrix algebra, tensor.orthogonalize or
+    tensor.aspect, a size such as tensor.rows (they read the tensor's shape), a probe function, a
+    reduction of the parameter (one of the names ``parameter``); None for an elementwise statement."""
+    if isinstance(item, ast.State) and item.scope in ("shaped", "subspace"):
+        return f"state '{item.name}' is shaped by the tensor", item.span
+    expr = item.init if isinstance(item, ast.State) else getattr(item, "expr", None)
+    stack = [expr] if expr is not None else []
+    while stack:
+        e = stack.pop()
+        if isinstance(e, ast.Reduce) and (e.scope in AXES or (e.scope == "tensor" and e.func in MATRIX)):
+            return f"{e.scope}.{e.func} reads the tensor's shape", e.span
+        if isinstance(e, ast.Reduce) and parameter & {n.name for a in e.args for n in ast.names_in(a)}:
+            return f"{e.scope}.{e.func} reduces the parameter", e.span
+        if isinstance(e, ast.Call) and (e.func in _SHAPE_FUNCTIONS or e.func in PROBES or e.func == "onto"):
+            return f"{e.func}(...) reads the tensor's shape or the model", e.span
+        if isinstance(e, ast.Measure):  # the parameters' sizes, not the projected values'
+            return f"{e.scope}.{e.what} reads the tensor's shape", e.span
+        if isinstance(e, ast.Name) and e.qualifier == GROUPS:
+            return f"groups.{e.name} reads the parameters' sizes", e.span
+        if isinstance(e, ast.BinOp) and e.op == "@":
+            return "a matrix product reads the tensor's shape", e.span
+        for child in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None)):
+            if child is not None:
+                stack.append(child)
+        stack.extend(getattr(e, "args", ()))
+    return None
 
 
 def _groups_values(node: Node) -> list:
@@ -1484,8 +1714,7 @@ def _defines(src, items, builder):
         if isinstance(item, ast.Define):
             yield src, item
         elif isinstance(item, ast.If):
-            node = builder._expr(src, item.cond, static=True)
-            taken = bool(node.attr) if node is not None and node.is_const else True
+            taken = builder.branch_taken(src, item.cond)
             yield from _defines(src, item.then if taken else item.otherwise, builder)
 
 

@@ -11,7 +11,7 @@ so the traced graph grows with the number of segments (distinct shapes, when the
 equal shapes out together), never with the number of tensors.
 
 A state shaped unlike the parameter is still one flat buffer per bucket, laid out tensor by
-tensor in its own shape (:func:`state_layouts`); a segment's part of it is one view.
+tensor in its own shape (:func:`whole_state_layouts`); a segment's part of it is one view.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Segment:
     offset: int
     rows: int
     cols: int
-    shape_class: str  # "matrix" or "vector"
+    shape_class: tuple  # ("matrix" | "vector", its answers to the spec's shape conditions): Program.class_of
     # FSDP2 (compiler/sharded.py): which size is cut over the shard group (rows for a matrix, cols
     # for a vector, None when not sharded), and this process's part of it (start, length)
     cut: str | None = None
@@ -71,15 +71,17 @@ class StateLayout:
         return self.offsets[-1]
 
 
-def segments(shape: BucketShape) -> list[Segment]:
-    """The bucket's segments, in order (see the module docstring)."""
+def segments(shape: BucketShape, program: Program | None = None) -> list[Segment]:
+    """The bucket's segments, in order (see the module docstring): a segment ends where the
+    matrix shape or the class ``program`` gives a tensor changes."""
     out, offset = [], 0
     full = shape.full_shapes or [(shape.numel // max(shape.ntensors, 1),)] * shape.ntensors
     for i, ((rows, cols), tensor_shape) in enumerate(zip(shape.matrix_shapes(), full)):
-        cls = "matrix" if len(tensor_shape) >= 2 else "vector"
+        matrix = len(tensor_shape) >= 2
+        cls = program.class_of(matrix, rows, cols) if program is not None else ("matrix" if matrix else "vector",)
         cut, (start, local) = None, (0, 0)
         if shape.sharding is not None and tensor_shape:  # FSDP2 cuts dim 0: a matrix's rows, a vector's cols
-            cut, (start, local) = ROWS if cls == "matrix" else COLS, shape.sharding.rows(i)
+            cut, (start, local) = ROWS if matrix else COLS, shape.sharding.rows(i)
         last = out[-1] if out else None
         if last and (last.rows, last.cols, last.shape_class) == (rows, cols, cls):
             out[-1] = Segment(last.first, last.count + 1, last.offset, rows, cols, cls, cut, start, local)
@@ -89,13 +91,14 @@ def segments(shape: BucketShape) -> list[Segment]:
     return out
 
 
-def class_program(program: Program, shape_class: str) -> Program:
+def class_program(program: Program, shape_class: tuple) -> Program:
     return program.by_class[shape_class] if program.by_class else program
 
 
-def state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout]:
+def whole_state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout]:
     """The layout of every state of ``program`` that is not simply one value per element of
-    every tensor: shaped unlike the parameter, or kept by one shape class only."""
+    every tensor: shaped unlike the parameter, or kept by one shape class only; each tensor
+    whole (a sharded bucket's part is :func:`gradspec.compiler.sharded.state_layouts`)."""
     classes = program.classes
     out = {}
     tensor_shapes = shape.shapes or [(shape.numel // max(shape.ntensors, 1),)] * shape.ntensors
@@ -104,7 +107,7 @@ def state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout
             continue
         shapes = []
         block = (program.state_blocks or {}).get(name)  # a state per block (compiler/blocks.py)
-        for seg in segments(shape):
+        for seg in segments(shape, program):
             own = class_program(program, seg.shape_class)
             dims = (own.state_dims or {}).get(name)
             for i in range(seg.first, seg.first + seg.count):
@@ -115,9 +118,6 @@ def state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout
         for s in shapes:
             offsets.append(offsets[-1] + int(torch.Size(s).numel()))
         out[name] = StateLayout(tuple(shapes), tuple(offsets))
-    if shape.sharding is not None:  # each process keeps its part (compiler/sharded.py)
-        from .sharded import local_layouts
-        return local_layouts(program, shape, out)
     return out
 
 
@@ -138,13 +138,15 @@ class ShapedLowerer(BlockLowering, _Lowerer):
     """Emits FX nodes per (node, bucket, segment) for per-tensor values, and as the plain
     lowerer does for values per step or group."""
 
+    layouts_of = staticmethod(whole_state_layouts)  # each tensor whole
+
     def __init__(self, graph: fx.Graph, placeholders: dict, buckets: list[BucketShape], program: Program):
         super().__init__(graph, placeholders, buckets, program)
         if program.probes:
             raise NotImplementedError("model probes in a shape-aware spec are not lowered yet")
         self.program = program
-        self.segments = [segments(b) for b in buckets]
-        self.layouts = [state_layouts(program, b) for b in buckets]
+        self.segments = [segments(b, program) for b in buckets]
+        self.layouts = [self.layouts_of(program, b) for b in buckets]
 
     # ---- values
     def value(self, node: Node, bucket: int, broadcast_to=None, segment: Segment | None = None):
@@ -278,7 +280,7 @@ class ShapedLowerer(BlockLowering, _Lowerer):
     def _matrix_segment(self, node: Node, bucket: int, seg: Segment):
         shape = self.buckets[bucket]
         if node.attr.func == "aspect" and isinstance(seg, TileSegment):  # a block's own rows / cols
-            return seg.rows / seg.cols if seg.shape_class == "matrix" and seg.cols else 1.0
+            return seg.rows / seg.cols if seg.shape_class[0] == "matrix" and seg.cols else 1.0
         if node.attr.func == "aspect":
             full = (shape.full_shapes or [()] * shape.ntensors)[seg.first]
             return full[-2] / full[-1] if len(full) >= 2 and full[-1] else 1.0

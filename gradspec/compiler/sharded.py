@@ -35,7 +35,7 @@ from .collectives import all_reduce, gather_along
 from .ir import ELEMENT_DIMS, Node, Program, dims_of
 from .lowerer import _BINARY, _UNARY, BucketShape, _is_python, accumulated_sum, compute_dtype, state_input
 from .shaped import (Segment, ShapedLowerer, StateLayout, _arg_dims, _shown, accumulated_keepdim, class_program,
-                     segments)
+                     segments, whole_state_layouts)
 
 ELEMENTWISE = set(_BINARY) | set(_UNARY) | {"min", "max", "clamp", "lerp", "where", "atan2"}
 """Operations computed where their operands are: a cut operand stays cut."""
@@ -75,10 +75,14 @@ def local_batch(seg: Segment, dims, axis: int | None) -> tuple:
     return count, a, b
 
 
-def local_layouts(program: Program, shape: BucketShape, layouts: dict) -> dict:
-    """The states' layouts (shaped.state_layouts) as a process of a sharded bucket keeps them:
-    a state cut as :func:`cut_axis` says holds this process's slice of its first dimension,
-    the others whole; each with its whole shape, for the DTensor that shows it."""
+def state_layouts(program: Program, shape: BucketShape) -> dict[str, StateLayout]:
+    """The layouts of ``program``'s shaped states (:func:`~gradspec.compiler.shaped.whole_state_layouts`)
+    as this process keeps them: whole for an unsharded bucket; for a sharded one, a state cut
+    as :func:`cut_axis` says holds this process's slice of its first dimension, the others
+    whole, each with its whole shape, for the DTensor that shows it."""
+    layouts = whole_state_layouts(program, shape)
+    if shape.sharding is None:
+        return layouts
     out = {}
     full = shape.full_shapes
     for name, layout in layouts.items():
@@ -86,7 +90,7 @@ def local_layouts(program: Program, shape: BucketShape, layouts: dict) -> dict:
             out[name] = StateLayout(layout.shapes, layout.offsets, layout.shapes, (False,) * len(layout.shapes))
             continue
         shapes, whole, cut = [], [], []
-        for seg in segments(shape):
+        for seg in segments(shape, program):
             own = class_program(program, seg.shape_class)
             dims = (own.state_dims or {}).get(name)
             for i in range(seg.first, seg.first + seg.count):
@@ -110,6 +114,8 @@ class ShardedLowerer(ShapedLowerer):
     """The shaped lowerer over a sharded bucket (see the module docstring): per-tensor values
     are :class:`Part` s; operations the shaped lowerer knows that need a whole matrix run on
     operands gathered whole."""
+
+    layouts_of = staticmethod(state_layouts)  # this process's part of each tensor
 
     def __init__(self, graph, placeholders: dict, buckets: list, program: Program):
         super().__init__(graph, placeholders, buckets, program)

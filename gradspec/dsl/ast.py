@@ -196,6 +196,10 @@ class State:
     scope: str = "element"
     rank: str | None = None
     dims: tuple | None = None  # "shaped": (d0, d1), each "rows", "cols", an int or an int hyperparameter
+    # a base's per-element state under an adaptor that gives the base a gradient and a parameter of
+    # their own (GaLore's projected space): the name of the definition that replaces ``grad``; the
+    # state takes that definition's shape where it is not the parameter's (compiler/ir.py)
+    space: str | None = None
 
 
 @dataclass(frozen=True)

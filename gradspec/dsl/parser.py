@@ -51,7 +51,16 @@ def _lark() -> lark.Lark:
 
 @deep
 def parse(text: str, filename: str = "<string>") -> ast.SpecAST:
-    """Parse one spec; raise :class:`SpecError` with a located message on bad syntax."""
+    """Parse one spec; raise :class:`SpecError` with a located message on bad syntax.
+
+    The result is remembered per (text, filename): loading a stdlib name or an adaptor
+    expression re-reads the same source, and the AST is immutable, so a shared tree is safe.
+    A SpecError is raised, never returned, so nothing bad is remembered."""
+    return _parse_remembered(text, filename)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_remembered(text: str, filename: str) -> ast.SpecAST:
     source = Source(strip_bom(text), filename)
     recovery = _Recovery(source)
     try:

@@ -5,7 +5,10 @@ expands adaptors (``lookahead(adam)``) into a single body of definitions. An ada
 locals and states are namespaced with its name (``lookahead.slow``) so they never clash with
 the base's; ``base.X = expr`` replaces what the base sees as ``X`` (its gradient input, a
 local such as its direction) and the base's ``param'`` becomes ``<adaptor>.base_update``
-when the adaptor defines its own ``param'``.
+when the adaptor defines its own ``param'``. An adaptor that replaces both ``grad`` and
+``param`` runs its base in a space of its own (GaLore's projection): the base's per-element
+states are marked with the definition that replaces ``grad`` (``State.space``), and take its
+shape where it is not the parameter's.
 """
 from __future__ import annotations
 
@@ -72,6 +75,15 @@ class SpecRef:
 
     def __str__(self) -> str:
         return self.text
+
+    # Equal by text, so two loads of one spec are equal and hash alike: the safety check is
+    # cached per Spec, and an identity-equal reference made every load of a spec with a
+    # ``law equals`` miss that cache. The text is enough, since a Spec also compares its source.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SpecRef) and self.text == other.text
+
+    def __hash__(self) -> int:
+        return hash(("SpecRef", self.text))
 
 
 @deep
@@ -537,9 +549,13 @@ def apply_adaptor(adaptor: Spec, base: Spec) -> Spec:
             law, target=target, given=rename(law.given) if law.given is not None else None,
             mappings=tuple((rename_name(ast.Name(n)).name, rename(e)) for n, e in law.mappings))
 
+    projects = {"grad", "param"} <= overrides  # the base runs on a gradient and parameter of the adaptor's
+
     def base_item(item):
         if replaces_update and isinstance(item, ast.Define) and item.name == "param" and item.primed:
             item = ast.Define(update_name, item.expr, False, item.span)
+        if projects and isinstance(item, ast.State) and item.scope == "element":
+            item = dataclasses.replace(item, space=prefix + "grad")
         return _map_item(item, rename_base, base_item)
 
     # the base's laws are about the base alone; the adaptor's own laws carry over

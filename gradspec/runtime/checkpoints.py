@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compiler.lowerer import BucketShape
-from ..compiler.shaped import state_layouts
+from ..compiler.sharded import state_layouts
 from ..dsl.errors import SpecError
 from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem
 

@@ -39,7 +39,7 @@ from ..compiler.ir import Program, build, evaluate_scalar
 from ..compiler.lower import finish_groups, groups_key, groups_values, lower_init, lower_partials, lower_probe_args, \
     lower_step
 from ..compiler.lowerer import BucketShape, bucket_normal, compute_dtype, global_input, state_input
-from ..compiler.shaped import state_layouts
+from ..compiler.sharded import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl.resolve import Spec, load
 from ..symbolic.simplify import simplified

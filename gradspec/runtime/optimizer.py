@@ -21,7 +21,7 @@ from ..compiler.ir import Program, Scope, build, evaluate_scalar
 from ..compiler.lower import (StepGraphs, finish_groups, groups_key, groups_values, lower_init, lower_partials,
                               lower_probe_args, lower_step)
 from ..compiler.lowerer import bucket_normal, compute_dtype
-from ..compiler.shaped import state_layouts
+from ..compiler.sharded import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean

@@ -209,13 +209,20 @@ def _what_the_base_sees(spec, source, base) -> list:
     """``(local, expected)`` for each input or definition of the base that the adaptor
     replaces (``base.grad = ...`` is the local '<adaptor>.grad'), with what the base sees
     there at its own fixed point: a zero gradient, the parameter and step themselves, its
-    own definition of a replaced local."""
+    own definition of a replaced local. An adaptor that replaces both the gradient and the
+    parameter runs the base in a space of its own (GaLore's projection), where the base's
+    parameter is whatever the adaptor gives it: the base is at rest there at any parameter."""
     base_locals = {i.name for i in base if isinstance(i, ast.Define) and not i.primed}
+    replaced_inputs = {item.name.split(".", 1)[1] for src, item in walk(spec.items)
+                       if src == source and isinstance(item, ast.Define) and not item.primed and "." in item.name}
+    projected = {"grad", "param"} <= replaced_inputs
     out = []
     for src, item in walk(spec.items):
         if src != source or not isinstance(item, ast.Define) or item.primed or "." not in item.name:
             continue
         replaced = item.name.split(".", 1)[1]
+        if replaced == "param" and projected:
+            continue
         if replaced == "grad":
             out.append((item.name, ast.Num(0)))
         elif replaced in ("param", "step", "loss") or replaced in base_locals:
@@ -224,13 +231,23 @@ def _what_the_base_sees(spec, source, base) -> list:
 
 
 def _base_at_rest(spec, source):
-    """``spec`` with its base at a fixed point: the base's update is the parameter and each
-    of its states keeps its value; the adaptor's statements are as written."""
+    """``spec`` with its base at a fixed point: the base's update is the parameter it sees (the
+    adaptor's ``base.param`` where it gives one) and each of its states keeps its value; the
+    adaptor's statements are as written."""
+    own = {item.name for src, item in walk(spec.items) if src == source and isinstance(item, ast.Define)}
+
     def still(item):
         if isinstance(item, ast.Define) and item.primed:
             return dataclasses.replace(item, expr=ast.Name(item.name, span=item.span))
         if isinstance(item, ast.Define) and item.name.endswith(".base_update"):
-            return dataclasses.replace(item, expr=ast.Name("param", span=item.span))
+            prefix = item.name.removesuffix("base_update")
+            if prefix + "param" not in own:
+                return dataclasses.replace(item, expr=ast.Name("param", span=item.span))
+            # the parameter the base sees, in the shape of the gradient it sees (a projected space's)
+            shaped = ast.BinOp("+", ast.Name(prefix + "param", span=item.span),
+                               ast.BinOp("*", ast.Num(0), ast.Name(prefix + "grad", span=item.span), item.span)
+                               if prefix + "grad" in own else ast.Num(0), item.span)
+            return dataclasses.replace(item, expr=shaped)
         if isinstance(item, ast.If):
             return dataclasses.replace(item, then=tuple(map(still, item.then)), otherwise=tuple(map(still, item.otherwise)))
         if isinstance(item, (ast.Probe, ast.Repeat)):

@@ -18,7 +18,18 @@ def diagnostics(program: Program) -> list[Diagnostic]:
     """GS072 for every operation of ``program`` that may be undefined. Inside the branch of
     ``if c > 0.5``, c's range is narrowed accordingly (and so is every expression the
     condition bounds, as 1 - beta in ``if 1 - beta > 0``); a program whose branches no
-    allowed value reaches (the constraint says c < 0.3) has nothing to report."""
+    allowed value reaches (the constraint says c < 0.3) has nothing to report. A step that
+    treats classes of tensors differently (``if matrix``, shape conditions) is checked class by
+    class, each problem once."""
+    if program.by_class:
+        found, seen = [], set()
+        for each in program.by_class.values():
+            for d in diagnostics(each):
+                key = (d.code, d.span, d.message)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(d)
+        return found
     assumed = assumed_facts(program)
     if assumed is None:
         return []
