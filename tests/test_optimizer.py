@@ -762,6 +762,13 @@ def _poison(model):
     model[0].weight.grad[1, 2] = float("nan")
 
 
+def _poisoned_step(model, opt, batch):
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    _poison(model)
+    opt.step()
+
+
 def test_nonfinite_propagate_lets_nan_into_the_parameters():
     model = _model()
     opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=0.01)
@@ -782,11 +789,7 @@ def test_nonfinite_skip_leaves_everything_unchanged_then_trains_normally(backend
     _train(model, opt, batches[:3])
     params = [p.detach().clone() for p in model.parameters()]
     states = copy.deepcopy(opt.state_dict()["state"])
-
-    opt.zero_grad()
-    _loss(model, batches[0]).backward()
-    _poison(model)
-    opt.step()
+    _poisoned_step(model, opt, batches[0])
     assert opt.skipped_steps == 1
     for p, q in zip(model.parameters(), params):
         assert torch.equal(p, q)  # all of the group, not only the poisoned parameter
@@ -801,6 +804,31 @@ def test_nonfinite_skip_leaves_everything_unchanged_then_trains_normally(backend
     assert opt.state[model[0].weight]["step"].item() == 6
     reference = _model()
     _train(reference, _torch_adam(reference.parameters(), lr=0.02), batches)
+    torch.testing.assert_close(_flat(model), _flat(reference), **TIGHT)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=pytest.mark.compiled)])
+@pytest.mark.parametrize("spec", ["adafactor", "shampoo", "soap", "galore(adam)"])
+def test_nonfinite_skip_keeps_shaped_states_and_parameters(spec, backend):
+    """A shape-aware step writes the buffers piece by piece (per run of equal shapes): a
+    skipped step must keep every piece, and the run then equal one that never saw the bad
+    batch."""
+    batches = _batches(5)
+    model, reference = _model(), _model()
+    opt = gradspec.Optimizer(model.parameters(), spec, backend=backend, nonfinite="skip")
+    ref_opt = gradspec.Optimizer(reference.parameters(), spec, backend="eager")
+    _train(model, opt, batches[:2])
+    _train(reference, ref_opt, batches[:2])
+    params = _flat(model).clone()
+    states = copy.deepcopy(opt.state_dict()["state"])
+    _poisoned_step(model, opt, batches[0])
+    assert opt.skipped_steps == 1
+    assert torch.equal(_flat(model), params)
+    for index, saved in states.items():
+        for name, value in saved.items():
+            assert torch.equal(opt.state_dict()["state"][index][name], value), name
+    _train(model, opt, batches[2:])
+    _train(reference, ref_opt, batches[2:])
     torch.testing.assert_close(_flat(model), _flat(reference), **TIGHT)
 
 

@@ -223,6 +223,10 @@ def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> 
     for i in range(len(buckets)):
         for name in ("param",) + program.state_names:
             old = placeholders[f"b{i}_param" if name == "param" else state_input(i, name)]
+            pieces = None if functional else lowerer.next_pieces(name, i, old)
+            if pieces is not None:
+                writes.extend(_piece_writes(lowerer, old, pieces))
+                continue
             new = lowerer.next_flat(name, i, old)
             if new is None:
                 continue  # m' = m: nothing to write
@@ -250,6 +254,20 @@ def _lower_main(program, buckets, nonfinite, roots, names, functional=False) -> 
         graph.call_method("copy_", (target, value))
     graph.output(None)
     return fx.GraphModule(torch.nn.Module(), graph, class_name=_ident(program.spec.name) + "_step")
+
+
+def _piece_writes(lowerer, buffer, pieces) -> list:
+    """(target, value) for each written piece: the target a strided (count, a, b) view of the
+    buffer, so that the write keeps the piece's axes (ShapedLowerer.next_pieces)."""
+    writes = []
+    for piece in pieces:
+        count, a, b = piece.size
+        target = lowerer.call(torch.as_strided, buffer, piece.size, (a * b, b, 1), piece.offset)
+        value = piece.value
+        if lowerer.ok is not None:
+            value = lowerer.call(torch.where, lowerer.ok, value, piece.previous)
+        writes.append((target, value))
+    return writes
 
 
 @deep

@@ -108,6 +108,11 @@ class _Lowerer:
             return None
         return self.value(node, bucket, broadcast_to=Scope.ELEMENT)
 
+    def next_pieces(self, name: str, bucket: int, old):
+        """The step's write to the bucket's buffer in parts (compiler/shaped.py); None: one flat
+        write of :meth:`next_flat`, as over a flat bucket every loop is one axis anyway."""
+        return None
+
     def load(self, placeholder, bucket: int, state: bool = False):
         """A buffer in its compute dtype: half-precision buffers (parameters, or states kept in
         bfloat16) are computed in float32."""

@@ -279,6 +279,9 @@ class ShardedLowerer(ShapedLowerer):
         return total
 
     # ---- writing
+    def next_pieces(self, name: str, bucket: int, old):
+        return None  # this process's parts are cut unlike the segments' views: one flat write
+
     def next_flat(self, name: str, bucket: int, old):
         if name in getattr(self, "block_states", {}):  # kept whole by every process, computed on whole blocks
             return ShapedLowerer.next_flat(self, name, bucket, old)
