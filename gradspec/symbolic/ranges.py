@@ -169,21 +169,25 @@ class Analysis:
         self._facts = ()
         self._memo: dict = {}
         self._translators: dict = {}  # one per set of state signs: translating is the cost of _signed
-        self._fixpoint()
+        self._sign_verdicts: dict = {}
+        if not self._fixpoint():  # the last round's ranges and findings are not the final ones
+            self._memo, self.unsafe = {}, []
         self._collect = True
-        self._memo = {}
         for root in list(program.next.values()) + list(program.init.values()):
             self.range(root, self.facts)
 
-    def _fixpoint(self):
+    def _fixpoint(self) -> bool:
+        """The states' ranges; True if the last round ran with them, so that what it found
+        (ranges in the memo, unsafe operations) holds and need not be found again."""
         names = [n for n in self.program.init if self.program.init[n] is not None]
         current = {}
         for name in names:
             self._memo = {}
             current[name] = self.range(self.program.init[name], self.facts)
+        self._collect = True
         for round_ in range(6):
             self.state_ranges = dict(current)
-            self._memo = {}
+            self._memo, self.unsafe = {}, []
             changed = False
             for name in names:
                 nxt = self.program.next.get(name)
@@ -195,10 +199,10 @@ class Analysis:
                 changed |= widened != current[name]
                 current[name] = widened
             if not changed:
-                break
-        else:
-            current = {name: ANY for name in names}
-        self.state_ranges = current
+                self.state_ranges = current
+                return True
+        self.state_ranges = {name: ANY for name in names}
+        return False
 
     def range(self, node: Node, facts: tuple = ()) -> Range | None:
         """The range of a real node (None for a condition); ``facts`` narrow nodes inside a
@@ -219,9 +223,20 @@ class Analysis:
         ``difference`` = (x, y, kind), x - y of that kind, is made a fresh symbol."""
         if difference is None or r.nonnegative or node.type != "real":
             return r
-        from .translate import Translator, change_of_variables  # translate needs no ranges
         signs = {n: "positive" if sr.positive else "nonnegative" for n, sr in self.state_ranges.items()
                  if sr.nonnegative}
+        x, y, kind, cases = difference
+        key = (id(node), id(x), id(y), kind, tuple((id(n), v) for n, v in cases), tuple(signs.items()))
+        if key not in self._sign_verdicts:  # each fixpoint round asks again
+            self._sign_verdicts[key] = self._sign_verdict(node, difference, signs)
+        verdict = self._sign_verdicts[key]
+        if verdict is None:
+            return r
+        return intersect(r, Range(0, INF, verdict == "nonnegative", False))
+
+    def _sign_verdict(self, node: Node, difference, signs: dict) -> str | None:
+        """"positive" or "nonnegative" where SymPy proves ``node`` so (see :meth:`_signed`)."""
+        from .translate import Translator, change_of_variables  # translate needs no ranges
         translate = self._translators.get(tuple(signs.items()))
         if translate is None:
             translate = self._translators[tuple(signs.items())] = Translator(self.program, None, signs)
@@ -232,16 +247,14 @@ class Analysis:
             expr = expr.replace(lambda e: e == target, lambda e: sympy.Integer(value))
         change = change_of_variables(translate(x) - translate(y), kind, sure=True)
         if not change:
-            return r
+            return None
         try:
             expr = sympy.expand(expr.xreplace(change))
         except (TypeError, ValueError, ArithmeticError):
-            return r
+            return None
         if expr.is_positive:
-            return intersect(r, Range(0, INF, False, False))
-        if expr.is_nonnegative:
-            return intersect(r, Range(0, INF, True, False))
-        return r
+            return "positive"
+        return "nonnegative" if expr.is_nonnegative else None
 
     def _sign_cases(self, node: Node, facts) -> Range | None:
         """A sum with a term ``... * sign(d) * ...`` (Yogi's v - (1 - beta2) sign(v - g^2) g^2)
