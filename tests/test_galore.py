@@ -86,6 +86,28 @@ def test_a_shape_condition_reads_an_int_hyperparameter():
     assert torch.equal(tensors[0].detach(), torch.full((9,), 0.9, dtype=F64))
 
 
+MIXED = """optimizer mixed
+hyper lr = 0.1 >= 0
+if matrix and lr > 0.05 {
+    d = 2 * grad
+} else {
+    d = grad
+}
+param' = param - lr * d
+"""
+
+
+@pytest.mark.parametrize("lr, matrix_factor", [(0.1, 2), (0.01, 1)])
+def test_a_condition_may_read_the_shape_class_and_a_real_hyperparameter(lr, matrix_factor):
+    """``if matrix and lr > 0.05`` was refused with 'matrix ... read it in an if condition'
+    (the fact the branch learns about lr was built as if the class were a tensor value)."""
+    gradspec.check(gradspec.parse(MIXED))
+    matrix, vector = torch.ones(3, 2, dtype=F64, requires_grad=True), torch.ones(4, dtype=F64, requires_grad=True)
+    _step([matrix, vector], gradspec.parse(MIXED), lr=lr)
+    assert torch.equal(matrix.detach(), torch.full((3, 2), 1 - lr * matrix_factor, dtype=F64))
+    assert torch.equal(vector.detach(), torch.full((4,), 1 - lr, dtype=F64))
+
+
 def test_specs_without_shape_conditions_keep_one_class_per_kind():
     program = build(gradspec.load("adafactor"))
     assert set(program.by_class) == {("matrix",), ("vector",)}

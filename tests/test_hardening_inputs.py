@@ -242,6 +242,21 @@ def test_a_missing_file_is_a_spec_error_with_a_hint(tmp_path, monkeypatch):
     assert "Traceback" not in done.stderr
 
 
+def test_source_text_given_where_a_name_goes_is_read_as_source():
+    """``Optimizer(params, text)`` and ``check(text)``, as users try them first: a string with
+    a line break is no name, path or expression, and used to fail as an expression with
+    "unexpected 'hyper'" on its second line."""
+    import torch
+    assert gradspec.load(H + U) == gradspec.parse(H + U)
+    assert gradspec.check(H + U).name == "t"
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    gradspec.Optimizer([p], H + U, backend="eager").step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.9, dtype=torch.float64))
+    error = _error(H + "param' = param - lr *\n")
+    assert (error.code, error.line) == ("GS002", 3) and "<string>" in str(error)
+
+
 def test_import_paths_are_relative_and_may_climb(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "base.opt").write_text(H + U)

@@ -1188,9 +1188,13 @@ class _ProgramBuilder:
         if record:
             taken = self.forced.get(len(self.switches), taken)
             self.switches.append(taken)
-            numeric = {n.name for n in ast.names_in(expr)
-                       if n.name in self.spec.hypers and self.spec.hypers[n.name].kind != "bool"}
-            if numeric:  # the same condition over hyperparameter nodes: a fact inside the branch
+            names = {n.name for n in ast.names_in(expr)}
+            numeric = {n for n in names if n in self.spec.hypers and self.spec.hypers[n].kind != "bool"}
+            # the same condition over hyperparameter nodes: a fact inside the branch. One that
+            # also reads the shape class (if matrix and lr > 0.1) has no such form, the class
+            # being known only here: its branch goes without the fact, which is the safe side
+            shaped = names & set(SHAPE_CLASSES + SIZES) - set(self.locals) - set(self.states) - set(self.spec.hypers)
+            if numeric and not shaped:
                 self.assumed.append((len(self.switches) - 1, self._expr(src, expr), taken))
         return taken
 

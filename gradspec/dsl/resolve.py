@@ -88,10 +88,14 @@ class SpecRef:
 
 @deep
 def load(name_or_path: str) -> Spec:
-    """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``) or a
+    """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``), a
     path to a ``.opt`` file (anything else that ends in ``.opt``, holds a path separator or
-    names an existing file; only regular .opt files are read, see gradspec.dsl.files).
-    Every problem, a missing file included, is a SpecError."""
+    names an existing file; only regular .opt files are read, see gradspec.dsl.files), or a
+    spec's source text: a string with a line break, which no name, path or expression has,
+    read as ``gradspec.parse`` reads it. Every problem, a missing file included, is a
+    SpecError."""
+    if "\n" in name_or_path:  # Optimizer(params, text) and check(text) as users try them
+        return parse_spec(name_or_path)
     text = stdlib.source(name_or_path) if name_or_path.isidentifier() else None
     if text is None and (name_or_path.endswith(SUFFIX) or os.path.sep in name_or_path
                          or os.path.lexists(name_or_path)):
