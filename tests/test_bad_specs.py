@@ -56,6 +56,7 @@ CASES = [
     ("circular", H + "state m = 0\nm' = m' + grad\n" + U, "GS048", 4, 1),
     ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
+    ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),
     ("adaptor_applied_twice", "optimizer x = lookahead(lookahead(adam))\n", "GS033", 1, 15),
     # types and scopes
     ("bool_arithmetic", H + "x = (grad > 0) + 1\nparam' = param - lr * x\n", "GS050", 3, 6),

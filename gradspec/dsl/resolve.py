@@ -316,6 +316,11 @@ def _body_spec(tree: ast.SpecAST) -> Spec:
             items.append((tree.source, item))
     _check_blocks(tree.items, hypers, errors)
     for item in tree.walk():
+        if isinstance(item, ast.Override) and tree.kind != "adaptor":
+            errors.error("GS057", f"'{item.qualifier}.{item.name} = ...' sets a value of a base optimizer, and "
+                                  f"only an adaptor has one", item.span,
+                         f"drop '{item.qualifier}.' for a definition of this optimizer, or write an adaptor: "
+                         f"adaptor {tree.name}(base)")
         if isinstance(item, ast.Blocks):
             pass  # checked above: a blocks body may declare states, unlike a probe's or a loop's
         elif isinstance(item, ast.If):
