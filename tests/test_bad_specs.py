@@ -57,6 +57,9 @@ CASES = [
     ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),
+    ("shape_condition_without_value", H + "hyper k: int = 3 >= 1\nif cols <= k / 0 {\n  d = grad\n} else {\n"
+     "  d = 2 * grad\n}\nparam' = param - lr * d\n", "GS047", 4, 4),
+    ("number_too_long", H + "param' = param - lr * " + "1" * 5000 + " * grad\n", "GS001", 3, 23),
     ("adaptor_applied_twice", "optimizer x = lookahead(lookahead(adam))\n", "GS033", 1, 15),
     # types and scopes
     ("bool_arithmetic", H + "x = (grad > 0) + 1\nparam' = param - lr * x\n", "GS050", 3, 6),

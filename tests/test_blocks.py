@@ -281,3 +281,22 @@ def test_groups_with_different_block_sizes_each_get_their_own_tiling():
     assert mixed_shapes == [small_shapes[0], whole_shapes[1]] and small_shapes[0] != whole_shapes[1]
     # the same numbers up to rounding (one tensor is multiplied alone, two are batched)
     assert _max_relative(mixed, small[:1] + whole[1:]) < 1e-12
+
+
+def test_a_tensor_with_no_elements_has_no_blocks_and_changes_nothing_else():
+    """A (0, 3) parameter among others: torch.cat of its (no) blocks used to fail the step."""
+    def run(with_empty):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(5, 4, generator=gen, dtype=torch.float64).requires_grad_(),
+                  torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_()]
+        empty = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+        opt = gradspec.Optimizer(params + [empty] * with_empty, "shampoo", backend="eager", max_preconditioner_dim=2)
+        for _ in range(3):
+            for p in params + [empty]:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        if with_empty:
+            assert opt.state[empty]["L"].numel() == 0
+        return [p.detach() for p in params]
+    for ours, alone in zip(run(True), run(False)):
+        assert torch.equal(ours, alone)

@@ -108,6 +108,38 @@ def test_a_condition_may_read_the_shape_class_and_a_real_hyperparameter(lr, matr
     assert torch.equal(vector.detach(), torch.full((4,), 1 - lr, dtype=F64))
 
 
+def test_changing_a_shape_conditions_bound_after_a_step_re_decides_the_class():
+    """A structural int read by a shape condition keys the plan, as a switch does: the step
+    after ``widest`` changes takes the other branch (it used to keep the first plan's)."""
+    vector = torch.ones(9, dtype=F64, requires_grad=True)
+    opt = gradspec.Optimizer([vector], gradspec.parse(BRANCHING), backend="eager")
+    vector.grad = torch.ones_like(vector)
+    opt.step()  # 9 > widest = 8: the long-vector branch, 5 * grad
+    assert torch.equal(vector.detach(), torch.full((9,), 0.5, dtype=F64))
+    opt.param_groups[0]["widest"] = 10
+    opt.step()  # now cols <= widest: grad
+    assert torch.equal(vector.detach(), torch.full((9,), 0.4, dtype=F64))
+
+
+@pytest.mark.parametrize("spec, name, value, back", [("galore(adam)", "rank", 1, 3),
+                                                      ("shampoo", "max_preconditioner_dim", 2, 1024)])
+def test_an_int_that_sizes_states_changed_after_a_step_is_refused_and_changes_nothing(spec, name, value, back):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3, dtype=F64))
+    opt = gradspec.Optimizer([w], spec, backend="eager", **{name: back})
+    w.grad = torch.randn_like(w)
+    opt.step()
+    before, kept = {k: v.clone() for k, v in opt.state[w].items()}, w.detach().clone()
+    opt.param_groups[0][name] = value
+    with pytest.raises(ValueError, match="sizes states"):
+        opt.step()
+    assert torch.equal(w.detach(), kept)
+    assert all(torch.equal(before[k], opt.state[w][k]) for k in before)
+    opt.param_groups[0][name] = back
+    opt.step()  # set back, it steps on from the same states
+    assert not torch.equal(w.detach(), kept)
+
+
 def test_specs_without_shape_conditions_keep_one_class_per_kind():
     program = build(gradspec.load("adafactor"))
     assert set(program.by_class) == {("matrix",), ("vector",)}

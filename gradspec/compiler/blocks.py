@@ -272,6 +272,8 @@ class BlockLowering:
                 if len(tile.pieces) > 1:
                     value = self.call(operator.getitem, value, slice(tile.starts[k], tile.starts[k + 1]))
                 columns.append(self.graph.call_method("reshape", (value, (seg.count, length))))
+            if not columns:  # tensors with no elements have no blocks, and no room in the buffer
+                continue
             joined = columns[0] if len(columns) == 1 else self.call(torch.cat, columns, 1)
             pieces.append(self.graph.call_method("reshape", (self.call(torch.Tensor.to, joined, dtype), (-1,))))
         if not pieces:

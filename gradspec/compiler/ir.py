@@ -1206,6 +1206,13 @@ class _ProgramBuilder:
                                        "block's, which differ from block to block", expr.span,
                               "decide on the tensor's shape outside 'blocks'", src)
             return True
+        try:
+            size_answer(node, 1, 1)
+        except TypeError:  # a part that has no value (k / 0, 10^400): no tensor can be asked
+            self.errors.error("GS047", "a shape condition must have a value for every shape: a part of this one "
+                                       "has none (a division by 0, a number too large)", expr.span,
+                              "compare rows and cols with whole numbers and int hyperparameters", src)
+            return True
         index = repr(node)  # one question however many 'if's ask it, the same in every build
         self.reads_class = True
         if index in self.asked:

@@ -436,7 +436,12 @@ class _ToAst(Transformer):
 
     # ---- expressions
     def number(self, meta, children):
-        return ast.Num(_number(children[0]), _span(meta))
+        try:
+            value = _number(children[0])
+        except ValueError:  # past Python's limit on the digits of an int read from text
+            raise SpecError(Diagnostic("GS001", f"a number of {len(str(children[0]))} digits is too long to read",
+                                       self.source, _span(meta), "write it with an exponent: 1e30")) from None
+        return ast.Num(value, _span(meta))
 
     def true(self, meta, children):
         return ast.Bool(True, _span(meta))

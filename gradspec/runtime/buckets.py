@@ -134,7 +134,14 @@ class Bucket:
                 self.missing.append(name)
             for p, view, has in zip(params, self.state_views(name, buffer), known):
                 if has:
-                    view.copy_(local(state[p][name]).reshape(view.shape))
+                    kept = local(state[p][name])
+                    if kept.numel() != view.numel():
+                        raise ValueError(
+                            f"state '{name}' of a {tuple(p.shape)} parameter holds {kept.numel()} values, but the "
+                            f"spec at the group's hyperparameters keeps {view.numel()}: an int hyperparameter "
+                            f"that sizes states (a rank, a blocks size) changed after the first step. Set it "
+                            f"back, or start a new optimizer (or load a checkpoint saved with the new value)")
+                    view.copy_(kept.reshape(view.shape))
             self.states[name] = buffer
 
     def state_views(self, name: str, flat: torch.Tensor) -> list:

@@ -138,6 +138,10 @@ class Optimizer(torch.optim.Optimizer):
         plans (with the flat buffers), programs, and counters."""
         self._has_betas = {"beta1", "beta2"} <= set(self.spec.hypers)
         self._static_names = static_hypers(self.spec)
+        # the structural ints (sizes, ranks, repeat counts, blocks sizes, shape conditions'
+        # bounds) shape the plan itself; a real one read by an 'if' (momentum > 0) changes
+        # it only through the branch it picks, which the program's switches record
+        self._sizing_names = tuple(n for n in self._static_names if self.spec.hypers[n].kind == "int")
         self._plans: dict = {}
         self._capture = GradientCapture()
         self._programs: dict = {}
@@ -569,7 +573,7 @@ class Optimizer(torch.optim.Optimizer):
         if not params or checked is None:
             return None
         program = self._program(group)
-        layout = (program.switches, tuple(map(id, params)))
+        layout = (program.switches, tuple(group[n] for n in self._sizing_names), tuple(map(id, params)))
         plan = self._plans.get(index)
         if plan is None or plan.layout != layout or any(b.params_moved() for b in plan.buckets):
             if not checked and not self._finite_or_skipped(index, group):
