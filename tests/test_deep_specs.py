@@ -65,3 +65,28 @@ def test_errors_keep_their_type_across_the_deep_thread():
     with pytest.raises(gradspec.SpecError) as error:
         gradspec.parse(HEAD + "param' = param - lr * grad $\n")
     assert error.value.code == "GS001"
+
+
+@pytest.mark.parametrize("link, by_hand", [
+    ("d{i} * d{i} / (1 + d{i} * d{i})", lambda d: d * d / (1 + d * d)),
+    ("d{i} / (1 + tensor.norm(d{i}))", lambda d: d / (1 + d.norm())),
+])
+def test_a_chain_that_doubles_as_a_tree_builds_and_computes_what_it_says(link, by_hand):
+    """Each link reads the one before twice: 40 links are 2^40 nodes as a tree. SymPy's
+    arithmetic and the rewrite's count walk trees; building the optimizer took 36 s at 18
+    links and never ended at 40. The rewrite now stops at its tree limit and keeps the spec
+    as written."""
+    from gradspec.compiler.ir import build
+    from gradspec.symbolic.simplify import WORK_BUDGET, _decide
+    from gradspec.symbolic.translate import TooLarge, Translator, outputs
+    links = 40
+    text = HEAD + "d0 = grad\n" + "".join(f"d{i + 1} = " + link.format(i=i) + "\n" for i in range(links)) + \
+        f"param' = param - lr * d{links}\n"
+    program = build(gradspec.parse(text))
+    with pytest.raises(TooLarge):
+        outputs(program, Translator(program, tree_limit=10 * WORK_BUDGET))
+    assert _decide(program) == {"kept": True}
+    expected = GRAD
+    for _ in range(links):
+        expected = by_hand(expected)
+    torch.testing.assert_close(_step(text, GRAD), -0.5 * expected, rtol=1e-12, atol=0)

@@ -127,6 +127,8 @@ class _Reduction(sympy.Function):
 
     @classmethod
     def eval(cls, *args):
+        if any(tree_size(arg, FACTOR_TERMS_LIMIT) > FACTOR_TERMS_LIMIT for arg in args):
+            return None  # too large to query as a tree (see FACTOR_TERMS_LIMIT): left opaque
         if any(arg.is_zero for arg in args) and cls.what in ("sum", "mean", "norm", "dot", "max", "min"):
             return sympy.Integer(0)
         factors, rests = [], []
@@ -164,6 +166,29 @@ class _Reduction(sympy.Function):
 
     def _sympystr(self, printer):
         return f"{self.scope}.{self.what}({', '.join(printer._print(a) for a in self.args)})"
+
+
+FACTOR_TERMS_LIMIT = 2000
+"""The largest argument, counted as a tree, that a reduction simplifies (a zero argument, a
+constant factor pulled out). ``factor_terms`` and SymPy's assumptions walk an argument as a
+tree, and a chain of definitions that each divide by a reduction of the one before
+(``d' = d / (1 + tensor.norm(d))``) doubles the tree at every link: 16 links took 30 s to
+translate, 18 never ended. A larger argument leaves its reduction opaque."""
+
+
+def tree_size(expr, limit: int, seen: dict | None = None) -> int:
+    """``expr``'s node count as a tree, counted over its distinct subexpressions once each
+    (each remembers its own count), stopping once past ``limit``."""
+    seen = {} if seen is None else seen
+    found = seen.get(id(expr))
+    if found is None:
+        found = 1
+        for arg in expr.args:
+            found += tree_size(arg, limit, seen)
+            if found > limit:
+                break
+        seen[id(expr)] = found
+    return found
 
 
 def _split_constant(expr):
@@ -366,11 +391,22 @@ def hyper_symbol(hyper: ast.Hyper) -> sympy.Symbol:
     return sympy.Symbol(hyper.name, **facts)
 
 
-class Translator:
-    """Translates the nodes of one program, each once."""
+class TooLarge(Exception):
+    """A translation stopped at its ``tree_limit``."""
 
-    def __init__(self, program: Program, hypers: dict | None = None, state_signs: dict | None = None):
+
+class Translator:
+    """Translates the nodes of one program, each once. With ``tree_limit``, an operation whose
+    operands hold more nodes than that, counted as trees, raises :class:`TooLarge` before
+    SymPy builds it: SymPy's arithmetic asks its operands' signs by walking them as trees, and
+    a chain of definitions that each use the one before twice (``d' = d * d / (1 + d * d)``)
+    doubles the tree at every link (18 links: 36 s)."""
+
+    def __init__(self, program: Program, hypers: dict | None = None, state_signs: dict | None = None,
+                 tree_limit: int | None = None):
         self.program = program
+        self.tree_limit = tree_limit
+        self._tree_sizes: dict = {}
         self.state_signs = state_signs or {}
         spec_hypers = program.spec.hypers
         self.symbols = {name: hyper_symbol(h) for name, h in spec_hypers.items()}
@@ -413,6 +449,9 @@ class Translator:
             except (OverflowError, ValueError):
                 return sympy.nan if base < 0 else sympy.oo  # SymPy would try to compute it exactly
         args = [self(a) for a in node.args]
+        if self.tree_limit is not None and \
+                sum(tree_size(a, self.tree_limit, self._tree_sizes) for a in args) > self.tree_limit:
+            raise TooLarge(node)
         if op == "probe":
             return self._probe(attr.func, args)
         if op == "onto":
