@@ -59,6 +59,7 @@ CASES = [
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),
     ("shape_condition_without_value", H + "hyper k: int = 3 >= 1\nif cols <= k / 0 {\n  d = grad\n} else {\n"
      "  d = 2 * grad\n}\nparam' = param - lr * d\n", "GS047", 4, 4),
+    ("require_on_the_shape_class", H + "require matrix\n" + U, "GS047", 3, 9),
     ("number_too_long", H + "param' = param - lr * " + "1" * 5000 + " * grad\n", "GS001", 3, 23),
     ("adaptor_applied_twice", "optimizer x = lookahead(lookahead(adam))\n", "GS033", 1, 15),
     # types and scopes

@@ -58,17 +58,23 @@ def test_the_spec_lists_cover_the_stdlib():
 
 
 def test_the_fsdp_example_runs_under_torchrun():
+    """One retry, only for a rank killed by SIGABRT ("terminate called without an active
+    exception" from torch's C++ side): seen once in about twenty runs of this test on a loaded
+    2-core machine, never reproduced alone. Any other failure, or a second abort, fails."""
     import pathlib
     import subprocess
     import sys
     root = pathlib.Path(__file__).resolve().parents[1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), str(root / "examples" / "fsdp_train.py"),
-                             "--spec", "deo(adam)", "--steps", "20"],
-                            capture_output=True, text=True, timeout=600, cwd=root)
+    for attempt in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), str(root / "examples" / "fsdp_train.py"),
+                                 "--spec", "deo(adam)", "--steps", "20"],
+                                capture_output=True, text=True, timeout=600, cwd=root)
+        if result.returncode == 0 or "SIGABRT" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming in a fresh model and optimizer" in result.stdout
     assert "step   20" in result.stdout and "deo(adam) under fsdp on 2 processes" in result.stdout

@@ -1165,6 +1165,11 @@ class _ProgramBuilder:
             table[name] = (src, item)
 
     def _condition(self, src, expr, record=True) -> bool:
+        if not record and {n.name for n in ast.names_in(expr) if n.qualifier is None} & set(SHAPE_CLASSES) \
+                - set(self.locals) - set(self.states) - set(self.spec.hypers):
+            self.errors.error("GS047", "a 'require' condition may use only hyperparameters, not the tensor's shape "
+                                       "class", expr.span, "choose statements per class with 'if matrix' instead", src)
+            return False
         node = self._expr(src, expr, static=True)
         if node is None:
             return False
