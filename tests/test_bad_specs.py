@@ -177,3 +177,11 @@ def test_bad_spec_is_a_located_error(name, text, code, line, column, tmp_path, m
     assert f"error[{code}]" in rendered
     if line is not None:
         assert f"{line:>4} | " in rendered and "^" in rendered
+
+
+def test_a_size_that_is_an_expression_is_quoted_as_written():
+    """svd_right(grad, -1) used to print the parser's tree (UnOp(op='-', operand=Num(...)))."""
+    text = H + "if matrix {\n  V = svd_right(grad, -1)\n  param' = param - lr * grad @ V @ transpose(V)\n} else {\n" + U + "}\n"
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.check(gradspec.parse(text))
+    assert error.value.code == "GS068" and error.value.message.endswith("not '-1'")

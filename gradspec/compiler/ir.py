@@ -21,7 +21,7 @@ import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..dsl import ast
+from ..dsl import ast, printer
 from ..dsl.errors import Collector, SpecError, did_you_mean
 from ..dsl.resolve import INPUTS, Spec
 from ..recursion import deep
@@ -1359,7 +1359,7 @@ class _ProgramBuilder:
         if sized is not None:
             arg = expr.args[sized]
             word = arg.name if isinstance(arg, ast.Name) and not arg.primed and arg.qualifier is None else \
-                int(arg.value) if isinstance(arg, ast.Num) and float(arg.value).is_integer() else repr(arg)
+                int(arg.value) if isinstance(arg, ast.Num) and float(arg.value).is_integer() else printer.expr(arg)
             size = self._size(src, word, arg.span)
         args = [recurse(a) for i, a in enumerate(expr.args) if i != sized]
         if any(a is None for a in args):
