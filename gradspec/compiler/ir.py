@@ -1164,9 +1164,14 @@ class _ProgramBuilder:
         else:
             table[name] = (src, item)
 
+    def _shape_words(self, expr, words) -> set:
+        """The ``words`` (shape classes, sizes) that ``expr`` reads as such, not as a name of the
+        spec's own."""
+        names = {n.name for n in ast.names_in(expr) if n.qualifier is None}
+        return names & set(words) - set(self.locals) - set(self.states) - set(self.spec.hypers)
+
     def _condition(self, src, expr, record=True) -> bool:
-        if not record and {n.name for n in ast.names_in(expr) if n.qualifier is None} & set(SHAPE_CLASSES) \
-                - set(self.locals) - set(self.states) - set(self.spec.hypers):
+        if not record and self._shape_words(expr, SHAPE_CLASSES):
             self.errors.error("GS047", "a 'require' condition may use only hyperparameters, not the tensor's shape "
                                        "class", expr.span, "choose statements per class with 'if matrix' instead", src)
             return False
@@ -1193,13 +1198,12 @@ class _ProgramBuilder:
         if record:
             taken = self.forced.get(len(self.switches), taken)
             self.switches.append(taken)
-            names = {n.name for n in ast.names_in(expr)}
-            numeric = {n for n in names if n in self.spec.hypers and self.spec.hypers[n].kind != "bool"}
+            numeric = {n.name for n in ast.names_in(expr)
+                       if n.name in self.spec.hypers and self.spec.hypers[n.name].kind != "bool"}
             # the same condition over hyperparameter nodes: a fact inside the branch. One that
             # also reads the shape class (if matrix and lr > 0.1) has no such form, the class
             # being known only here: its branch goes without the fact, which is the safe side
-            shaped = names & set(SHAPE_CLASSES + SIZES) - set(self.locals) - set(self.states) - set(self.spec.hypers)
-            if numeric and not shaped:
+            if numeric and not self._shape_words(expr, SHAPE_CLASSES + SIZES):
                 self.assumed.append((len(self.switches) - 1, self._expr(src, expr), taken))
         return taken
 
@@ -1212,7 +1216,7 @@ class _ProgramBuilder:
                               "decide on the tensor's shape outside 'blocks'", src)
             return True
         try:
-            size_answer(node, 1, 1)
+            sampled = size_answer(node, 1, 1)
         except TypeError:  # a part that has no value (k / 0, 10^400): no tensor can be asked
             self.errors.error("GS047", "a shape condition must have a value for every shape: a part of this one "
                                        "has none (a division by 0, a number too large)", expr.span,
@@ -1223,7 +1227,7 @@ class _ProgramBuilder:
         if index in self.asked:
             return self.asked[index][1]
         free = index not in self.answers
-        taken = size_answer(node, 1, 1) if free else self.answers[index]
+        taken = sampled if free else self.answers[index]
         self.asked[index] = (node, taken, free)
         return taken
 

@@ -172,7 +172,6 @@ class Analysis:
         self._sign_verdicts: dict = {}
         if not self._fixpoint():  # the last round's ranges and findings are not the final ones
             self._memo, self.unsafe = {}, []
-        self._collect = True
         for root in list(program.next.values()) + list(program.init.values()):
             self.range(root, self.facts)
 

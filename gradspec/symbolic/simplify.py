@@ -27,7 +27,7 @@ from sympy.logic.boolalg import BooleanAtom
 
 from ..cache import trusted_file, write_private
 from ..compiler.ir import Builder, MatrixCall, Node, Op, ProbeCall, Program, Reduction, Scope
-from .translate import STEP, ElementSymbol, TooLarge, Translator, _Reduction, outputs, tree_size
+from .translate import STEP, ElementSymbol, TooLarge, Translator, _Reduction, outputs
 
 WORK_BUDGET = 1_000
 """The most SymPy operations (``count_ops`` of the next values) the rewrite takes on. Past it
@@ -63,15 +63,12 @@ def _decide(program: Program) -> dict:
     if any(n.op == "reduce" and n.attr.scope == "groups" for n in program.nodes()):
         return {"kept": True}  # a rebuilt groups.f would lose the site that sums it across groups
     try:
+        # the translation stops (TooLarge) before a tree count_ops could not walk in time
         translate = Translator(program, tree_limit=10 * WORK_BUDGET)
         exprs = outputs(program, translate)
         # first the cheap refusal: count_ops walks the expressions as trees, which a matrix
         # iteration makes exponentially large (muon_adamw: 670,000 operations, 200 nodes)
         if not _has_ir_form(exprs.values(), _leaf_symbols(program, translate)):
-            return {"kept": True}
-        # count_ops walks trees too: a tree past ten times the budget is refused uncounted
-        seen: dict = {}
-        if any(tree_size(e, 10 * WORK_BUDGET, seen) > 10 * WORK_BUDGET for e in exprs.values()):
             return {"kept": True}
         if sum(sympy.count_ops(e) for e in exprs.values()) > WORK_BUDGET:
             return {"kept": True}
