@@ -97,6 +97,11 @@ CASES = [
     # probes
     ("grad_at_outside_probe", H + "param' = param - lr * grad_at(param)\n", "GS063", 3, 23),
     ("randn_in_the_step", H + "param' = param - lr * randn()\n", "GS063", 3, 23),
+    # every k { } evaluates nothing (its steps need no closure); randn() is allowed there
+    ("model_probe_in_every", H + "state s = 0\nevery 2 {\n  s' = grad_at(param + 0.01 * grad)\n}\n"
+     "param' = param - lr * (grad + s')\n", "GS063", 5, 8),
+    ("model_probe_in_a_shaped_step", H + "state h = 0\nprobe every 2 {\n  h' = hvp(grad)\n}\n"
+     "param' = param - lr * grad / (1 + row.mean(abs(h')))\n", "GS069", 5, 8),
     ("product_sizes_differ", H + "param' = param - lr * transpose(grad) @ transpose(grad)\n", "GS067", 3, 18),
     ("state_shape_mismatch", H + "state L: (rows, rows) = 0\nL' = L + grad\n" + U, "GS067", 4, 6),
     ("bad_state_size", H + "state L: (rows, q) = 0\nL' = L\n" + U, "GS068", 3, 1),

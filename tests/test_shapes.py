@@ -464,3 +464,49 @@ def test_a_congruence_keeps_a_statistic_definite_only_in_an_orthogonal_basis():
     assert info.value.code == "GS073"
     gradspec.check(_spec(start + "B = L' - eye(rows)\nparam' = param - lr * inv_root(transpose(B) @ (L' @ B), 2, eps) @ grad\n",
                          hypers))
+
+
+def _draws(opt, params) -> list:
+    """What randn() draws next from the optimizer's generator: a standard Gaussian per element,
+    tensor after tensor in the order of their buckets (the parameters' order here: the shapes are
+    listed by size, as a bucket lays out shape-aware specs)."""
+    generator = torch.Generator().set_state(opt.generator.get_state())
+    return [torch.randn(p.numel(), generator=generator, dtype=torch.float64).reshape(p.shape) for p in params]
+
+
+def _step_taken(opt, params, lr: float) -> list:
+    """One step on gradients of ones; each parameter's move, divided by -lr."""
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return [(b - p.detach()) / lr for p, b in zip(params, before)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use", ["d = s'", "if matrix {\n  d = s' + 0 * row.mean(grad)\n} else {\n  d = s'\n}"],
+                         ids=["elementwise", "shape-aware"])
+def test_randn_in_an_every_block_draws_afresh_at_steps_1_k_plus_1(use, backend):
+    spec = _spec(f"state s = 0\nevery k {{\n  s' = randn()\n}}\n{use}\nparam' = param - lr * d\n",
+                 "hyper lr = 0.5 >= 0\nhyper k: int = 3 >= 1\n")
+    params = _params([(5,), (4, 3), (2, 3, 3)])
+    opt = gradspec.Optimizer(params, spec, backend=backend)
+    for t in range(1, 8):
+        if (t - 1) % 3 == 0:
+            drawn = _draws(opt, params)
+        for taken, d in zip(_step_taken(opt, params, 0.5), drawn):
+            torch.testing.assert_close(taken, d, rtol=1e-12, atol=1e-12)
+    assert opt.evaluations.closure_calls == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_drawn_initial_state_reads_as_drawn_by_row_reductions_and_shape_branches(backend):
+    spec = _spec("state n = randn()\nn' = n\nif matrix {\n  d = n - row.mean(n)\n} else {\n  d = n\n}\n"
+                 "param' = param - lr * d\n", "hyper lr = 0.5 >= 0\n")
+    params = _params([(5,), (4, 3), (2, 3, 3)])
+    opt = gradspec.Optimizer(params, spec, backend=backend)
+    drawn = _draws(opt, params)
+    for p, taken, n in zip(params, _step_taken(opt, params, 0.5), drawn):
+        expected = n if n.dim() == 1 else n - n.reshape(n.shape[0], -1).mean(dim=1).reshape(-1, *[1] * (n.dim() - 1))
+        torch.testing.assert_close(taken, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["n"], n, rtol=0, atol=0)

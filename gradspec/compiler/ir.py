@@ -588,6 +588,7 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
     primary = first.run()
     if not first.reads_class:
         primary.shape_class = None
+        _refuse_shaped_model_probes(spec, primary)
         return primary
     # Every path through the shape conditions, depth first: a condition not fixed yet takes the
     # answer of a 1 x 1 matrix (the tensor laws are sampled on), then its other answer is explored.
@@ -612,7 +613,27 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
         program.shape_class = key
         program.size_tests = tuple((node, taken) for node, taken, _ in answers.values())
         programs[key] = program
-    return _by_class(spec, programs)
+    return _refuse_shaped_model_probes(spec, _by_class(spec, programs))
+
+
+def _refuse_shaped_model_probes(spec, program: Program) -> Program:
+    """``program``, or GS069 where it evaluates the model (a probe other than ``randn()``) and
+    also needs each tensor's matrix shape: a model probe's points and results are lowered as flat
+    runs of elements only."""
+    if not program.shaped:
+        return program
+    model = [(p, n) for p in program.classes for n in p.probes if n.attr.func != "randn"]
+    if model:
+        owner, node = model[0]
+        src, span = ((owner.origins or {}).get(id(node)) or [(None, None)])[0]
+        errors = Collector(spec.source)
+        errors.error("GS069", f"{node.attr.func}(...) evaluates the model, which a shape-aware step (shape "
+                              "conditions, row./col. reductions, matrix algebra, states shaped unlike the "
+                              "parameter) cannot do", span,
+                     "keep curvature probes in elementwise specs, or split the parameters into two groups "
+                     "with two optimizers", src)
+        errors.raise_if_any()
+    return program
 
 
 def _by_class(spec, programs: dict) -> Program:
@@ -642,9 +663,6 @@ def _by_class(spec, programs: dict) -> Program:
                                   f"and {_class_words(other)}", span,
                          "reduce over the group outside 'if matrix { }' and shape conditions, from values every "
                          "class shares", src)
-    if any(p.probes for p in classes):
-        errors.error("GS069", "a spec with model probes cannot also branch on the shape class", None,
-                     "move the probe's work out of the branches, or split the parameters into two groups")
     _dedupe(errors)
     errors.raise_if_any()
     ordered = classes[::-1]  # the first class's values win
@@ -735,7 +753,9 @@ class _ProgramBuilder:
         self.kept: dict = {}  # state -> (source, Define): its next value is in a probe not run now
         self.probe_locals: set = set()  # definitions inside probes not run now
         self.probe_items: set = set()  # ids of the definitions inside probes run now
+        self.periodic_items: set = set()  # those of them inside ``every k { }``, which evaluates nothing
         self._in_probe = False
+        self._in_periodic = False
         self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
         self.b = builder or Builder()
         self.errors = Collector(spec.source)
@@ -1068,7 +1088,10 @@ class _ProgramBuilder:
         if index in self.probing:
             before = len(self.active)
             self._collect([(src, i) for i in probe.items])
-            self.probe_items |= {id(item) for _, item in self.active[before:]}
+            collected = {id(item) for _, item in self.active[before:]}
+            self.probe_items |= collected
+            if not probe.model:
+                self.periodic_items |= collected
             return
         for _, item in _defines(src, probe.items, self):
             if item.primed:
@@ -1268,12 +1291,13 @@ class _ProgramBuilder:
             return None
         self._building.append(key)
         outer, self._in_probe = self._in_probe, id(define) in self.probe_items
+        outer_periodic, self._in_periodic = self._in_periodic, id(define) in self.periodic_items
         loops, self._loop_stack = self._loop_stack, []  # a definition outside a loop sees no loop variable
         block, self._block = self._block, self.item_block.get(id(define))  # built where it is written
         node = self._expr(src, define.expr, in_init=in_init)
         self._block = block
         self._loop_stack = loops
-        self._in_probe = outer
+        self._in_probe, self._in_periodic = outer, outer_periodic
         self._building.pop()
         self._memo[memo_key] = node
         return node
@@ -1418,6 +1442,11 @@ class _ProgramBuilder:
             self.errors.error("GS063", f"{func}(...) evaluates the model, so it may appear only {where}"
                               if func != "randn" else f"randn() may appear only {where}", expr.span,
                               "put the definition that uses it inside the probe block", src)
+            return None
+        if self._in_periodic and func != "randn":
+            self.errors.error("GS063", f"{func}(...) evaluates the model, which an 'every k {{ }}' block does not do",
+                              expr.span, "write 'probe every k { }' for periodic work that evaluates the model "
+                              "(its steps then need step(closure))", src)
             return None
         if func == "hessian_eigvecs":
             return self._eigvecs(src, expr)

@@ -102,6 +102,12 @@ class ClosureDriver:
         self._logits = None
         self._sampled = None
 
+    @classmethod
+    def draws_only(cls, generator: torch.Generator, counts: Evaluations, who: str) -> "ClosureDriver":
+        """A driver for the one probe that evaluates nothing, ``randn()`` in ``every k { }``:
+        it draws from ``generator`` and has no closure to call."""
+        return cls(None, [], generator, counts, needs_graph=False, needs_logits=False, who=who)
+
     # ---- the step's own gradient
     def step_gradient(self):
         """Call the closure at the current parameters and leave the gradient in ``p.grad``
