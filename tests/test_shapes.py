@@ -510,3 +510,18 @@ def test_a_drawn_initial_state_reads_as_drawn_by_row_reductions_and_shape_branch
         expected = n if n.dim() == 1 else n - n.reshape(n.shape[0], -1).mean(dim=1).reshape(-1, *[1] * (n.dim() - 1))
         torch.testing.assert_close(taken, expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(opt.state[p]["n"], n, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_over_tensors_without_elements_leave_the_others_as_if_they_were_absent(backend):
+    """A max or min over no element is its identity (-inf, inf), as a sum over none is 0, so a
+    tensor with no elements changes nothing, and the step does not fail on it."""
+    terms = [f"{scope}.{func}({arg})" for scope in ("global", "tensor", "row", "col")
+             for func, arg in (("max", "abs(grad)"), ("min", "-abs(grad)"), ("sum", "grad"), ("mean", "grad"))]
+    spec = _spec(f"d = 1 + abs({' + '.join(terms)})\nparam' = param - lr * grad / d\n")
+    shapes = [(2, 3), (4,), (3, 3)]
+    full, _, _ = _train(lambda ps: gradspec.Optimizer(ps, spec, backend=backend), shapes=shapes, steps=5)
+    with_empty, _, params = _train(lambda ps: gradspec.Optimizer(ps, spec, backend=backend),
+                                   shapes=[(0, 3)] + shapes + [(3, 0), (0,)], steps=5)
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(with_empty, full, rtol=0, atol=0)

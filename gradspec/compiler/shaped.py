@@ -339,6 +339,11 @@ class ShapedLowerer(BlockLowering, _Lowerer):
         dtype = compute_dtype(self.buckets[bucket].dtype)
         extreme = {"max": torch.amax, "min": torch.amin}.get(func)
         if extreme:
+            count, a, b = seg.batch(_arg_dims(node))
+            if {"row": b, "col": a}.get(scope, a * b) == 0:  # over no element: the identity
+                return self.call(torch.full, (count, a if scope == "row" else 1, b if scope == "col" else 1),
+                                 float("-inf" if func == "max" else "inf"), dtype=dtype,
+                                 device=self.graph_device(self.ph[f"b{bucket}_param"]))
             return self.call(extreme, x, axes, keepdim=True)
         total = self.call(accumulated_keepdim, x, axes, dtype)
         if func == "norm":
@@ -352,8 +357,7 @@ class ShapedLowerer(BlockLowering, _Lowerer):
         return self._global_partial(node)
 
     def groups_count(self, node: Node) -> float:
-        return float(sum(seg.count * seg.batch(_arg_dims(node))[1] * seg.batch(_arg_dims(node))[2]
-                         for segs in self.segments for seg in segs))
+        return float(sum(_elements(seg, node) for segs in self.segments for seg in segs))
 
     def _global_partial(self, node: Node):
         """The group's sum (of squares, products), max or min of a reduction's argument."""
@@ -362,10 +366,15 @@ class ShapedLowerer(BlockLowering, _Lowerer):
         total = None
         for i in range(len(self.buckets)):
             for seg in self.segments[i]:
+                if _elements(seg, node) == 0:
+                    continue  # no element: nothing to add, no extreme to take
                 x = self._full(self._reduced(func, node, i, seg), seg, _arg_dims(node))
                 part = self.call({"max": torch.amax, "min": torch.amin}[func], x) if func in ("max", "min") else \
                     self.call(accumulated_sum, x, (), compute_dtype(self.buckets[i].dtype))
                 total = part if total is None else self.call(combine, total, part)
+        if total is None:  # a group of empty tensors
+            return self.call(torch.tensor, {"max": float("-inf"), "min": float("inf")}.get(func, 0.0),
+                             dtype=compute_dtype(self.buckets[0].dtype))
         return total
 
     def _global_reduce(self, node: Node):
@@ -451,6 +460,12 @@ class ShapedLowerer(BlockLowering, _Lowerer):
 def _arg_dims(node: Node) -> tuple:
     from .ir import broadcast_dims
     return broadcast_dims([dims_of(a) for a in node.args])
+
+
+def _elements(seg: Segment, node: Node) -> int:
+    """How many elements a reduction's argument has over the tensors of ``seg``."""
+    count, a, b = seg.batch(_arg_dims(node))
+    return count * a * b
 
 
 def _state_input(bucket: int, name: str) -> str:
