@@ -81,6 +81,8 @@ CASES = [
     ("groups_unknown_size", H + "param' = param - lr * grad / groups.rows\n", "GS055", 3, 30),
     # constraints and domains
     ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),
+    ("int_default_past_64_bits", H + "hyper k: int = 1e30 >= 1\nif matrix and cols <= k {\n  d = grad\n} else {\n"
+     "  d = 2 * grad\n}\nparam' = param - lr * d\n", "GS014", 3, 1),
     ("empty_interval", "optimizer t\nhyper lr = 0.1 >= 0\nhyper b = 0.5 in [1, 0]\n" + U, "GS070", 3, 1),
     ("empty_open_interval", "optimizer t\nhyper lr = 0.1 >= 0\nhyper b = 0 in (0, 0]\n" + U, "GS070", 3, 1),
     ("require_never_holds", H + "hyper b = 0.5 in [0, 1)\nrequire b > 2 \"b must exceed 2\"\n" + U, "GS071", 4, 1),

@@ -181,6 +181,15 @@ def test_an_integer_hyperparameter_is_an_int_and_a_boolean_switch_a_bool():
         gradspec.Optimizer(_model().parameters(), "deo(adam)", T=2.5)
     with pytest.raises(TypeError, match="nesterov must be True or False"):
         gradspec.Optimizer(_model().parameters(), "sgd", nesterov=1)
+    # an integer is a 64-bit integer in the step: a larger one is refused before anything changes
+    with pytest.raises(ValueError, match=r"T must be below 2\^63 in size, got 1.18059e\+21"):
+        gradspec.Optimizer(_model().parameters(), "deo(adam)", T=2 ** 70)
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), "deo(adam)", backend="eager", T=2 ** 63 - 1)
+    _step(model, opt, 0)
+    opt.param_groups[0]["T"] = 1e30
+    with pytest.raises(ValueError, match="T must be below 2"):
+        _step(model, opt, 1)
 
 
 def test_a_require_broken_after_construction_is_a_value_error_as_documented():

@@ -175,8 +175,11 @@ class Hyper:
                 value = float(value)
             except (TypeError, ValueError):
                 return f"{self.name} must be a number, got {type(value).__name__}"
-        if self.kind == "int" and float(value) != int(value):
-            return f"{self.name} must be an integer, got {value}"
+        if self.kind == "int":
+            if not (isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())):
+                return f"{self.name} must be an integer, got {value}"
+            if abs(int(value)) >= 2 ** 63:  # sizes, counts and step arithmetic are 64-bit integers
+                return f"{self.name} must be below 2^63 in size, got {value:.6g}"
         if math.isnan(value):
             return f"{self.name} must not be NaN"
         if self.constraint is not None and not self.constraint.holds(value):
