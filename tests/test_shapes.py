@@ -364,6 +364,25 @@ def test_qr_in_float32_is_a_float32_qr_cast_back(backend):
     assert (state["F"] - state["Q"]).abs().max() > 1e-9  # the float32 factor really is another one
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qr_of_a_wide_matrix_is_its_lq_factor_with_orthonormal_rows(backend):
+    spec = _spec("state Q: (rows, cols) = 0\nQ' = qr(grad)\nparam' = param\n")
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(4, 6), (6, 4), (5, 5)]]
+    params, opt = _steps(spec, [g.shape for g in grads], [grads], backend)
+    for p, m in zip(params, grads):
+        q = opt.state[p]["Q"]
+        assert q.shape == m.shape
+        if m.shape[0] < m.shape[1]:  # M = L Q, L lower triangular, Q with orthonormal rows
+            torch.testing.assert_close(q @ q.T, torch.eye(m.shape[0], dtype=torch.float64), rtol=0, atol=1e-13)
+            lower = m @ q.T
+        else:  # M = Q R, R upper triangular, Q with orthonormal columns
+            torch.testing.assert_close(q.T @ q, torch.eye(m.shape[1], dtype=torch.float64), rtol=0, atol=1e-13)
+            lower = (q.T @ m).T
+        assert lower.triu(1).abs().max() < 1e-13
+        torch.testing.assert_close(lower @ q if m.shape[0] < m.shape[1] else q @ lower.T, m, rtol=0, atol=1e-13)
+
+
 def test_a_law_holds_a_matrix_state_at_the_identity_and_finds_a_free_one():
     """``given S == eye(n)`` puts the identity in the place of a state; the parts of an ``and``
     are facts of their own shapes. A law over matrices is sampled on a one-element tensor, so a

@@ -97,7 +97,7 @@ LINEAR = {"transpose": 1, "eye": 1, "trace": 1, "eigvecs": 1, "eigvals": 1, "inv
 """Matrix algebra within a tensor: ``transpose(A)``; ``eye(n)`` (n is rows, cols or a whole
 number); ``trace(A)``; for a symmetric A, ``eigvecs(A)`` (columns, eigenvalues descending) and
 ``eigvals(A)`` (a row, descending); ``inv_root(A, p, floor)``, A^(-1/p) from the eigenvalues
-floored at ``floor`` (0 if left out); ``qr(M)``, the orthonormal factor (M's shape, rows >= cols),
+floored at ``floor`` (0 if left out); ``qr(M)``, the orthonormal factor (M's shape: of M = QR if tall, M = LQ if wide),
 ``qr(M, f32)`` with a switch f32 computed in float32 when true (pytorch-optimizer's SOAP does so
 for every dtype); ``svd_left(M, r)`` / ``svd_right(M, r)``, the top-r left (rows x r) / right
 (cols x r) singular vectors, zero columns past min(rows, cols); ``descending(d)`` for a row or

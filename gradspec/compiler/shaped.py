@@ -534,8 +534,12 @@ def reorder(x: torch.Tensor, d: torch.Tensor, axis: int, inverse: bool) -> torch
 
 
 def orthonormal_factor(m: torch.Tensor, float32: bool) -> torch.Tensor:
-    """The Q of each matrix's reduced QR; with ``float32``, computed in float32 and cast back
+    """The orthonormal factor of each matrix, shaped like it: Q of the reduced M = QR (orthonormal
+    columns) when it is tall or square, Q of M = LQ (orthonormal rows) when it is wide, where the
+    QR's Q would be rows x rows. With ``float32``, computed in float32 and cast back
     (pytorch-optimizer's SOAP refresh does so whatever the parameters' dtype)."""
+    if m.shape[-2] < m.shape[-1]:
+        return orthonormal_factor(m.mT, float32).mT
     if float32 and m.dtype != torch.float32:
         return torch.linalg.qr(m.to(torch.float32)).Q.to(m.dtype)
     return torch.linalg.qr(m).Q
