@@ -111,6 +111,8 @@ CASES = [
      "GS068", 8, 23),
     ("inverse_root_not_definite", H + "param' = param - lr * inv_root(grad @ transpose(grad), 4) @ grad\n",
      "GS073", 3, 32),
+    ("inverse_root_power_may_be_zero", H + "hyper p = 2\nparam' = param - lr * inv_root(grad @ transpose(grad) + "
+     "eye(rows), p) @ grad\n", "GS072", 4, 68),
     ("descending_of_a_matrix", H + "param' = param - lr * grad @ descending(grad)\n", "GS067", 3, 30),
     ("qr_precision_not_a_switch", H + "param' = param - lr * qr(grad, lr > 0)\n", "GS062", 3, 32),
     ("probe_local_used_outside", H + "hyper k: int = 2 >= 1\nprobe every k {\n  h = hvp(grad)\n}\nparam' = param - lr * h\n", "GS066", 7, 23),

@@ -489,7 +489,10 @@ class Analysis:
         return Range(0, INF, found == "psd", False) if found else ANY
 
     def _inv_root(self, node, a, power, floor):
-        """A^(-1/p) needs positive eigenvalues: A proven positive definite, or a positive floor."""
+        """A^(-1/p) needs p != 0 and positive eigenvalues: A proven positive definite, or a
+        positive floor."""
+        if power.contains(0):
+            self._flag(node, node.args[1], "is 0" if power.lo == power.hi == 0 else "may be 0")
         if self._collect and not (self.definiteness(node.args[0]) == "pd" or floor.lo > 0 or
                                   (floor.lo == 0 and not floor.lo_closed)):
             self.unsafe.append(Unsafe(node, node.args[0], "may be singular"))

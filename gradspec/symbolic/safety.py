@@ -11,7 +11,7 @@ from .translate import Translator
 from .ranges import INF, Analysis, Range, Unsafe, branch_facts, constraint_range, intersect
 
 _WHAT = {"div": "the divisor", "mod": "the divisor", "sqrt": "the root's argument", "rsqrt": "rsqrt's argument",
-         "log": "the logarithm's argument", "pow": "the base"}
+         "log": "the logarithm's argument", "pow": "the base", "inv_root": "the root's power"}
 
 
 def diagnostics(program: Program) -> list[Diagnostic]:
@@ -67,12 +67,15 @@ def _diagnostic(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: 
     else:  # the operand was first written elsewhere (m' defined above): name it, point at the use
         text = str(Translator(program)(unsafe.operand))
     text = text or _WHAT.get(unsafe.node.op, "an operand")
-    if unsafe.node.op == "inv_root":
+    if unsafe.node.op == "inv_root" and unsafe.operand is unsafe.node.args[0]:
         return Diagnostic("GS073", f"{text} may be singular: it is not proven positive definite, so its inverse "
                                    f"root may not exist", source, span,
                           "add a positive multiple of the identity (L + eps * eye(rows), eps > 0) or give a positive "
                           "floor: inv_root(L, 4, eps)")
     reason, hint = _explain(program, analysis, unsafe, narrowed, facts)
+    if unsafe.node.op == "inv_root":  # its power
+        text = f"the root's power {text}"
+        reason = "A^(-1/p) is undefined at p = 0" if unsafe.operand.op == "const" else reason
     return Diagnostic("GS072", f"{text} {unsafe.problem}: {reason}", source, span, hint)
 
 
@@ -149,7 +152,9 @@ def _explain(program: Program, analysis: Analysis, unsafe: Unsafe, narrowed: dic
         elif n.op == "hyper":
             known.append(f"{n.attr} is {narrowed[n.attr].describe()}")
     reason = "; ".join(dict.fromkeys(known)) or "nothing bounds it away from the problem"
-    if unsafe.node.op in ("div", "rsqrt", "log", "mod") or "negative power" in unsafe.problem:
+    if unsafe.node.op == "inv_root":
+        hint = "A^(-1/p) needs p != 0: constrain the power, as p >= 1"
+    elif unsafe.node.op in ("div", "rsqrt", "log", "mod") or "negative power" in unsafe.problem:
         hint = "add a positive constant (a hyperparameter eps > 0) or take max(..., eps)"
     else:
         hint = "clamp it first, as in sqrt(max(x, 0)), or constrain what it is built from"
