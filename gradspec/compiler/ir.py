@@ -1611,6 +1611,11 @@ class _ProgramBuilder:
         name = expr.name
         if expr.qualifier == GROUPS and not expr.primed:  # groups.numel; GS055 for another size
             return self._measure(src, ast.Measure(GROUPS, name, expr.span), static)
+        if expr.qualifier in AXES and not expr.primed:  # row.numel: an axis qualifies reductions only
+            self.errors.error("GS055", f"unknown size '{expr}': '{expr.qualifier}.' qualifies a reduction, as in "
+                                       f"{expr.qualifier}.mean(x)", expr.span,
+                              "sizes: tensor.numel, tensor.rows, tensor.cols (a row has tensor.cols elements)", src)
+            return None
         if expr.qualifier is not None:
             self.errors.error("GS057", f"'{expr}' reads a base spec, but this is not an adaptor", expr.span,
                               None, src)
