@@ -55,6 +55,8 @@ CASES = [
     ("defined_twice", H + "x = grad\nx = 2 * grad\nparam' = param - lr * x\n", "GS044", 4, 1),
     ("circular", H + "state m = 0\nm' = m' + grad\n" + U, "GS048", 4, 1),
     ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
+    ("class_value_over_the_group", H + "if matrix {\n  t = global.sum(row.mean(grad))\n} else {\n  t = 0\n}\n"
+     "param' = param - lr * grad * t\n", "GS069", 4, 7),
     ("size_of_an_axis", H + "param' = param - lr * grad / row.numel\n", "GS055", 3, 30),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),

@@ -286,3 +286,28 @@ def test_a_base_that_cannot_run_projected_is_a_located_error(base, line, column,
 def test_galore_checks_with_its_law():
     gradspec.check("galore(adam)")  # raises SpecError on any error
     gradspec.check("galore")
+
+
+@pytest.mark.parametrize("outer", ["lookahead", "clip_grad_norm"])
+def test_an_adaptor_over_galore_checks_as_it_runs(outer):
+    """The outer adaptor's law puts galore(adam) at rest: the inner base keeps the projected shape
+    galore gives it (it was GS067), and the global norm that galore's vectors no longer read
+    at rest is no per-class value (it was GS069)."""
+    gradspec.check(f"{outer}(galore(adam))")  # raises SpecError on any error
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=pytest.mark.compiled)])
+def test_a_global_value_one_class_reads_is_over_every_tensor(backend):
+    spec = gradspec.parse("optimizer t\nhyper lr = 0.1 >= 0\n"
+                          "if matrix {\n  d = grad / (1 + global.norm(grad))\n} else {\n  d = grad\n}\n"
+                          "param' = param - lr * d\n")
+    params = _branching_tensors()
+    grads = [torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    before = [p.detach().clone() for p in params]
+    opt = gradspec.Optimizer(params, spec, backend=backend)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+    for p, b, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * (g / (1 + norm) if g.dim() > 1 else g), rtol=1e-14, atol=1e-14)

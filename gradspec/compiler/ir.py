@@ -652,12 +652,16 @@ def _by_class(spec, programs: dict) -> Program:
                                       f"and {_class_words(other)}", None,
                              "a per-group value is one value over every tensor: compute it outside "
                              "'if matrix { }' and shape conditions")
-        reductions = [{id(n) for n in p.nodes() if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto")}
+        # A reduction one class computes and the other does not is still one value over every
+        # tensor where its argument reads nothing of the class (clip_grad_norm's norm of grad
+        # under galore, whose vectors may not need it): the lowering takes it over every tensor.
+        reductions = [{id(n): n for n in p.nodes() if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto")}
                       for p in (primary, other)]
-        if reductions[0] != reductions[1]:
-            located = [place for p in (primary, other) for n in p.nodes()
-                       if n.scope == Scope.GLOBAL and n.op in ("reduce", "onto") and id(n) not in
-                       reductions[1 if p is primary else 0] for place in (p.origins or {}).get(id(n), [])[:1]]
+        differing = {key: n for mine, theirs in (reductions, reductions[::-1])
+                     for key, n in mine.items() if key not in theirs and _reads_the_class(n)}
+        if differing:
+            located = [place for p in (primary, other) for n in p.nodes() if id(n) in differing
+                       for place in (p.origins or {}).get(id(n), [])[:1]]
             src, span = located[0] if located else (None, None)
             errors.error("GS069", f"a global reduction reads a value that differs between {_class_words(primary)} "
                                   f"and {_class_words(other)}", span,
@@ -705,6 +709,22 @@ def build_probing(spec: Spec, hyper_values: dict | None = None) -> Program:
 
 
 _FOLDABLE = set(_FOLD) | {"div", "pow", "sqrt", "log"}
+
+
+def _reads_the_class(node: Node) -> bool:
+    """Whether a value over the group reads something that exists per shape class: a state of
+    the tensor, a matrix or axis operation, a size other than numel."""
+    seen, stack = set(), list(node.args)
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if ((n.op == "state" and n.scope != Scope.GLOBAL) or n.scope == Scope.SHAPED or n.op in _SHAPED_OPS | _BLOCK_OPS
+                or (n.op == "reduce" and n.attr.scope in AXES) or (n.op == "measure" and n.attr.what != "numel")):
+            return True
+        stack.extend(n.args)
+    return False
 
 
 def _subtree(node: Node) -> list:

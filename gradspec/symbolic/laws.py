@@ -233,20 +233,22 @@ def _what_the_base_sees(spec, source, base) -> list:
 def _base_at_rest(spec, source):
     """``spec`` with its base at a fixed point: the base's update is the parameter it sees (the
     adaptor's ``base.param`` where it gives one) and each of its states keeps its value; the
-    adaptor's statements are as written."""
-    own = {item.name for src, item in walk(spec.items) if src == source and isinstance(item, ast.Define)}
+    adaptor's statements are as written. The base may itself be an adaptor over a base (the
+    law is lookahead's, over galore(adam)): what a layer gives its base is looked up in every
+    layer, so an inner base at rest keeps the projected shape its adaptor gives it."""
+    given = {item.name for _, item in walk(spec.items) if isinstance(item, ast.Define) and not item.primed}
 
     def still(item):
         if isinstance(item, ast.Define) and item.primed:
             return dataclasses.replace(item, expr=ast.Name(item.name, span=item.span))
         if isinstance(item, ast.Define) and item.name.endswith(".base_update"):
             prefix = item.name.removesuffix("base_update")
-            if prefix + "param" not in own:
+            if prefix + "param" not in given:
                 return dataclasses.replace(item, expr=ast.Name("param", span=item.span))
             # the parameter the base sees, in the shape of the gradient it sees (a projected space's)
             shaped = ast.BinOp("+", ast.Name(prefix + "param", span=item.span),
                                ast.BinOp("*", ast.Num(0), ast.Name(prefix + "grad", span=item.span), item.span)
-                               if prefix + "grad" in own else ast.Num(0), item.span)
+                               if prefix + "grad" in given else ast.Num(0), item.span)
             return dataclasses.replace(item, expr=shaped)
         if isinstance(item, ast.If):
             return dataclasses.replace(item, then=tuple(map(still, item.then)), otherwise=tuple(map(still, item.otherwise)))
