@@ -311,3 +311,22 @@ def test_a_global_value_one_class_reads_is_over_every_tensor(backend):
     norm = torch.cat([g.reshape(-1) for g in grads]).norm()
     for p, b, g in zip(params, before, grads):
         torch.testing.assert_close(p.detach(), b - 0.1 * (g / (1 + norm) if g.dim() > 1 else g), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("nesting", ["galore({})", "galore(clip_grad_norm({}))"])
+def test_a_base_that_branches_on_the_shape_is_refused_where_its_shape_is_projected(tmp_path, nesting):
+    """The base's class would be the parameter's, not the projected gradient's it runs on; an
+    adaptor outside galore may branch on the shape (its statements see the parameter)."""
+    (tmp_path / "tall_first.opt").write_text(
+        "optimizer tall_first\nhyper lr = 0.1 >= 0\nif matrix and rows > 3 {\n  d = 2 * grad\n} else {\n  d = grad\n}\n"
+        "param' = param - lr * d\n")
+    (tmp_path / "composed.opt").write_text(f'import "tall_first.opt" as t\noptimizer c = {nesting.format("t")}\n')
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.check(str(tmp_path / "composed.opt"))
+    first = error.value.diagnostics[0]
+    assert (first.code, first.line, first.column) == ("GS076", 3, 4) and "shape condition" in first.message
+    gradspec.check("galore(adam)")  # galore's own shape conditions are its own
+    (tmp_path / "shrink.opt").write_text("adaptor shrink(base)\nhyper factor = 0.5 > 0\nif matrix {\n"
+                                         "  base.grad = factor * grad\n} else {\n  base.grad = grad\n}\n")
+    (tmp_path / "outside.opt").write_text('import "shrink.opt" as s\noptimizer o = s(galore(adam))\n')
+    gradspec.check(str(tmp_path / "outside.opt"))

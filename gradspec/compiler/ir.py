@@ -924,6 +924,10 @@ class _ProgramBuilder:
         adaptor = prefix[:-1]
         hint = f"run {adaptor} over an elementwise optimizer such as adam, or this base without {adaptor}"
         parameter = {"param", prefix + "param"}
+        # an adaptor's statements follow its base's (dsl/resolve.py): the base's sources come first
+        own_source = self.locals[space][0]
+        first_own = next(i for i, (src, _) in enumerate(self.spec.items) if src is own_source)
+        base_sources = {id(src) for src, _ in self.spec.items[:first_own]}
         for src, top in self.spec.items:
             for item in _nested([top]):
                 if isinstance(item, ast.Probe) and item.model:
@@ -931,6 +935,11 @@ class _ProgramBuilder:
                                                f"it evaluates the model at points shaped like the parameter",
                                       item.span, hint, src)
                     break
+                if isinstance(item, ast.If) and id(src) in base_sources and \
+                        self._shape_words(item.cond, SHAPE_CLASSES + SIZES):
+                    self.errors.error("GS076", f"a shape condition reads the parameter's shape, but {adaptor} runs "
+                                               f"the base in a projected space, whose shape is not the parameter's",
+                                      item.cond.span, hint, src)
         for src, item in self.active:
             if (item.name.startswith(prefix) and item.name != prefix + "base_update") or \
                     (isinstance(item, ast.Define) and item.name == "param"):
