@@ -297,6 +297,10 @@ def test_a_psd_statistic_makes_its_inverse_root_provably_defined():
                              "param' = param - lr * inv_root(L', 4) @ grad\n",
                              "hyper lr = 0.1 >= 0\nhyper eps = 1e-6 >= 0\n"))
     assert info.value.code == "GS073"
+    # a 1 x 1 matrix is a matrix: a positive multiple of eye(1) is definite, of a 0 one is not
+    gradspec.check(_spec("param' = param - lr * grad * inv_root(2 * eye(1), 2)\n"))
+    with pytest.raises(gradspec.SpecError, match="GS073"):
+        gradspec.check(_spec("param' = param - lr * grad * inv_root(lr * eye(1), 2)\n", "hyper lr = 0.1 >= 0\n"))
 
 
 def test_shape_class_names_stay_ordinary_names():

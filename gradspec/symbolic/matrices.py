@@ -77,6 +77,9 @@ def _definiteness(node, program, ranges, assumed, visiting) -> str | None:
         return "pd" if "pd" in parts else "psd"
     if op == "mul":
         matrices = [a for a in node.args if dims_of(a) is not None and dims_of(a) != (1, 1)]
+        if not matrices:  # 1 x 1 factors: a matrix such as eye(1) among per-tensor numbers
+            matrices = [a for a in node.args if dims_of(a) == (1, 1) and a.op != "const"
+                        and _definiteness(a, program, ranges, assumed, visiting) is not None][:1]
         scalars = [a for a in node.args if a not in matrices]
         if len(matrices) != 1 or not all(_nonnegative(s, ranges) for s in scalars):
             return None
