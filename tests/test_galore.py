@@ -330,3 +330,16 @@ def test_a_base_that_branches_on_the_shape_is_refused_where_its_shape_is_project
                                          "  base.grad = factor * grad\n} else {\n  base.grad = grad\n}\n")
     (tmp_path / "outside.opt").write_text('import "shrink.opt" as s\noptimizer o = s(galore(adam))\n')
     gradspec.check(str(tmp_path / "outside.opt"))
+
+
+def test_a_base_state_starting_at_the_projected_gradient_is_located_in_the_base(tmp_path):
+    """galore makes its base's gradient from its basis' next value, which an initial value cannot
+    read: the error points at the base's state, where the user can act, and names galore's part."""
+    (tmp_path / "from_grad.opt").write_text("optimizer from_grad\nhyper lr = 0.1 >= 0\nstate m = grad\n"
+                                            "m' = 0.9 * m + grad\nparam' = param - lr * m'\n")
+    (tmp_path / "composed.opt").write_text('import "from_grad.opt" as b\noptimizer c = galore(b)\n')
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.check(str(tmp_path / "composed.opt"))
+    first = error.value.diagnostics[0]
+    assert (first.code, first.source.filename.endswith("from_grad.opt"), first.line, first.column) == ("GS058", True, 3, 11)
+    assert "galore.P'" in first.message and "galore.opt:32" in first.message

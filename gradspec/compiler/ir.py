@@ -1303,8 +1303,9 @@ class _ProgramBuilder:
     def _init(self, name):
         src, state = self.states[name]
         block, self._block = self._block, self.item_block.get(id(state))
+        initial, self._initial = getattr(self, "_initial", None), (src, name, state)
         node = self._expr(src, state.init, in_init=True)
-        self._block = block
+        self._block, self._initial = block, initial
         return node
 
     def _definition(self, key, located, in_init=False):
@@ -1682,6 +1683,14 @@ class _ProgramBuilder:
                               expr.span, f"'{name}' changes during training; use where(...) instead", src)
             return None
         if in_init and (expr.primed or name in self.states or name in ("step", "loss")):
+            state_src, state_name, state = self._initial
+            if src is not state_src:  # reached through another spec's definition: an adaptor's grad
+                self.errors.error("GS058", f"state '{state_name}' starts at a value that another spec makes from "
+                                           f"'{expr}' ({src.filename}:{expr.span.line}), which an initial value "
+                                           f"cannot use", state.init.span,
+                                  "start the state at 0, or run it under an adaptor whose gradient is made of "
+                                  "grad, param and hyperparameters", state_src)
+                return None
             self.errors.error("GS058", f"an initial value cannot use '{expr}'", expr.span,
                               "initial values may use grad, param, hyperparameters and definitions of them",
                               src)
