@@ -57,6 +57,9 @@ CASES = [
     ("law_sets_unknown_hyper", H + "law fixed_point at eps = 0\n" + U, "GS080", 3, 20),
     ("class_value_over_the_group", H + "if matrix {\n  t = global.sum(row.mean(grad))\n} else {\n  t = 0\n}\n"
      "param' = param - lr * grad * t\n", "GS069", 4, 7),
+    ("too_many_shape_classes", H + "d0 = grad\n" + "".join(
+        f"if matrix and cols <= {i} {{\n  d{i} = d{i - 1}\n}} else {{\n  d{i} = 2 * d{i - 1}\n}}\n" for i in range(1, 8))
+     + "param' = param - lr * d7\n", "GS069", 34, 4),
     ("size_of_an_axis", H + "param' = param - lr * grad / row.numel\n", "GS055", 3, 30),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..dsl import ast, printer
-from ..dsl.errors import Collector, SpecError, did_you_mean
+from ..dsl.errors import Collector, Diagnostic, SpecError, did_you_mean
 from ..dsl.resolve import INPUTS, Spec
 from ..recursion import deep
 
@@ -601,6 +601,12 @@ def build(spec: Spec, hyper_values: dict | None = None, forced: dict | None = No
             _ProgramBuilder(spec, values, forced, probing, kind, first.b, fixed)
         program = primary if builder is first else builder.run()
         found.append((kind, builder.asked, program))
+        if len(found) > MAX_SHAPE_CLASSES:
+            src, span = next(reversed(builder.asked_at.values()), (None, None))
+            raise SpecError(Diagnostic("GS069", f"the shape conditions split tensors into more than "
+                                                f"{MAX_SHAPE_CLASSES} classes, each compiled on its own",
+                                       src or spec.source, span, "decide on fewer sizes, or nest the conditions "
+                                       "so that each one is asked only where it matters"))
         prefix = dict(fixed)
         for question, (_, taken, free) in builder.asked.items():
             if free:
@@ -634,6 +640,11 @@ def _refuse_shaped_model_probes(spec, program: Program) -> Program:
                      "with two optimizers", src)
         errors.raise_if_any()
     return program
+
+
+MAX_SHAPE_CLASSES = 64
+"""The most shape classes a step may have: n independent shape conditions make 2^n of them,
+each built, checked and compiled on its own (12 conditions took 11 s to check)."""
 
 
 def _by_class(spec, programs: dict) -> Program:
@@ -737,7 +748,6 @@ def _subtree(node: Node) -> list:
 
 
 def _adaptor_alone(spec):
-    from ..dsl.errors import Diagnostic
     return Diagnostic("GS031", f"'{spec.name}' is an adaptor: it needs a base optimizer", spec.source,
                       None, f"use it as {spec.name}(adam) or with another base")
 
@@ -762,6 +772,7 @@ class _ProgramBuilder:
         self.reads_class = False
         self.answers = answers or {}  # a shape condition (its node's text) -> the answer to take
         self.asked: dict = {}  # condition text -> (node, answer taken, free: not fixed by ``answers``), in order
+        self.asked_at: dict = {}  # condition text -> (source, span) where it is first written
         self.loops: dict = {}  # loop variable -> (source, Repeat)
         self.loop_locals: set = set()  # definitions made inside repeat blocks
         self._loop_stack: list = []
@@ -1281,6 +1292,7 @@ class _ProgramBuilder:
         free = index not in self.answers
         taken = sampled if free else self.answers[index]
         self.asked[index] = (node, taken, free)
+        self.asked_at[index] = (src, expr.span)
         return taken
 
     def branch_taken(self, src, cond) -> bool:
