@@ -185,7 +185,7 @@ def test_sophia_matches_algorithm_3(spec, hyper, gauss_newton, unclipped, backen
 # ---------------------------------------------------------------- Bulk-SGD, Dom-SGD, interpolated
 
 # 23 parameters <= 40 Lanczos steps: the Krylov space closes and Lanczos is exact; the
-# reference takes the exact Hessian (one double-backward row per parameter) and eigh.
+# reference takes the exact Hessian (a double-backward row per parameter, batched) and eigh.
 # bulk_sgd and dom_sgd are bulk_dom(sgd) at (a, b) = (0, 1) and (1, 0); bulk_dom's own
 # interpolation is run over adam (a Lanczos refresh every step costs gradspec ~5 s of CPU
 # per 100-step run, so the sgd base is not run a third time at other weights).
