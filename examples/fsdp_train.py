@@ -134,7 +134,8 @@ def main():
     from pydoc_data.topics import topics  # Python's own help text: nothing is downloaded
     text = "".join(topics[key] for key in sorted(topics))
     vocab = sorted(set(text))
-    data = torch.tensor([vocab.index(c) for c in text[:200_000]])
+    index = {c: i for i, c in enumerate(vocab)}
+    data = torch.tensor([index[c] for c in text[:200_000]])
 
     model, opts = build(len(vocab), args)
     half = args.steps // 2
