@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
+import pathlib
 from dataclasses import dataclass
 
+from .cache import trusted_file, write_private
 from .compiler.ir import build
 from .dsl import ast, printer
 from .dsl.errors import Diagnostic, SpecError
@@ -107,10 +110,44 @@ def examine(spec: Spec | str, dtype=None, prove_laws: bool = True) -> Examined:
 @functools.lru_cache(maxsize=256)
 def safety_checked(spec: Spec) -> None:
     """The checks an optimizer runs once per spec, at construction: everything but the laws
-    (proving them is `gradspec check`'s job); raises SpecError."""
+    (proving them is `gradspec check`'s job); raises SpecError.
+
+    A pass is remembered on disk (gradspec/cache.py), keyed by the spec's content and by the
+    checker's own code, so that another process building the same spec (every rank of a
+    distributed job, the next run of a script) pays nothing: the check is SymPy over every
+    setting of the switches, most of an optimizer's first construction. Only the file's
+    existence is read; a failure is not remembered, and raises again where it is built."""
+    passed = f"checked-{_content_key(spec)}"
+    if trusted_file(passed) is not None:
+        return
     errors = [d for d in diagnose(spec, prove_laws=False) if d.severity == "error"]
     if errors:
         raise SpecError(errors)
+    write_private(passed, "")
+
+
+def _content_key(spec: Spec) -> str:
+    """A hash of what the check reads: the spec (its statements with their sources, its
+    hyperparameters) and the code of the packages that check it, with SymPy's version."""
+    text = repr((spec.name, spec.kind, sorted(spec.hypers.items()), spec.items))
+    return hashlib.sha256(f"{code_fingerprint()}\n{sympy_version()}\n{text}".encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the source of the front end and the checker (dsl/, compiler/, symbolic/ and
+    this module), read once per process: a changed checker must not trust an old verdict."""
+    root = pathlib.Path(__file__).parent
+    digest = hashlib.sha256()
+    files = [pathlib.Path(__file__), *sorted(p for d in ("dsl", "compiler", "symbolic") for p in (root / d).glob("*.py"))]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def sympy_version() -> str:
+    import sympy
+    return sympy.__version__
 
 
 def read_switches(spec: Spec) -> list[str]:

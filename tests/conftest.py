@@ -15,8 +15,18 @@ watched, so a test that starts one with the compiled backend is marked by hand.
 """
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the child processes tests start
+
+# One gradspec cache folder per test session (gradspec/cache.py), made here in the controlling
+# process and inherited by pytest-xdist's workers and every process a test starts: the tests
+# meet a cold cache, as on a fresh CI machine, whatever this machine's ~/.cache holds, and the
+# session's processes share what one of them learns (a safety check, a SymPy rewrite).
+_SESSION_CACHE = None
+if "GRADSPEC_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = os.environ["GRADSPEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="gradspec-tests-")
 
 import pytest
 import torch
@@ -79,6 +89,11 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_configure(config):
     config.pluginmanager.register(_GroupsForXdist(), "gradspec-xdist-groups")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:  # the process that made it: the controller, or a run without xdist
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def _refuse_to_compile(*args, **kwargs):

@@ -1,5 +1,7 @@
 """The SymPy rewrite runs once per program content: memoised in the process, kept on disk as
-JSON in the private cache folder, bounded by a count of work and never by a signal."""
+JSON in the private cache folder, bounded by a count of work and never by a signal. The safety
+check that an optimizer's construction runs is kept there too, as the existence of a file."""
+import importlib
 import json
 import os
 import signal
@@ -97,3 +99,61 @@ def test_no_signal_timer_is_touched(fresh_cache):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ---- the safety check's verdict ------------------------------------------------------------
+
+def _forget_checks():
+    """What a new process remembers: no verdict in memory (safety_checked's lru_cache, under
+    the deep-recursion wrapper)."""
+    importlib.import_module("gradspec.check").safety_checked.__wrapped__.cache_clear()
+
+
+@pytest.fixture
+def fresh_checks(fresh_cache, monkeypatch):
+    """A new process's view: an empty cache folder and nothing remembered in memory. Counts the
+    safety checks that run."""
+    check = importlib.import_module("gradspec.check")  # gradspec.check is the function
+    _forget_checks()
+    calls = []
+    real = check.diagnose
+    monkeypatch.setattr(check, "diagnose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    yield calls
+    _forget_checks()
+
+
+def _construct(spec):
+    return gradspec.Optimizer([torch.nn.Parameter(torch.zeros(3, 2))], spec, backend="eager")
+
+
+def test_a_passed_safety_check_is_kept_on_disk_for_the_next_process(fresh_checks, fresh_cache):
+    check = importlib.import_module("gradspec.check")  # gradspec.check is the function
+    _construct("deo(adam)")
+    (path,) = fresh_cache.glob("checked-*")
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and path.read_text() == ""
+    _forget_checks()  # the next process
+    _construct("deo(adam)")
+    assert len(fresh_checks) == 1
+    _construct("deo(adam, T = 7)")  # another spec: another verdict
+    assert len(fresh_checks) == 2 and len(list(fresh_cache.glob("checked-*"))) == 2
+
+
+def test_a_failed_check_is_not_kept_and_a_foreign_or_stale_verdict_is_not_trusted(fresh_checks, fresh_cache,
+                                                                                 monkeypatch):
+    check = importlib.import_module("gradspec.check")  # gradspec.check is the function
+    unsafe = "optimizer unsafe\nhyper lr = 0.1 >= 0\nhyper eps = 0 >= 0\nparam' = param - lr * grad / eps\n"
+    for _ in range(2):
+        with pytest.raises(gradspec.SpecError, match="GS072"):
+            _construct(unsafe)
+    assert len(fresh_checks) == 2 and not list(fresh_cache.glob("checked-*"))
+    _construct("lamb")
+    (path,) = fresh_cache.glob("checked-*")
+    os.chmod(path, 0o666)  # writable by others: as if absent
+    _forget_checks()
+    _construct("lamb")
+    assert len(fresh_checks) == 4
+    # another checker (its code changed) does not take this one's word
+    monkeypatch.setattr(check, "code_fingerprint", lambda: "another checker")
+    _forget_checks()
+    _construct("lamb")
+    assert len(fresh_checks) == 5

@@ -76,6 +76,9 @@ class SpecRef:
     def __str__(self) -> str:
         return self.text
 
+    def __repr__(self) -> str:  # by text, as it compares: the same in every process
+        return f"SpecRef({self.text!r})"
+
     # Equal by text, so two loads of one spec are equal and hash alike: the safety check is
     # cached per Spec, and an identity-equal reference made every load of a spec with a
     # ``law equals`` miss that cache. The text is enough, since a Spec also compares its source.
