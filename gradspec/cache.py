@@ -6,8 +6,10 @@ A shortcut must not be a way in: whatever is read from the folder changes what t
 does, so the folder is used only when nobody else could have written into it. It is created
 private (0700), and it and every file read from it must be ours, not writable by group or
 others, and not symbolic links; otherwise the cache is treated as absent (the work is simply
-done again). Nothing in it is ever unpickled or executed: the one entry today, the Inductor
-vector-ISA memo (compiler/backends.py), is trusted for its existence alone.
+done again). Nothing in it is ever unpickled or executed. What it holds: the Inductor vector-ISA
+memo (compiler/backends.py) and the passed safety checks (check.py), trusted for their
+existence alone, and the SymPy rewrite's verdicts (symbolic/simplify.py), JSON read back
+into IR nodes only after every field is checked.
 """
 from __future__ import annotations
 
