@@ -124,6 +124,45 @@ def test_dict_parameters_keep_their_keys():
     assert all(torch.equal(new[k], v) for k, v in zip(params, listed))
 
 
+def test_a_dict_state_follows_its_keys_whatever_their_order():
+    """Gradients and states are matched to parameters by key, never by position: the same
+    dictionaries in another order give the same step."""
+    tx = gradspec.transform("sgd", lr=1.0, momentum=0.5)
+    params = {"a": torch.zeros(3, dtype=DT), "b": torch.zeros(2, 2, dtype=DT)}
+    grads = {"a": torch.ones(3, dtype=DT), "b": torch.full((2, 2), 10.0, dtype=DT)}
+    params, state = tx.update(grads, tx.init(params), params)
+    zero = {"b": torch.zeros(2, 2, dtype=DT), "a": torch.zeros(3, dtype=DT)}
+    reordered, _ = tx.update(zero, {"step": state["step"], "buf": dict(reversed(state["buf"].items()))},
+                             {"b": params["b"], "a": params["a"]})
+    torch.testing.assert_close(reordered["a"], torch.full((3,), -1.5, dtype=DT), rtol=0, atol=0)
+    torch.testing.assert_close(reordered["b"], torch.full((2, 2), -15.0, dtype=DT), rtol=0, atol=0)
+
+
+def test_states_and_gradients_that_do_not_fit_the_parameters_are_refused():
+    tx = gradspec.transform("sgd", lr=1.0, momentum=0.5)
+    params = [torch.zeros(3, dtype=DT), torch.zeros(2, 2, dtype=DT)]
+    grads = [torch.ones(3, dtype=DT), torch.ones(2, 2, dtype=DT)]
+    state = tx.init(params)
+    swapped = {**state, "buf": state["buf"][::-1]}  # as many numbers, each in the other's shape
+    with pytest.raises(ValueError, match=r"the state 'buf' of parameter #0 has shape \(2, 2\), not \(3,\)"):
+        tx.update(grads, swapped, params)
+    with pytest.raises(ValueError, match="got 1 values of the gradient for 2 parameters"):
+        tx.update(grads[:1], state, params)
+    with pytest.raises(TypeError, match="the gradient of parameter #1 must be a tensor, got NoneType"):
+        tx.update([grads[0], None], state, params)
+    keyed = dict(zip("ab", params))
+    with pytest.raises(ValueError, match="must be keyed as the parameters are"):
+        tx.update(dict(zip("ac", grads)), tx.init(keyed), keyed)
+    with pytest.raises(ValueError, match="the state has no 'vmax', which adam keeps"):
+        adam = gradspec.transform("adam")
+        adam.update(grads, adam.init(params), params, amsgrad=True)
+    with pytest.raises(TypeError, match="lr must be a number or a one-element tensor"):
+        tx.update(grads, state, params, lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="no parameters"):
+        tx.init([])
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)  # nothing was changed
+
+
 def _loss(params, x, y):
     w1, w2 = params
     return ((torch.tanh(x @ w1) @ w2 - y) ** 2).mean()

@@ -78,6 +78,8 @@ class _Layout:
     @staticmethod
     def of(params) -> "_Layout":
         keys, tensors = _flatten(params)
+        if not tensors:
+            raise ValueError("no parameters: a transform updates at least one tensor")
         groups: dict = {}
         for position, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
@@ -148,24 +150,19 @@ class Transform:
             self._lowered(self.hyper, layout, probing)
         state: dict = {"step": torch.zeros((), dtype=scalar_dtype(layout.devices[0]), device=layout.devices[0])}
         per_element = {name: [None] * len(tensors) for name in program.state_names}
+        shapes = _state_shapes(program, layout, tensors)
         for b, shape in enumerate(layout.buckets):
             flat = layout.flat([t.detach() for t in tensors], b)
             hypers = [self._hyper_tensor(self.hyper[h], layout.devices[b]) for h in program.hypers_used]
             if generator is None:
                 generator = torch.Generator(device=layout.devices[b]).manual_seed(0)
             values = lower_init(program, shape)(*hypers, flat, torch.zeros_like(flat), generator)
-            shaped = state_layouts(program, shape) if program.shaped else {}
             for name, value in zip(program.state_names, values):
                 value = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
-                if name in shaped:  # laid out tensor by tensor in the state's own shapes
-                    like = [None] * len(tensors)
-                    for i, state_shape in zip(layout.members[b], shaped[name].shapes):
-                        like[i] = torch.empty(state_shape, dtype=flat.dtype, device=flat.device)
-                    layout.split(value.expand(shaped[name].numel) if value.dim() == 0 else value, b, like,
-                                 per_element[name])
-                    continue
-                layout.split(value.expand_as(flat) if value.dim() == 0 else value, b, tensors,
-                             per_element[name])
+                like = [None if shape is None else torch.empty(shape, dtype=flat.dtype, device=flat.device)
+                        for shape in shapes[name]]  # laid out tensor by tensor in the state's own shapes
+                numel = sum(like[i].numel() for i in layout.members[b])
+                layout.split(value.expand(numel) if value.dim() == 0 else value, b, like, per_element[name])
         state.update({name: layout.rebuild(values) for name, values in per_element.items()})
         for name in program.global_states:  # a number, or a value of the hyperparameters (state d: global = d0)
             start = evaluate_scalar(program.init[name], {h: float(v) for h, v in self.hyper.items()
@@ -181,16 +178,21 @@ class Transform:
         ``generator`` feed a probing spec's model evaluations."""
         values = {**self.hyper, **_checked(self.spec, _split_betas(self.spec, hyper))} if hyper else self.hyper
         layout = self._layout(params)
-        _, tensors = _flatten(params)
-        _, grad_tensors = _flatten(grads)
-        if len(grad_tensors) != len(tensors):
-            raise ValueError(f"got {len(grad_tensors)} gradients for {len(tensors)} parameters")
+        keys, tensors = _flatten(params)
+        grad_tensors = _matching(grads, keys, [t.shape for t in tensors], "gradient")
+        if not isinstance(state, dict) or "step" not in state:
+            raise TypeError(f"the state is the dict that {self.spec.name}'s transform init() returns, with its step")
         compiled = self._lowered(values, layout, frozenset())
         program = compiled.program
         due = self._due(program, state["step"], values)
         if due:
             compiled = self._lowered(values, layout, due)
             program = compiled.program
+        expected = _state_shapes(program, layout, tensors)
+        for name in (*program.state_names, *program.global_states):
+            if name not in state:
+                raise ValueError(f"the state has no '{name}', which {self.spec.name} keeps with these hyperparameters: "
+                                 "make it with init() under the same switches and sizes")
         device = layout.devices[0]
         steps = [state["step"].reshape(1) for _ in layout.buckets]
         scalar_args = [self._hyper_tensor(values[h], device) for h in program.hypers_used]
@@ -201,7 +203,7 @@ class Transform:
         scalars = list(compiled.scalar(*scalar_args, *steps))
         inputs = list(scalars) + [state[name].reshape(1) for name in program.global_states]
         per_bucket = []
-        _, state_containers = zip(*[_flatten(state[n]) for n in program.state_names]) if program.state_names else ((), ())
+        state_containers = [_matching(state[n], keys, expected[n], f"state '{n}'") for n in program.state_names]
         for b in range(len(layout.buckets)):
             per_bucket.append([steps[b], layout.flat(tensors, b), layout.flat(grad_tensors, b),
                                *(layout.flat(list(c), b) for c in state_containers)])
@@ -357,6 +359,42 @@ def _hessian_vector(loss_fn, layout: _Layout, tensors: list, vectors: list) -> l
     return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(points, products)]
 
 
+def _state_shapes(program: Program, layout: _Layout, tensors: list) -> dict:
+    """Each per-tensor state's shape for each parameter (by position): the parameter's, or the
+    state's own (a shaped state such as (rows, rows), or a base's in a projected space)."""
+    shapes = {name: [t.shape for t in tensors] for name in program.state_names}
+    if program.shaped:
+        for b, bucket in enumerate(layout.buckets):
+            for name, laid in state_layouts(program, bucket).items():
+                for i, shape in zip(layout.members[b], laid.shapes):
+                    shapes[name][i] = torch.Size(shape)
+    return shapes
+
+
+def _matching(container, keys: tuple | None, shapes: list, what: str) -> list:
+    """The tensors of ``container`` (gradients, or one state) in the parameters' order: by key
+    when the parameters are a dict, by position otherwise; each of the shape given. A value of
+    another parameter's shape, a missing or extra key, or a count that differs is a ValueError,
+    never a silent pairing by position."""
+    found_keys, values = _flatten(container)
+    if keys is not None:
+        if found_keys is None or set(found_keys) != set(keys):
+            given = "a list" if found_keys is None else f"keys {sorted(map(str, found_keys))}"
+            raise ValueError(f"the {what} must be keyed as the parameters are ({sorted(map(str, keys))}), got {given}")
+        values = [container[k] for k in keys]
+    elif found_keys is not None:
+        raise ValueError(f"the parameters are a list, but the {what} is a dict")
+    if len(values) != len(shapes):
+        raise ValueError(f"got {len(values)} values of the {what} for {len(shapes)} parameters")
+    for position, (value, shape) in enumerate(zip(values, shapes)):
+        where = repr(keys[position]) if keys is not None else f"#{position}"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"the {what} of parameter {where} must be a tensor, got {type(value).__name__}")
+        if value.shape != shape:
+            raise ValueError(f"the {what} of parameter {where} has shape {tuple(value.shape)}, not {tuple(shape)}")
+    return values
+
+
 def _flatten(container) -> tuple:
     """(keys or None, list of values) of a list, tuple or dict."""
     if isinstance(container, dict):
@@ -391,6 +429,8 @@ def _checked(spec: Spec, values: dict) -> dict:
     for name, value in values.items():
         hyper = spec.hypers[name]
         if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise TypeError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
             continue  # data, as in a traced or vmapped call: checked only as plain numbers
         problem = hyper.check(value)
         if problem:
