@@ -86,6 +86,8 @@ CASES = [
      "param' = param - lr * x'\n", "GS077", 5, 12),
     ("groups_unknown_size", H + "param' = param - lr * grad / groups.rows\n", "GS055", 3, 30),
     # constraints and domains
+    ("override_to_infinity", "optimizer t = sgd(lr = inf)\n", "GS016", 1, 19),
+    ("number_past_float64", H + "param' = param - lr * grad * 1e400\n", "GS001", 3, 30),
     ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),
     ("int_default_past_64_bits", H + "hyper k: int = 1e30 >= 1\nif matrix and cols <= k {\n  d = grad\n} else {\n"
      "  d = 2 * grad\n}\nparam' = param - lr * d\n", "GS014", 3, 1),

@@ -190,6 +190,12 @@ def test_an_integer_hyperparameter_is_an_int_and_a_boolean_switch_a_bool():
     opt.param_groups[0]["T"] = 1e30
     with pytest.raises(ValueError, match="T must be below 2"):
         _step(model, opt, 1)
+    # a real hyperparameter given as a Python int past int64 is the real number it names
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = gradspec.Optimizer([p], "sgd", backend="eager", lr=10 ** 30)
+    p.grad = torch.ones(2, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((2,), 1 - 1e30, dtype=torch.float64))
 
 
 def test_a_require_broken_after_construction_is_a_value_error_as_documented():

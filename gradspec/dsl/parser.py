@@ -6,6 +6,7 @@ there instead, and the most likely fix.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from importlib import resources
 
@@ -238,6 +239,10 @@ def _span(meta) -> Span | None:
     return Span.of(meta)
 
 
+def _shortened(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-6:]} ({len(text)} characters)"
+
+
 def _number(token: Token) -> int | float:
     text = str(token)
     if any(c in text for c in ".eE"):
@@ -317,7 +322,7 @@ class _ToAst(Transformer):
         return ast.Num(float("-inf"), _span(meta))
 
     def neg_number(self, meta, children):
-        return ast.Num(-_number(children[0]), _span(meta))
+        return ast.Num(-self._read_number(children[0], meta), _span(meta))
 
     # ---- statements
     def require(self, meta, children):
@@ -436,12 +441,26 @@ class _ToAst(Transformer):
 
     # ---- expressions
     def number(self, meta, children):
+        return ast.Num(self._read_number(children[0], meta), _span(meta))
+
+    def _read_number(self, token, meta) -> int | float:
+        """A number literal's value; GS001 past what a step can hold (float64's largest, about
+        1.8e308: 1e400 would be an infinity no one wrote) or past Python's limit on the digits
+        of an int read from text."""
         try:
-            value = _number(children[0])
-        except ValueError:  # past Python's limit on the digits of an int read from text
-            raise SpecError(Diagnostic("GS001", f"a number of {len(str(children[0]))} digits is too long to read",
+            value = _number(token)
+        except ValueError:
+            raise SpecError(Diagnostic("GS001", f"a number of {len(str(token))} digits is too long to read",
                                        self.source, _span(meta), "write it with an exponent: 1e30")) from None
-        return ast.Num(value, _span(meta))
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise SpecError(Diagnostic("GS001", f"{_shortened(str(token))} is beyond the largest number a step holds "
+                                                "(about 1.8e308)", self.source, _span(meta),
+                                       "write inf for an infinity, or a smaller number"))
+        return value
 
     def true(self, meta, children):
         return ast.Bool(True, _span(meta))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -465,6 +466,9 @@ def _override(spec: Spec, overrides, source: Source | None) -> Spec:
         if old.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
         problem = old.check(value)
+        if problem is None and isinstance(value, float) and not math.isfinite(value) and value != old.default:
+            # as the optimizer refuses such a value: an infinity only where the default is one
+            problem = f"{name} must be a finite number, got {value}"
         if problem is None and (old.kind == "bool") != isinstance(value, bool):
             problem = f"{name} must be {'true or false' if old.kind == 'bool' else 'a number'}"
         if problem:

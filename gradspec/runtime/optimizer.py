@@ -702,7 +702,7 @@ class _Plan:
             if isinstance(value, torch.Tensor):
                 tensor.copy_(value)
             elif self._hyper_values.get(name) != value:
-                tensor.fill_(value)
+                tensor.fill_(float(value))  # a Python int past int64 (lr=10**30) is still a real
                 self._hyper_values[name] = value
 
     def _scalars(self, variant: _Variant, loss, negate: bool) -> list:
