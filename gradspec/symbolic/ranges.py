@@ -168,6 +168,8 @@ class Analysis:
         self._collect = False
         self._facts = ()
         self._memo: dict = {}
+        self._heights: dict = {}  # id(node) -> its height (see _height)
+        self._factor_counts: dict = {}  # id(node) -> a product's factors (see _factors)
         self._translators: dict = {}  # one per set of state signs: translating is the cost of _signed
         self._sign_verdicts: dict = {}
         if not self._fixpoint():  # the last round's ranges and findings are not the final ones
@@ -206,6 +208,8 @@ class Analysis:
     def range(self, node: Node, facts: tuple = ()) -> Range | None:
         """The range of a real node (None for a condition); ``facts`` narrow nodes inside a
         branch of ``where``: ((node, range), ...)."""
+        if facts:  # a fact on a node above this one cannot narrow anything below it
+            facts = tuple(f for f in facts if self._height(f[0]) <= self._height(node))
         key = (id(node), facts)
         found = self._memo.get(key)
         if found is None:
@@ -214,6 +218,16 @@ class Analysis:
                 if fact_node is node:
                     found = intersect(found, fact_range)
             self._memo[key] = found
+        return found
+
+    def _height(self, node: Node) -> int:
+        """The longest path from ``node`` down to a leaf: a node's descendants are all lower, so
+        the facts that ``where`` branches gather about nodes higher than it are dropped before
+        its range is looked up. Without that, n nested ``where``s memoised every node under
+        each of 2^n sets of facts."""
+        found = self._heights.get(id(node))
+        if found is None:
+            found = self._heights[id(node)] = 1 + max(map(self._height, node.args), default=-1)
         return found
 
     # ---- relations the intervals cannot see: v > grad^2 makes v - (1 - beta2) grad^2 >= 0
@@ -258,7 +272,7 @@ class Analysis:
     def _sign_cases(self, node: Node, facts) -> Range | None:
         """A sum with a term ``... * sign(d) * ...`` (Yogi's v - (1 - beta2) sign(v - g^2) g^2)
         as the hull of its three cases: d > 0 with sign(d) = 1, d < 0 with -1, d = 0 with 0."""
-        signs = [f for a in node.args for f in _factors(a) if f.op == "sign"]
+        signs = [f for a in node.args for f, _ in self._factors(a).values() if f.op == "sign"]
         if not signs or any(n is signs[0] for n, _ in facts):
             return None
         sign_node = signs[0]
@@ -334,18 +348,31 @@ class Analysis:
     def _mul(self, node, a, b):
         """A product as its factors with multiplicities, so (1 - beta2) * grad * grad is known
         to be >= 0: grad appears twice."""
-        facts, counts, factors = self._facts, {}, {}
-        for f in _factors(node):
-            counts[id(f)] = counts.get(id(f), 0) + 1
-            factors[id(f)] = f
+        facts = self._facts
         result = Range.point(1)
-        for key, f in factors.items():
+        for f, count in self._factors(node).values():
             r = self.range(f, facts)
-            for _ in range(counts[key] // 2):
-                result = _mul_range(result, self._square(r))
-            if counts[key] % 2:
+            if count // 2:
+                result = _mul_range(result, _nonnegative_power(self._square(r), count // 2))
+            if count % 2:
                 result = _mul_range(result, r)
         return result
+
+    def _factors(self, node: Node) -> dict:
+        """The factors of a product with their multiplicities, {id: (factor, count)}: a * (b * a)
+        has a twice and b once. Counted over the product's graph, not its tree, which doubles
+        with each link of d' = d * d."""
+        found = self._factor_counts.get(id(node))
+        if found is None:
+            if node.op != "mul":
+                found = {id(node): (node, 1)}
+            else:
+                found = {}
+                for a in node.args:
+                    for key, (f, count) in self._factors(a).items():
+                        found[key] = (f, found.get(key, (f, 0))[1] + count)
+            self._factor_counts[id(node)] = found
+        return found
 
     def _square(self, a):
         m = _mul_range(a, a)
@@ -543,13 +570,16 @@ def _difference(op: str, args) -> tuple | None:
             "lt": (y, x, "positive", ()), "le": (y, x, "nonnegative", ())}.get(op)
 
 
-def _factors(node: Node):
-    """The factors of a product tree: a * (b * a) gives a, b, a."""
-    if node.op != "mul":
-        yield node
-        return
-    for a in node.args:
-        yield from _factors(a)
+def _nonnegative_power(r: Range, count: int) -> Range:
+    """``r`` (of nonnegative numbers) to the power ``count``, by repeated squaring: a product of
+    nonnegative ranges multiplies their ends, so this equals ``count`` products in a row."""
+    result = Range.point(1)
+    while count:
+        if count & 1:
+            result = _mul_range(result, r)
+        r = _mul_range(r, r)
+        count >>= 1
+    return result
 
 
 def intersect(r: Range | None, fact: Range) -> Range | None:
