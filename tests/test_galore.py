@@ -288,12 +288,30 @@ def test_galore_checks_with_its_law():
     gradspec.check("galore")
 
 
-@pytest.mark.parametrize("outer", ["lookahead", "clip_grad_norm"])
+@pytest.mark.parametrize("outer", ["lookahead", "clip_grad_norm", "gc", "agc"])
 def test_an_adaptor_over_galore_checks_as_it_runs(outer):
     """The outer adaptor's law puts galore(adam) at rest: the inner base keeps the projected shape
     galore gives it (it was GS067), and the global norm that galore's vectors no longer read
-    at rest is no per-class value (it was GS069)."""
+    at rest is no per-class value (it was GS069). An adaptor around galore sees the parameter
+    and the real gradient, so it may read their shape (gc, agc: GS076 was for galore's base)."""
     gradspec.check(f"{outer}(galore(adam))")  # raises SpecError on any error
+
+
+def test_gradient_centralisation_around_galore_is_galore_on_centred_gradients():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(6, 4), (3, 5), (4,)]
+    grads = [[torch.randn(s, generator=gen, dtype=F64) for s in shapes] for _ in range(12)]
+    centred = [[g - g.mean(dim=1, keepdim=True) if g.dim() > 1 else g for g in step] for step in grads]
+    results = []
+    for spec, feed in (("gc(galore(adam))", grads), ("galore(adam)", centred)):
+        params = [torch.ones(s, dtype=F64, requires_grad=True) for s in shapes]
+        opt = gradspec.Optimizer(params, spec, backend="eager", rank=2, update_proj_gap=5, lr=0.1)
+        for step in feed:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=pytest.mark.compiled)])

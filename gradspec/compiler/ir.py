@@ -952,9 +952,8 @@ class _ProgramBuilder:
                                                f"the base in a projected space, whose shape is not the parameter's",
                                       item.cond.span, hint, src)
         for src, item in self.active:
-            if (item.name.startswith(prefix) and item.name != prefix + "base_update") or \
-                    (isinstance(item, ast.Define) and item.name == "param"):
-                continue  # the adaptor's own
+            if id(src) not in base_sources:
+                continue  # the adaptor's own, or an adaptor's around it, which see the parameter
             if isinstance(item, ast.State) and item.space is not None and \
                     parameter & {n.name for n in ast.names_in(item.init)}:
                 self.errors.error("GS076", f"state '{item.name}' starts at the parameter, but {adaptor} runs the "
