@@ -60,6 +60,8 @@ CASES = [
     ("too_many_shape_classes", H + "d0 = grad\n" + "".join(
         f"if matrix and cols <= {i} {{\n  d{i} = d{i - 1}\n}} else {{\n  d{i} = 2 * d{i - 1}\n}}\n" for i in range(1, 8))
      + "param' = param - lr * d7\n", "GS069", 34, 4),
+    ("shape_condition_dividing_by_a_size", H + "if rows / cols > 1 {\n  d = 2 * grad\n} else {\n  d = grad\n}\n"
+     "param' = param - lr * d\n", "GS047", 3, 4),
     ("size_of_an_axis", H + "param' = param - lr * grad / row.numel\n", "GS055", 3, 30),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),

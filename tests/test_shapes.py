@@ -548,3 +548,12 @@ def test_reductions_over_tensors_without_elements_leave_the_others_as_if_they_we
                                    shapes=[(0, 3)] + shapes + [(3, 0), (0,)], steps=5)
     assert torch.isfinite(full).all()
     torch.testing.assert_close(with_empty, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_descending_of_no_entries_is_the_empty_permutation(backend):
+    spec = _spec("P = descending(transpose(row.sum(grad)))\nparam' = param - lr * transpose(P) @ grad\n")
+    alone, _, _ = _train(lambda ps: gradspec.Optimizer(ps, spec, backend=backend), shapes=[(3, 2)], steps=3)
+    with_empty, _, _ = _train(lambda ps: gradspec.Optimizer(ps, spec, backend=backend),
+                              shapes=[(0, 2), (3, 2), (2, 0)], steps=3)
+    torch.testing.assert_close(with_empty, alone, rtol=0, atol=0)

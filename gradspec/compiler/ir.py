@@ -1279,10 +1279,14 @@ class _ProgramBuilder:
             return True
         try:
             sampled = size_answer(node, 1, 1)
-        except TypeError:  # a part that has no value (k / 0, 10^400): no tensor can be asked
-            self.errors.error("GS047", "a shape condition must have a value for every shape: a part of this one "
-                                       "has none (a division by 0, a number too large)", expr.span,
-                              "compare rows and cols with whole numbers and int hyperparameters", src)
+            for rows, cols in ((0, 1), (1, 0), (0, 0)):  # tensors with no elements are asked too
+                size_answer(node, rows, cols)
+        except TypeError:  # a part that has no value (k / 0, 10^400, rows / cols of a (3, 0) tensor)
+            self.errors.error("GS047", "a shape condition must have a value for every shape, tensors without "
+                                       "elements included: a part of this one has none (a division by 0 or by a "
+                                       "size that may be 0, a number too large)", expr.span,
+                              "compare rows and cols with whole numbers and int hyperparameters, as rows > cols "
+                              "rather than rows / cols > 1", src)
             return True
         index = repr(node)  # one question however many 'if's ask it, the same in every build
         self.reads_class = True

@@ -520,6 +520,8 @@ def descending_permutation(d: torch.Tensor) -> torch.Tensor:
     """The (count, n, n) permutations P with P[i, j] = 1 where i is the j-th largest entry of d:
     d @ P is d sorted descending."""
     order = _descending_order(d)
+    if order.shape[-1] == 0:  # a vector of no entries: the empty permutation (one_hot cannot size it)
+        return d.new_zeros((*order.shape[:-1], 0, 0))
     return torch.nn.functional.one_hot(order, order.shape[-1]).mT.to(d.dtype)
 
 
