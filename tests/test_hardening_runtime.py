@@ -198,6 +198,21 @@ def test_an_integer_hyperparameter_is_an_int_and_a_boolean_switch_a_bool():
     assert torch.equal(p.detach(), torch.full((2,), 1 - 1e30, dtype=torch.float64))
 
 
+def test_a_require_inside_a_loop_holds_as_one_outside_does():
+    spec = gradspec.parse("optimizer looped\nhyper lr = 0.01 >= 0\nx = grad\nrepeat 2 {\n"
+                          "  require lr < 0.05 \"lr must be below 0.05\"\n  x' = x\n}\nparam' = param - lr * x'\n")
+    with pytest.raises(ValueError, match="lr must be below 0.05"):
+        gradspec.Optimizer(_model().parameters(), spec, backend="eager", lr=0.1)
+    model = _model()
+    opt = gradspec.Optimizer(model.parameters(), spec, backend="eager")
+    _step(model, opt, 0)
+    opt.param_groups[0]["lr"] = 0.1
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="lr must be below 0.05"):
+        _step(model, opt, 1)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_a_require_broken_after_construction_is_a_value_error_as_documented():
     model = _model()
     opt = gradspec.Optimizer(model.parameters(), "sgd", backend="eager", momentum=0.9, nesterov=True)

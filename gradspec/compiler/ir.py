@@ -1039,9 +1039,12 @@ class _ProgramBuilder:
             elif isinstance(item, ast.Law):
                 self.laws.append((src, item))
             elif isinstance(item, ast.Require):
-                if not self._condition(src, item.cond, record=False):
-                    self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
-                                      item.span, _describe_values(item.cond, self.values), src)
+                self._require(src, item)
+
+    def _require(self, src, item: ast.Require) -> None:
+        if not self._condition(src, item.cond, record=False):
+            self.errors.error("GS043", item.message or "a requirement of the spec does not hold",
+                              item.span, _describe_values(item.cond, self.values), src)
 
     # ---- blocks B { }: the body once per block of each tensor's matrix view (compiler/blocks.py)
     def _blocks(self, src, item: ast.Blocks):
@@ -1149,6 +1152,8 @@ class _ProgramBuilder:
                 self.loops[define.name] = (src, item)
             else:
                 self.loop_locals.add(define.name)
+        for _, require in _defines(src, item.items, self, ast.Require):  # a loop's body is the step's
+            self._require(src, require)
         for inner in item.items:
             if isinstance(inner, ast.Repeat):
                 self.errors.error("GS068", "repeat blocks do not nest", inner.span,
@@ -1814,15 +1819,16 @@ def _nested(items):
             yield from _nested(item.items)
 
 
-def _defines(src, items, builder):
-    """The definitions of a probe block under the current switches (its ``if`` conditions are
-    hyperparameter switches, evaluated without recording them)."""
+def _defines(src, items, builder, kind=ast.Define):
+    """The definitions (or other statements of ``kind``) of a probe or loop block under the
+    current switches (its ``if`` conditions are hyperparameter switches, evaluated without
+    recording them)."""
     for item in items:
-        if isinstance(item, ast.Define):
+        if isinstance(item, kind):
             yield src, item
         elif isinstance(item, ast.If):
             taken = builder.branch_taken(src, item.cond)
-            yield from _defines(src, item.then if taken else item.otherwise, builder)
+            yield from _defines(src, item.then if taken else item.otherwise, builder, kind)
 
 
 def _show_key(key) -> str:

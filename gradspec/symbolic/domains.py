@@ -7,6 +7,7 @@ import sympy
 from ..compiler.ir import Program
 from ..dsl import ast
 from ..dsl.errors import Diagnostic
+from .laws import walk
 from .translate import hyper_symbol, number
 
 
@@ -25,9 +26,10 @@ def domain(hyper: ast.Hyper) -> sympy.Set:
 
 
 def diagnostics(spec) -> list[Diagnostic]:
-    """A ``require`` on one numeric hyperparameter that no value in its domain satisfies."""
+    """A ``require`` on one numeric hyperparameter that no value in its domain satisfies,
+    wherever it is written (inside ``if``, probe and ``repeat`` blocks too)."""
     out = []
-    for source, item in spec.items:
+    for source, item in walk(spec.items):
         if not isinstance(item, ast.Require):
             continue
         names = {n.name for n in ast.names_in(item.cond)}
