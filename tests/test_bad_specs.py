@@ -64,6 +64,8 @@ CASES = [
      "param' = param - lr * d\n", "GS047", 3, 4),
     ("require_no_value_meets_in_a_loop", H + "x = grad\nrepeat 2 {\n  require lr < 0 \"never\"\n  x' = x\n}\n"
      "param' = param - lr * x'\n", "GS071", 5, 3),
+    ("element_shaped_state_in_a_block", H + "blocks 2 {\n  state L: (rows, cols) = 0\n  L' = L + grad\n  d = L'\n}\n"
+     "param' = param - lr * d\n", "GS074", 4, 3),
     ("size_of_an_axis", H + "param' = param - lr * grad / row.numel\n", "GS055", 3, 30),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),

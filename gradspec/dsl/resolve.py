@@ -396,6 +396,10 @@ def _check_block_item(inner, errors: Collector) -> None:
                               f"shaped per block", inner.span,
                      f"declare {inner.name} outside 'blocks' (inside, it is read block by block), or give it a "
                      f"block's shape: ': (rows, rows)', ': rows', ': tensor'")
+    elif isinstance(inner, ast.State) and inner.scope == "shaped" and tuple(inner.dims) == ("rows", "cols"):
+        errors.error("GS074", f"state '{inner.name}: (rows, cols)' inside a blocks block is a per-element state: "
+                              f"a block keeps states of shapes of their own", inner.span,
+                     f"declare {inner.name} outside 'blocks' without a shape (inside, it is read block by block)")
     elif isinstance(inner, ast.Define) and inner.primed and inner.name == "param":
         errors.error("GS074", "the update param' cannot be inside a blocks block", inner.span,
                      "compute the direction inside, and write param' = ... outside: a block's elementwise "
