@@ -198,6 +198,18 @@ def test_an_integer_hyperparameter_is_an_int_and_a_boolean_switch_a_bool():
     assert torch.equal(p.detach(), torch.full((2,), 1 - 1e30, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_its_number(shape):
+    model = _model()
+    twin_model = _model()
+    opt = gradspec.Optimizer(model.parameters(), "adam", backend="eager", lr=torch.full(shape, 0.01, dtype=F64))
+    twin = gradspec.Optimizer(twin_model.parameters(), "adam", backend="eager", lr=0.01)
+    for i in range(3):
+        _step(model, opt, i)
+        _step(twin_model, twin, i)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+
+
 def test_a_require_inside_a_loop_holds_as_one_outside_does():
     spec = gradspec.parse("optimizer looped\nhyper lr = 0.01 >= 0\nx = grad\nrepeat 2 {\n"
                           "  require lr < 0.05 \"lr must be below 0.05\"\n  x' = x\n}\nparam' = param - lr * x'\n")
@@ -352,6 +364,8 @@ REFUSED_LOADS = {
                       "2 parameter groups, this optimizer 1"),
     "a bad generator state": (_edited(lambda sd: sd["param_groups"][0].update(generator=torch.zeros(3, dtype=torch.uint8))),
                               "generator state"),
+    "a state no group lists": (_edited(lambda sd: sd["state"].update({7: sd["state"][0]})),
+                               "the state of parameter 7, which no parameter group of it lists"),
 }
 
 

@@ -184,6 +184,11 @@ def _check_structure(state_dict: dict, target: Target) -> None:
             count = len(saved.get("params", ())) if isinstance(saved, dict) else "no"
             raise ValueError(f"param group {i} of the state dict has {count} parameters, "
                              f"this optimizer's {len(live['params'])}")
+    listed = {key for saved in groups for key in saved["params"]}
+    strays = [key for key in state_dict["state"] if key not in listed]
+    if strays:
+        raise ValueError(f"the state dict holds the state of parameter {strays[0]!r}, which no parameter group "
+                         "of it lists")
 
 
 def _group_values(saved: dict, target: Target, index: int) -> dict:

@@ -326,6 +326,7 @@ class Transform:
     @staticmethod
     def _hyper_tensor(value, device) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
+            value = value.reshape(()) if value.dim() else value  # one element (validated), of any shape
             return value.to(device=device, dtype=scalar_dtype(device)) if value.dtype != scalar_dtype(device) \
                 or value.device != device else value
         return torch.tensor(float(value), dtype=scalar_dtype(device), device=device)

@@ -700,7 +700,7 @@ class _Plan:
         for name, tensor in self.hypers.items():
             value = group[name]
             if isinstance(value, torch.Tensor):
-                tensor.copy_(value)
+                tensor.copy_(value.reshape(()))  # a one-element tensor of any shape, as validated
             elif self._hyper_values.get(name) != value:
                 tensor.fill_(float(value))  # a Python int past int64 (lr=10**30) is still a real
                 self._hyper_values[name] = value
