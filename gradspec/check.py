@@ -24,7 +24,7 @@ from .cache import trusted_file, write_private
 from .compiler.ir import build
 from .dsl import ast, printer
 from .dsl.errors import Diagnostic, SpecError
-from .dsl.resolve import Spec, apply_adaptor, load
+from .dsl.resolve import Spec, apply_adaptor, as_spec, load
 from .symbolic import domains, laws, safety
 from .recursion import deep
 
@@ -32,7 +32,7 @@ from .recursion import deep
 @deep
 def check(spec: Spec | str, dtype=None) -> Spec:
     """Every check; raises SpecError with all errors, returns the resolved spec when sound."""
-    spec = load(spec) if isinstance(spec, str) else spec
+    spec = as_spec(spec)
     errors = [d for d in diagnose(spec, dtype) if d.severity == "error"]
     if errors:
         raise SpecError(errors)
@@ -85,7 +85,7 @@ def examine(spec: Spec | str, dtype=None, prove_laws: bool = True) -> Examined:
     probes is also built as at a step where every probe runs. Laws are proven under every
     setting of the switches they do not fix with ``at``."""
     try:
-        spec = load(spec) if isinstance(spec, str) else spec
+        spec = as_spec(spec)
         base = load("sgd") if spec.kind == "adaptor" else None
         target = apply_adaptor(spec, base) if base is not None else spec
     except SpecError as error:

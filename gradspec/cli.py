@@ -21,6 +21,23 @@ from .dsl.errors import Diagnostic, SpecError
 from .dsl.resolve import apply_adaptor, load
 
 
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+"""The parameter dtypes a spec is checked and costed for."""
+
+MOST_PARAMETERS = 1e11
+"""More than any one machine holds in fp32 (400 GB): a larger --params is a typo."""
+
+
+def _parameter_count(text: str) -> float:
+    try:
+        count = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= count <= MOST_PARAMETERS:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a parameter count from 1 to {MOST_PARAMETERS:.0e}, not {text}")
+    return count
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gradspec", description="Optimizers as checked, compiled specs.")
     parser.add_argument("--version", action="version", version=f"gradspec {__version__}")
@@ -32,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("specs", nargs="*", help="stdlib names, spec expressions or .opt files")
     p.add_argument("--all", action="store_true", help="check every stdlib spec")
     p.add_argument("--json", action="store_true", help="diagnostics as JSON, for editors and CI")
-    p.add_argument("--dtype", help="also warn about constants that vanish in this dtype (float16, bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, help="also warn about constants that vanish in this dtype")
 
     p = verbs.add_parser("diff", help="where two specs' update rules differ, in terms of the maths")
     p.add_argument("a")
@@ -52,7 +69,7 @@ def main(argv=None) -> int:
     form.add_argument("--latex", action="store_true", help="the equations, one per statement")
     form.add_argument("--cost", action="store_true",
                       help="model evaluations and bytes moved per step, at the default hyperparameters")
-    p.add_argument("--dtype", default="float32", help="parameter dtype for --cost's bytes (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype for --cost's bytes")
 
     p = verbs.add_parser("compare", help="train variants on a built-in task over seeds: table, CSV, plots, report")
     p.add_argument("specs", nargs="+", help="stdlib names, spec expressions, .opt files; or comparison files (.toml)")
@@ -86,7 +103,7 @@ def main(argv=None) -> int:
 
     p = verbs.add_parser("bench", help="step speed vs torch.optim, pytorch-optimizer and the memory roofline")
     p.add_argument("specs", nargs="+")
-    p.add_argument("--params", type=float, default=10e6, help="parameters in all (default 1e7)")
+    p.add_argument("--params", type=_parameter_count, default=10e6, help="parameters in all (default 1e7)")
     p.add_argument("--tensors", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median) after 4 untimed")

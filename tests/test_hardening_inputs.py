@@ -257,6 +257,43 @@ def test_source_text_given_where_a_name_goes_is_read_as_source():
     assert (error.code, error.line) == ("GS002", 3) and "<string>" in str(error)
 
 
+def test_a_path_object_names_a_spec_file_and_other_types_are_refused_by_name(tmp_path):
+    import pathlib
+
+    import torch
+    path = pathlib.Path(tmp_path / "mine.opt")
+    path.write_text(H + U)
+    assert gradspec.load(path) == gradspec.load(str(path)) and gradspec.check(path).name == "t"
+    p = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    opt = gradspec.Optimizer([p], path, backend="eager")
+    assert pickle.loads(pickle.dumps(opt)).spec == opt.spec
+    assert gradspec.transform(path).spec == opt.spec
+    for bad in (None, ["adam"], 3):
+        with pytest.raises(TypeError, match=f"not {type(bad).__name__}"):
+            gradspec.load(bad)
+        with pytest.raises(TypeError, match=f"not {type(bad).__name__}"):
+            gradspec.check(bad)
+        with pytest.raises(TypeError, match=f"reads a spec's source text \\(a str\\), not {type(bad).__name__}"):
+            gradspec.parse(bad)
+    assert _error("a" * 100_000).code == "GS021"  # no stdlib name, file name or expression: unknown
+    for seed, error, words in (("x", TypeError, "seed must be an integer, got str"),
+                               (True, TypeError, "got bool"), (2 ** 80, ValueError, "seed must fit in 64 bits")):
+        with pytest.raises(error, match=words):
+            gradspec.Optimizer([p], "adam", backend="eager", seed=seed)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["check", "--dtype", "float8", "adam"], "invalid choice: 'float8'"),
+    (["show", "--cost", "adam", "--dtype", "int32"], "invalid choice: 'int32'"),
+    (["bench", "adam", "--params", "1e99"], "a parameter count from 1 to 1e+11, not 1e99"),
+    (["bench", "adam", "--params", "nan"], "a parameter count from 1 to 1e+11, not nan"),
+])
+def test_command_line_values_out_of_range_are_usage_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_import_paths_are_relative_and_may_climb(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "base.opt").write_text(H + U)

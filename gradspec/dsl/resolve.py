@@ -90,6 +90,11 @@ class SpecRef:
         return hash(("SpecRef", self.text))
 
 
+def as_spec(spec) -> Spec:
+    """``spec`` itself if it is a resolved Spec, else what :func:`load` makes of it."""
+    return spec if isinstance(spec, Spec) else load(spec)
+
+
 @deep
 def load(name_or_path: str) -> Spec:
     """A stdlib name (``adam``), a spec expression (``lookahead(adam, sync_period = 5)``), a
@@ -97,7 +102,12 @@ def load(name_or_path: str) -> Spec:
     names an existing file; only regular .opt files are read, see gradspec.dsl.files), or a
     spec's source text: a string with a line break, which no name, path or expression has,
     read as ``gradspec.parse`` reads it. Every problem, a missing file included, is a
-    SpecError."""
+    SpecError. A path may be given as a pathlib.Path."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"a spec is given by a name, a spec expression, a path or its source text (a str), "
+                        f"not {type(name_or_path).__name__}")
     if "\n" in name_or_path:  # Optimizer(params, text) and check(text) as users try them
         return parse_spec(name_or_path)
     text = stdlib.source(name_or_path) if name_or_path.isidentifier() else None
@@ -161,6 +171,9 @@ def _shift_call(call: ast.SpecCall, columns: int) -> ast.SpecCall:
 @deep
 def parse_spec(text: str, filename: str = "<string>") -> Spec:
     """Parse and resolve spec text (the public ``gradspec.parse``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"gradspec.parse reads a spec's source text (a str), not {type(text).__name__}; "
+                        "gradspec.load takes a name, an expression or a path")
     return resolve(parse(text, filename), os.path.dirname(filename) if os.path.sep in filename else ".")
 
 

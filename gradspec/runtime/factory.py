@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dsl.resolve import Spec, load
+from ..dsl.resolve import Spec, as_spec
 from .optimizer import Optimizer
 
 NO_DECAY = ("bias", "norm")
@@ -54,7 +54,7 @@ def create_optimizer(model: torch.nn.Module, spec: str | Spec, *, weight_decay: 
     """``gradspec.Optimizer`` over ``model``: with ``weight_decay``, over :func:`param_groups`
     (the spec must have a ``weight_decay`` hyperparameter); without, over every trainable
     parameter at the spec's defaults. ``hyper`` are the optimizer's keyword arguments."""
-    resolved = load(spec) if isinstance(spec, str) else spec
+    resolved = as_spec(spec)
     if weight_decay is None:
         params = [p for p in model.parameters() if p.requires_grad]
         return Optimizer(params, spec, **hyper)

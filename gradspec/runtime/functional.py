@@ -29,6 +29,7 @@ model's logits or Lanczos iterations and run only through :class:`gradspec.Optim
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,7 @@ from ..compiler.lower import finish_groups, groups_key, groups_values, lower_ini
 from ..compiler.lowerer import BucketShape, bucket_normal, compute_dtype, global_input, state_input
 from ..compiler.sharded import state_layouts
 from ..compiler.switches import static_hypers
-from ..dsl.resolve import Spec, load
+from ..dsl.resolve import Spec, as_spec
 from ..symbolic.simplify import simplified
 from .buckets import scalar_dtype
 
@@ -54,7 +55,7 @@ def transform(spec: str | Spec, *, backend: str = "eager", **hyper) -> "Transfor
     SpecError for a spec that does not check and ValueError for a hyperparameter outside its
     constraint. ``backend="compiled"`` runs each update through ``torch.compile``; inside a
     compiled step of your own, keep the default ``eager``: your compile fuses it."""
-    spec = load(spec) if isinstance(spec, str) else spec
+    spec = as_spec(spec) if isinstance(spec, (str, os.PathLike)) else spec
     if not isinstance(spec, Spec):
         raise TypeError(f"transform() takes a spec name, expression, path or Spec, not {type(spec).__name__}")
     if backend not in backends.BACKENDS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import torch
@@ -25,14 +26,14 @@ from ..compiler.sharded import state_layouts
 from ..compiler.switches import static_hypers
 from ..dsl import ast
 from ..dsl.errors import SpecError, did_you_mean
-from ..dsl.resolve import Spec, load
+from ..dsl.resolve import Spec, as_spec
 from ..symbolic.domains import underflow
 from . import checkpoints, distributed
 from .buckets import Bucket, GradientCapture, scalar_dtype
 from .checkpoints import EVALUATIONS, GENERATOR, SPEC
 from .functional import rewritten
 from .probes import ClosureDriver, Evaluations
-from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem, parameter_problem
+from .validation import MAXIMIZE, TORCH_FLAGS, flag_problem, hyper_problem, parameter_problem, seed_problem
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -93,10 +94,12 @@ class Optimizer(torch.optim.Optimizer):
         if spec is None:  # no default: a trainer passing only hyperparameters would get a method it did not ask for
             raise TypeError("gradspec.Optimizer needs a spec: a stdlib name such as 'adamw', a spec expression, "
                             "a path to a .opt file or a gradspec.Spec")
-        if not isinstance(spec, (str, Spec)):
+        if not isinstance(spec, (str, os.PathLike, Spec)):
             raise TypeError("spec must be a stdlib name, a spec expression, a path to a .opt file or a "
                             f"gradspec.Spec, got {type(spec).__name__}")
-        self.spec = load(spec) if isinstance(spec, str) else spec
+        if isinstance(spec, os.PathLike):
+            spec = os.fspath(spec)
+        self.spec = as_spec(spec)
         self._spec_argument = spec  # a name or expression pickles; an adaptor's Spec holds lambdas
         if self.spec.kind == "adaptor":
             raise ValueError(f"'{self.spec.name}' is an adaptor: apply it to a base, as in {self.spec.name}(adam)")
@@ -112,6 +115,9 @@ class Optimizer(torch.optim.Optimizer):
                 hint = did_you_mean(name, self.spec.hypers)
                 raise TypeError(f"{self.spec.name} has no hyperparameter {name!r}" + (f"; {hint}" if hint else "")
                                 + f" (it has: {', '.join(self.spec.hypers)})")
+        problem = seed_problem(seed)
+        if problem is not None:
+            raise problem
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch dtype such as torch.bfloat16, got {state_dtype!r}")
         self.backend = backend
@@ -187,7 +193,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         state = dict(state)
         self._spec_argument, self.backend = state.pop("spec"), state.pop("backend")
-        self.spec = load(self._spec_argument) if isinstance(self._spec_argument, str) else self._spec_argument
+        self.spec = as_spec(self._spec_argument)
         self.nonfinite, self.state_dtype = state.pop("nonfinite"), state.pop("state_dtype")
         super().__setstate__(state)
         self._fresh_runtime()

@@ -68,6 +68,16 @@ def hyper_problem(hyper: ast.Hyper, value) -> Exception | None:
     return ValueError(problem) if problem else None
 
 
+def seed_problem(seed) -> Exception | None:
+    """Why ``seed`` cannot seed the probe generator, or None: an integer in the range torch's
+    generators take (a signed or unsigned 64-bit number)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        return TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+    if not -2 ** 63 <= int(seed) < 2 ** 64:
+        return ValueError(f"seed must fit in 64 bits, got {seed}")
+    return None
+
+
 def flag_problem(name: str, value) -> Exception | None:
     """Why a torch.optim flag's value is refused (they are no-ops, but a typo'd value is not)."""
     allowed = (True, False, None) if TORCH_FLAGS.get(name, False) is None else (True, False)
