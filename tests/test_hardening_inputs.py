@@ -282,6 +282,16 @@ def test_a_path_object_names_a_spec_file_and_other_types_are_refused_by_name(tmp
             gradspec.Optimizer([p], "adam", backend="eager", seed=seed)
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\x85", "\x0c", "\r"])
+def test_an_excerpt_is_the_line_the_parser_counted(separator):
+    """Lines end at "\n" for the parser; a comment holding another line separator (or a CRLF
+    file) must not shift the excerpt of every later line."""
+    text = f"optimizer a\nhyper lr = 0.1 >= 0 # x{separator}y\nparam' = param - lr * bad\n"
+    with pytest.raises(gradspec.SpecError) as error:
+        gradspec.check(text)
+    assert "3 | param' = param - lr * bad\n" in str(error.value)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["check", "--dtype", "float8", "adam"], "invalid choice: 'float8'"),
     (["show", "--cost", "adam", "--dtype", "int32"], "invalid choice: 'int32'"),

@@ -36,8 +36,11 @@ class Source:
     filename: str = "<string>"
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
-        return lines[number - 1] if 1 <= number <= len(lines) else ""
+        """Line ``number`` as the parser counts lines: ended by "\n" alone (str.splitlines also
+        breaks at U+2028, U+0085 or a form feed inside a comment, which shifted every excerpt
+        after one)."""
+        lines = self.text.split("\n")
+        return lines[number - 1].removesuffix("\r") if 1 <= number <= len(lines) else ""
 
 
 @dataclass(frozen=True)
