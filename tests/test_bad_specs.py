@@ -92,6 +92,7 @@ CASES = [
      "param' = param - lr * x'\n", "GS077", 5, 12),
     ("groups_unknown_size", H + "param' = param - lr * grad / groups.rows\n", "GS055", 3, 30),
     # constraints and domains
+    ("override_set_twice", "optimizer t = sgd(lr = 0.5, lr = 0.3)\n", "GS016", 1, 29),
     ("override_to_infinity", "optimizer t = sgd(lr = inf)\n", "GS016", 1, 19),
     ("number_past_float64", H + "param' = param - lr * grad * 1e400\n", "GS001", 3, 30),
     ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),

@@ -304,6 +304,14 @@ def test_command_line_values_out_of_range_are_usage_errors(argv, words, capsys):
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_an_alias_imported_twice_is_located(tmp_path):
+    (tmp_path / "one.opt").write_text(H + U)
+    (tmp_path / "two.opt").write_text(H.replace("optimizer t", "optimizer u") + U)
+    (tmp_path / "main.opt").write_text('import "one.opt" as b\nimport "two.opt" as b\noptimizer c = b\n')
+    error = _error(str(tmp_path / "main.opt"))
+    assert (error.code, error.line, error.column) == ("GS010", 2, 1) and "'b' is imported twice" in error.message
+
+
 def test_import_paths_are_relative_and_may_climb(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "base.opt").write_text(H + U)

@@ -212,6 +212,10 @@ class _Resolver:
         errors = Collector(source)
         for item in (tree.items if tree else ()):
             if isinstance(item, ast.Import):
+                if item.alias in self.imports:
+                    errors.error("GS010", f"'{item.alias}' is imported twice", item.span,
+                                 "give the second import another name")
+                    continue
                 imported = self._read_import(item, errors)
                 if imported is not None:
                     self.imports[item.alias] = imported
@@ -472,7 +476,12 @@ def _check_default(hyper: ast.Hyper, errors: Collector) -> None:
 def _override(spec: Spec, overrides, source: Source | None) -> Spec:
     errors = Collector(source or spec.source)
     hypers = dict(spec.hypers)
+    seen = set()
     for name, value, span in overrides:
+        if name in seen:
+            errors.error("GS016", f"{name} is set twice", span, "keep one of the two values")
+            continue
+        seen.add(name)
         if name not in hypers:
             errors.error("GS015", f"'{spec.name}' has no hyperparameter '{name}'", span,
                          did_you_mean(name, hypers) or f"its hyperparameters: {', '.join(hypers)}")
