@@ -138,9 +138,10 @@ class Bucket:
                     if kept.numel() != view.numel():
                         raise ValueError(
                             f"state '{name}' of a {tuple(p.shape)} parameter holds {kept.numel()} values, but the "
-                            f"spec at the group's hyperparameters keeps {view.numel()}: an int hyperparameter "
-                            f"that sizes states (a rank, a blocks size) changed after the first step. Set it "
-                            f"back, or start a new optimizer (or load a checkpoint saved with the new value)")
+                            f"spec at the group's hyperparameters keeps {view.numel()}: a hyperparameter that "
+                            f"sizes states (a rank, a blocks size) or decides a tensor's shape class (a shape "
+                            f"condition's bound) changed after the first step. Set it back, or start a new "
+                            f"optimizer (or load a checkpoint saved with the new value)")
                     view.copy_(kept.reshape(view.shape))
             self.states[name] = buffer
 
