@@ -161,6 +161,7 @@ CASES = [
     ("refuted_equals", H + "law equals adam\n" + U, "GS081", 3, 1),
     ("refuted_fixed_point", H + "law fixed_point\nparam' = param - lr * (grad + 1)\n", "GS081", 3, 1),
     ("refuted_claim", H + "law lr * grad > 0\n" + U, "GS081", 3, 1),
+    ("refuted_claim_reading_no_value", H + "state m = 0\nm' = m + grad\nlaw m' != m'\n" + U, "GS081", 5, 1),
     ("refuted_invariance", H + "law invariant grad -> k * grad given k > 0\n" + U, "GS081", 3, 1),
 ]
 
@@ -209,3 +210,10 @@ def test_a_size_that_is_an_expression_is_quoted_as_written():
     with pytest.raises(gradspec.SpecError) as error:
         gradspec.check(gradspec.parse(text))
     assert error.value.code == "GS068" and error.value.message.endswith("not '-1'")
+
+
+def test_a_claim_false_whatever_the_values_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "refuted_claim_reading_no_value"
+    found = _first_error(name, dict((c[0], c[1]) for c in CASES)[name], tmp_path)
+    assert found.message.endswith("the claim is false whatever the values")  # it ended "at " and nothing

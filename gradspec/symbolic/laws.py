@@ -468,7 +468,9 @@ def _holds(claim, law, bounds, facts=()):
         return _equal(claim.lhs, claim.rhs, f"{claim.lhs} == {claim.rhs} is not an identity", law, bounds, facts)
     found = search((claim,), bounds, lambda value: 0.0 if value[0] else 1.0, facts)
     if found is not None:
-        raise _Refuted(f"the claim is false at {_show(found[0])}", _hint(law))
+        where = _show(found[0])  # nothing when the claim reads no value at all (m' != m')
+        raise _Refuted(f"the claim is false at {where}" if where else "the claim is false whatever the values",
+                       _hint(law))
     if sympy.simplify(claim) is sympy.true:
         return
     raise _Unproven(str(claim))
