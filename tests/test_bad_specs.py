@@ -138,6 +138,8 @@ CASES = [
     ("onto_a_vector", H + "param' = param - lr * onto(grad, grad)\n", "GS065", 3, 34),
     ("lanczos_too_short", H + "hyper k: int = 5 >= 1\nstate U: subspace(k) = 0\nprobe every 1 {\n  U' = hessian_eigvecs(k, 3)\n}\nparam' = param - lr * onto(grad, U)\n", "GS064", 6, 8),
     ("subspace_rank_not_a_hyper", H + "state U: subspace(kk) = 0\nU' = U\nparam' = param - lr * onto(grad, U)\n", "GS064", 3, 1),
+    ("subspace_never_found", H + "hyper k: int = 2 >= 1\nstate U: subspace(k) = 0\nU' = U\n"
+     "param' = param - lr * onto(grad, U)\n", "GS064", 5, 1),
     ("subspace_scope_without_rank", H + "state U: subspace = 0\nU' = U\n" + U, "GS004", 3, 10),
     # blocks B { }: what a block may hold, what may cross its edge
     ("block_size_real", H + "hyper b = 4\nblocks b {\n  x = grad\n}\nparam' = param - lr * x\n", "GS074", 3, 1),

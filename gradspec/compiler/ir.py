@@ -996,7 +996,8 @@ class _ProgramBuilder:
             if init is not None and not (init.is_const and init.attr == 0):
                 self.errors.error("GS064", f"subspace '{name}' starts empty: its initial value must be 0",
                                   state.init.span, f"state {name}: subspace({state.rank}) = 0", src)
-            kept = nxt is not None and nxt.op == "state" and nxt.attr == name
+            # kept between its probe's steps, never by a U' = U of its own: it would stay empty
+            kept = nxt is not None and nxt.op == "state" and nxt.attr == name and name not in self.nexts
             found = nxt is not None and nxt.op == "probe" and nxt.type == "subspace" and nxt.attr.rank == ranks[name]
             if nxt is not None and not (kept or found):
                 self.errors.error("GS064", f"the next value of subspace '{name}' must be "
