@@ -66,6 +66,10 @@ CASES = [
      "param' = param - lr * x'\n", "GS071", 5, 3),
     ("element_shaped_state_in_a_block", H + "blocks 2 {\n  state L: (rows, cols) = 0\n  L' = L + grad\n  d = L'\n}\n"
      "param' = param - lr * d\n", "GS074", 4, 3),
+    ("condition_undefined_at_the_defaults", H + "if 1 / (lr - 0.1) > 0 {\n  d = grad\n} else {\n  d = 2 * grad\n}\n"
+     "param' = param - lr * d\n", "GS047", 3, 4),
+    ("shape_condition_with_a_root", H + "if sqrt(rows) > 1 {\n  d = grad\n} else {\n  d = 2 * grad\n}\n"
+     "param' = param - lr * d\n", "GS047", 3, 4),
     ("size_of_an_axis", H + "param' = param - lr * grad / row.numel\n", "GS055", 3, 30),
     ("qualified_outside_adaptor", H + "param' = param - lr * base.grad\n", "GS057", 3, 23),
     ("base_set_outside_adaptor", H + "base.param = 0\nparam' = param - lr * grad\n", "GS057", 3, 1),
@@ -212,6 +216,16 @@ def test_a_size_that_is_an_expression_is_quoted_as_written():
     with pytest.raises(gradspec.SpecError) as error:
         gradspec.check(gradspec.parse(text))
     assert error.value.code == "GS068" and error.value.message.endswith("not '-1'")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("condition_undefined_at_the_defaults", "the condition has no value at these hyperparameters"),
+    ("shape_condition_with_a_root", "combines rows and cols with +, -, *, / and ^ only"),
+])
+def test_a_condition_that_reads_no_tensor_is_not_told_it_does(name, words, tmp_path, monkeypatch):
+    """Both were told "may use only hyperparameters", which they do (or sizes)."""
+    monkeypatch.chdir(tmp_path)
+    assert words in _first_error(name, dict((c[0], c[1]) for c in CASES)[name], tmp_path).message
 
 
 def test_a_claim_false_whatever_the_values_says_so(tmp_path, monkeypatch):

@@ -1259,8 +1259,18 @@ class _ProgramBuilder:
             self.switches.append(taken)
             return taken
         if not node.is_const:
-            self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
-                              expr.span, "use where(cond, a, b) for a condition on tensors or the step", src)
+            leaves = {n.op for n in _subtree(node) if not n.args}
+            if leaves <= {"const"}:  # hyperparameters only, but a part of it has no value here
+                self.errors.error("GS047", "the condition has no value at these hyperparameters: a part of it is "
+                                           "undefined (a division by 0, a root or log of a negative number)",
+                                  expr.span, f"{_describe_values(expr, self.values)}; write the condition so "
+                                             "that it is defined for every allowed value", src)
+            elif leaves <= {"const", "size"}:
+                self.errors.error("GS047", "a shape condition combines rows and cols with +, -, *, / and ^ only",
+                                  expr.span, "compare rows * rows > cols rather than sqrt(rows) > cols", src)
+            else:
+                self.errors.error("GS047", "an 'if' or 'require' condition may use only hyperparameters",
+                                  expr.span, "use where(cond, a, b) for a condition on tensors or the step", src)
             return False
         taken = bool(node.attr)
         if record:
