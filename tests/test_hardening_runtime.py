@@ -124,6 +124,17 @@ def test_integer_tensors_are_refused():
         gradspec.Optimizer([torch.zeros(3, dtype=torch.bool)], "sgd")
 
 
+def test_a_parameter_without_values_is_refused_where_it_is_given():
+    """A meta tensor was accepted, and the first step failed ("Unknown device type meta")."""
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match="on the meta device"):
+        gradspec.Optimizer([meta], "adam", backend="eager")
+    opt = gradspec.Optimizer(_model().parameters(), "adam", backend="eager")
+    with pytest.raises(ValueError, match="materialise the model first"):
+        opt.add_param_group({"params": [meta]})
+    assert len(opt.param_groups) == 1
+
+
 def test_a_spec_that_is_not_a_name_or_spec_is_a_type_error():
     with pytest.raises(TypeError, match="spec must be"):
         gradspec.Optimizer(_model().parameters(), 3)

@@ -34,6 +34,9 @@ def parameter_problem(param) -> Exception | None:
                          f"{tuple(param.shape)}); optimise torch.view_as_real(p) as a real parameter instead")
     if not param.is_floating_point():
         return TypeError(f"gradspec steps floating-point parameters, got {param.dtype} of shape {tuple(param.shape)}")
+    if param.is_meta:
+        return ValueError(f"a parameter of shape {tuple(param.shape)} is on the meta device, which holds no values "
+                          "to step: materialise the model first (model.to_empty(device=...) and initialise it)")
     return None
 
 
