@@ -98,6 +98,8 @@ CASES = [
     # constraints and domains
     ("override_set_twice", "optimizer t = sgd(lr = 0.5, lr = 0.3)\n", "GS016", 1, 29),
     ("override_to_infinity", "optimizer t = sgd(lr = inf)\n", "GS016", 1, 19),
+    ("constant_that_is_nan", H + "param' = param - lr * grad * (inf - inf)\n", "GS072", 3, 31),
+    ("constant_that_overflows", H + "param' = param - lr * grad * 2^1024\n", "GS072", 3, 30),
     ("number_past_float64", H + "param' = param - lr * grad * 1e400\n", "GS001", 3, 30),
     ("default_breaks_constraint", "optimizer t\nhyper lr = -1 >= 0\n" + U, "GS014", 2, 1),
     ("int_default_past_64_bits", H + "hyper k: int = 1e30 >= 1\nif matrix and cols <= k {\n  d = grad\n} else {\n"

@@ -551,7 +551,10 @@ def _fold(op, values):
         if op == "div":
             return values[0] / values[1]
         if op == "pow":
-            result = float(values[0]) ** float(values[1])
+            try:
+                result = float(values[0]) ** float(values[1])
+            except OverflowError:  # as torch.pow computes it: an infinity of the base's sign
+                return math.copysign(math.inf, float(values[0])) if float(values[1]) % 2 == 1 else math.inf
             return result if isinstance(result, float) else None  # (-8)^(1/3) is complex
         if op == "sqrt" and values[0] >= 0:
             return math.sqrt(values[0])
@@ -787,6 +790,7 @@ class _ProgramBuilder:
         self.periodic_items: set = set()  # those of them inside ``every k { }``, which evaluates nothing
         self._in_probe = False
         self._in_periodic = False
+        self._nonfinite_reported: set = set()  # the NaN and infinite constants already located
         self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
         self.b = builder or Builder()
         self.errors = Collector(spec.source)
@@ -1374,7 +1378,24 @@ class _ProgramBuilder:
             return None
         if node is not None and getattr(expr, "span", None) is not None:
             self.origins.setdefault(id(node), []).append((src, expr.span))
+            if node.is_const and isinstance(node.attr, float) and not math.isfinite(node.attr):
+                self._nonfinite_constant(src, expr, node)
         return node
+
+    def _nonfinite_constant(self, src, expr, node) -> None:
+        """GS072 for numbers that fold to NaN (inf - inf, 0 * inf), or to an infinity from
+        finite ones (2^1024 overflows float64); an infinity written as inf is the writer's."""
+        if id(node) in self._nonfinite_reported or isinstance(expr, ast.Num):
+            return
+        written_inf = any((isinstance(e, ast.Name) and e.name == "inf") or
+                          (isinstance(e, ast.Num) and isinstance(e.value, float) and math.isinf(e.value))
+                          for e in ast.subexpressions(expr))
+        if math.isinf(node.attr) and written_inf:
+            return
+        self._nonfinite_reported.add(id(node))
+        what = "is NaN" if math.isnan(node.attr) else "overflows float64 to an infinity"
+        self.errors.error("GS072", f"this number {what}", expr.span,
+                          "write inf where an infinity is meant; otherwise change the numbers", src)
 
     def _expr_node(self, src, expr, static, in_init):
         b = self.b

@@ -86,15 +86,19 @@ class UnOp:
 Expr = Union[Num, Bool, Name, Call, Reduce, Measure, BinOp, UnOp]
 
 
-def names_in(expr):
-    """Every Name in an expression, depth first."""
-    if isinstance(expr, Name):
-        yield expr
+def subexpressions(expr):
+    """``expr`` and every expression inside it, depth first."""
+    yield expr
     for child in (getattr(expr, "left", None), getattr(expr, "right", None), getattr(expr, "operand", None)):
         if child is not None:
-            yield from names_in(child)
+            yield from subexpressions(child)
     for child in getattr(expr, "args", ()):
-        yield from names_in(child)
+        yield from subexpressions(child)
+
+
+def names_in(expr):
+    """Every Name in an expression, depth first."""
+    return (e for e in subexpressions(expr) if isinstance(e, Name))
 
 # ---- hyperparameter constraints ---------------------------------------------------------
 
