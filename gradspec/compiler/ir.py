@@ -791,6 +791,7 @@ class _ProgramBuilder:
         self._in_probe = False
         self._in_periodic = False
         self._nonfinite_reported: set = set()  # the NaN and infinite constants already located
+        self._initial = None  # (source, name, State) of the initial value being built
         self.assumed: list = []  # (index, condition node on numeric hyperparameters, branch taken)
         self.b = builder or Builder()
         self.errors = Collector(spec.source)
@@ -1338,7 +1339,7 @@ class _ProgramBuilder:
     def _init(self, name):
         src, state = self.states[name]
         block, self._block = self._block, self.item_block.get(id(state))
-        initial, self._initial = getattr(self, "_initial", None), (src, name, state)
+        initial, self._initial = self._initial, (src, name, state)
         node = self._expr(src, state.init, in_init=True)
         self._block, self._initial = block, initial
         return node

@@ -6,6 +6,7 @@ neither imports the other back.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -318,7 +319,7 @@ class _Lowerer:
         dtype = compute_dtype(shape.dtype)
         if not per_tensor:
             if extreme and shape.numel == 0:  # an empty bucket or shard: the identity
-                return self.call(torch.tensor, float("-inf" if func == "max" else "inf"), dtype=torch.float64)
+                return self.call(torch.tensor, reduction_identity(func), dtype=torch.float64)
             return self.call(extreme, x) if extreme else self._sum(x, dtype)
         # a row reduction per run of equal-size tensors: segment_reduce took 30 ms per 10M
         # elements on our CPU against 1.3 ms (and index_add serialised on atomics on CUDA)
@@ -326,8 +327,7 @@ class _Lowerer:
         pieces = []
         for offset, size, count in shape.runs():
             if size == 0:  # an empty shard: the reduction's identity
-                identity = {"max": float("-inf"), "min": float("inf")}.get(func, 0.0)
-                pieces.append(self.call(torch.full, (count,), identity, dtype=dtype, device=self.graph_device(x)))
+                pieces.append(self.call(torch.full, (count,), reduction_identity(func), dtype=dtype, device=self.graph_device(x)))
                 continue
             rows = self.call(operator.getitem, x, slice(offset, offset + size * count))
             rows = self.graph.call_method("view", (rows, count, size))
@@ -371,6 +371,11 @@ def accumulated_sum(x: torch.Tensor, dims: tuple, dtype: torch.dtype) -> torch.T
     (docs/design.md). The device is fixed in a compiled graph, so the choice is traced away."""
     accumulate = torch.float32 if x.device.type == "mps" else torch.float64
     return torch.sum(x, *dims, dtype=accumulate).to(dtype)
+
+
+def reduction_identity(func: str) -> float:
+    """A reduction's value over no element: -inf for max, inf for min, 0 for the sums."""
+    return {"max": -math.inf, "min": math.inf}.get(func, 0.0)
 
 
 def bucket_normal(generator: torch.Generator, numels: tuple, ranges: tuple | None, dtype, device) -> torch.Tensor:

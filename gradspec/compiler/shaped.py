@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from .ir import BLOCK, COLS, ROWS, Node, Program, dims_of
-from .lowerer import BucketShape, _is_python, _Lowerer, accumulated_sum, compute_dtype, state_input
+from .lowerer import BucketShape, _is_python, _Lowerer, accumulated_sum, compute_dtype, reduction_identity, \
+    state_input
 from .newton_schulz import newton_schulz
 from .blocks import BlockLowering, TileSegment, state_shape
 
@@ -342,7 +343,7 @@ class ShapedLowerer(BlockLowering, _Lowerer):
             count, a, b = seg.batch(_arg_dims(node))
             if {"row": b, "col": a}.get(scope, a * b) == 0:  # over no element: the identity
                 return self.call(torch.full, (count, a if scope == "row" else 1, b if scope == "col" else 1),
-                                 float("-inf" if func == "max" else "inf"), dtype=dtype,
+                                 reduction_identity(func), dtype=dtype,
                                  device=self.graph_device(self.ph[f"b{bucket}_param"]))
             return self.call(extreme, x, axes, keepdim=True)
         total = self.call(accumulated_keepdim, x, axes, dtype)
@@ -373,8 +374,7 @@ class ShapedLowerer(BlockLowering, _Lowerer):
                     self.call(accumulated_sum, x, (), compute_dtype(self.buckets[i].dtype))
                 total = part if total is None else self.call(combine, total, part)
         if total is None:  # a group of empty tensors
-            return self.call(torch.tensor, {"max": float("-inf"), "min": float("inf")}.get(func, 0.0),
-                             dtype=compute_dtype(self.buckets[0].dtype))
+            return self.call(torch.tensor, reduction_identity(func), dtype=compute_dtype(self.buckets[0].dtype))
         return total
 
     def _global_reduce(self, node: Node):

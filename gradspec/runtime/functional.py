@@ -126,6 +126,7 @@ class _Compiled:
     probe_args: tuple = ()
     partials: object = None  # PartialGraphs of the groups.* reductions, or None
     partial: object = None  # its callable
+    state_shapes: dict = field(default_factory=dict)  # see _state_shapes
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,12 @@ class Transform:
         lowers the step for these shapes, so that :meth:`update` runs only tensor code."""
         layout = self._layout(params)
         _, tensors = _flatten(params)
-        program = self._lowered(self.hyper, layout, frozenset()).program
+        compiled = self._lowered(self.hyper, layout, frozenset())
+        program = compiled.program
         for probing in self._probe_sets(program):
             self._lowered(self.hyper, layout, probing)
         state: dict = {"step": torch.zeros((), dtype=scalar_dtype(layout.devices[0]), device=layout.devices[0])}
         per_element = {name: [None] * len(tensors) for name in program.state_names}
-        shapes = _state_shapes(program, layout, tensors)
         for b, shape in enumerate(layout.buckets):
             flat = layout.flat([t.detach() for t in tensors], b)
             hypers = [self._hyper_tensor(self.hyper[h], layout.devices[b]) for h in program.hypers_used]
@@ -160,8 +161,8 @@ class Transform:
             values = lower_init(program, shape)(*hypers, flat, torch.zeros_like(flat), generator)
             for name, value in zip(program.state_names, values):
                 value = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
-                like = [None if shape is None else torch.empty(shape, dtype=flat.dtype, device=flat.device)
-                        for shape in shapes[name]]  # laid out tensor by tensor in the state's own shapes
+                like = [torch.empty(shape, dtype=flat.dtype, device=flat.device)  # in the state's own shapes
+                        for shape in compiled.state_shapes[name]]
                 numel = sum(like[i].numel() for i in layout.members[b])
                 layout.split(value.expand(numel) if value.dim() == 0 else value, b, like, per_element[name])
         state.update({name: layout.rebuild(values) for name, values in per_element.items()})
@@ -189,7 +190,6 @@ class Transform:
         if due:
             compiled = self._lowered(values, layout, due)
             program = compiled.program
-        expected = _state_shapes(program, layout, tensors)
         for name in (*program.state_names, *program.global_states):
             if name not in state:
                 raise ValueError(f"the state has no '{name}', which {self.spec.name} keeps with these hyperparameters: "
@@ -204,7 +204,8 @@ class Transform:
         scalars = list(compiled.scalar(*scalar_args, *steps))
         inputs = list(scalars) + [state[name].reshape(1) for name in program.global_states]
         per_bucket = []
-        state_containers = [_matching(state[n], keys, expected[n], f"state '{n}'") for n in program.state_names]
+        state_containers = [_matching(state[n], keys, compiled.state_shapes[n], f"state '{n}'")
+                            for n in program.state_names]
         for b in range(len(layout.buckets)):
             per_bucket.append([steps[b], layout.flat(tensors, b), layout.flat(grad_tensors, b),
                                *(layout.flat(list(c), b) for c in state_containers)])
@@ -244,7 +245,8 @@ class Transform:
                                for j, node in enumerate(program.probes))
             partials = lower_partials(program, list(layout.buckets))
             partial = backends.make(partials.graph, self.backend, layout.devices[0]) if partials else None
-            found = self._compiled[key] = _Compiled(program, graphs.scalar, main, probe_args, partials, partial)
+            found = self._compiled[key] = _Compiled(program, graphs.scalar, main, probe_args, partials, partial,
+                                                    _state_shapes(program, layout))
         return found
 
     def _groups_totals(self, compiled: _Compiled, layout: _Layout, inputs: list, per_bucket: list) -> list:
@@ -361,10 +363,15 @@ def _hessian_vector(loss_fn, layout: _Layout, tensors: list, vectors: list) -> l
     return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(points, products)]
 
 
-def _state_shapes(program: Program, layout: _Layout, tensors: list) -> dict:
+def _state_shapes(program: Program, layout: _Layout) -> dict:
     """Each per-tensor state's shape for each parameter (by position): the parameter's, or the
-    state's own (a shaped state such as (rows, rows), or a base's in a projected space)."""
-    shapes = {name: [t.shape for t in tensors] for name in program.state_names}
+    state's own (a shaped state such as (rows, rows), or a base's in a projected space). Made
+    once per program and layout, with the lowered step."""
+    params = [None] * sum(len(members) for members in layout.members)
+    for members, bucket in zip(layout.members, layout.buckets):
+        for i, shape in zip(members, bucket.full_shapes):
+            params[i] = torch.Size(shape)
+    shapes = {name: list(params) for name in program.state_names}
     if program.shaped:
         for b, bucket in enumerate(layout.buckets):
             for name, laid in state_layouts(program, bucket).items():

@@ -333,10 +333,10 @@ class Optimizer(torch.optim.Optimizer):
         # due ``every k { }`` blocks run without a closure
         plans = [(plan, group, self._due(group) if plan.program.probe_periods else frozenset())
                  for plan, group in plans]
-        draws = ClosureDriver.draws_only(self.generator, self.evaluations, self.spec.name)
         for plan, group, probing in plans:
             if probing and plan.variant(probing).program.probes:  # randn() in a due ``every k { }``
-                plan.probe(group, probing, draws, loss)
+                plan.probe(group, probing, ClosureDriver.draws_only(self.generator, self.evaluations, self.spec.name),
+                           loss)
         totals = self._groups_totals(plans, loss)
         for plan, group, probing in plans:
             plan.run(group, loss, probing, totals)
